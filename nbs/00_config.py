@@ -1,0 +1,220 @@
+# %%
+#| default_exp config
+
+# %%
+#| export
+from __future__ import annotations
+import dataclasses, math
+from dataclasses import dataclass, field
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# # Config
+#
+# > Frozen model configurations, the channel lists of ERA5 as WeatherBench2 lays it out, and named presets.
+
+# %% [markdown]
+# ## Channels
+#
+# WeatherMixer predicts $V = 69$ channels of ERA5 at 0.25 degrees: four surface fields and five
+# atmospheric fields on the 13 WeatherBench2 pressure levels. Three static fields (land-sea mask,
+# soil type, orography) are appended to the input only, so the encoder sees $C_\text{in} = 72$ channels.
+# Channel names are short: `msl`, `u10`, `v10`, `t2m`, then `z500`, `t850`, ...
+
+# %%
+#| export
+SURFACE = ("msl", "u10", "v10", "t2m")  # mean sea-level pressure, 10 m winds, 2 m temperature
+ATMOS = ("z", "q", "t", "u", "v")  # geopotential, specific humidity, temperature, winds
+WB2_LEVELS = (1000, 925, 850, 700, 600, 500, 400, 300, 250, 200, 150, 100, 50)  # hPa
+STATICS = ("lsm", "slt", "orography")  # land-sea mask, soil type, orography
+
+
+def channel_names(
+    surface=SURFACE,  # surface variables, in order
+    atmos=ATMOS,  # atmospheric variables, each on every level
+    levels=WB2_LEVELS,  # pressure levels in hPa
+) -> tuple[str, ...]:
+    "Names of the predicted channels: surface first, then `atmos` variable-major over `levels`."
+    return tuple(surface) + tuple(f"{v}{l}" for v in atmos for l in levels)
+
+
+ERA5_CHANNELS = channel_names()
+
+# %%
+test_eq(len(ERA5_CHANNELS), 69)
+test_eq(ERA5_CHANNELS[:6], ("msl", "u10", "v10", "t2m", "z1000", "z925"))
+
+# %% [markdown]
+# The CPU presets use a reduced set with the same structure: the same four surface fields and the
+# five atmospheric fields on three levels (19 channels, plus the 3 statics). The embedded default
+# data (see `data`) provides exactly these.
+
+# %%
+#| export
+CPU_LEVELS = (850, 500, 250)
+CPU_CHANNELS = channel_names(levels=CPU_LEVELS)
+
+# %%
+test_eq(len(CPU_CHANNELS), 19)
+
+# %% [markdown]
+# ## The model configuration
+#
+# One frozen dataclass holds everything that fixes the parameter shapes and the forward pass.
+# Tokens come from *1D patching*: each latitude row is cut along longitude into patches of `patch`
+# pixels, so $T = n_\text{lat} \cdot n_\text{lon} / P$. The processor has `blocks` pre-LayerNorm
+# mixer blocks; the token MLP widens $T \to f_s T \to T$ and the channel MLP $H \to f_c H \to H$.
+#
+# `out_pad` appends zero-weight padding targets to the prediction (the parallel layouts of the
+# released code predict 72 channels so the halves are equal). `rollout` is the inclusive range of
+# latent rollout steps $k$ that training draws from.
+
+# %%
+#| export
+class ConfigError(ValueError):
+    "A configuration that cannot be built; the message names the field and the fix."
+
+
+@dataclass(frozen=True)
+class MixerConfig:
+    "Shapes and hyper-parameters of one WeatherMixer."
+    n_lat: int = 720  # latitude rows of the grid
+    n_lon: int = 1440  # longitude columns of the grid
+    variables: tuple = ERA5_CHANNELS  # predicted (dynamic) channel names, V of them
+    statics: tuple = STATICS  # static input channel names, appended after the variables
+    patch: int = 60  # P: pixels per 1D patch along longitude
+    hidden: int = 4320  # H: token embedding width
+    f_s: float = 0.5  # spatial (token) MLP hidden fraction: T -> f_s*T -> T
+    f_c: float = 1.0  # feature (channel) MLP hidden fraction: H -> f_c*H -> H
+    blocks: int = 3  # mixer blocks in the processor
+    dropout: float = 0.001  # dropout after each GELU and each MLP output
+    out_pad: int = 0  # zero-weight padding targets appended to the prediction
+    rollout: tuple = (1, 1)  # inclusive range of latent rollout steps k
+    dt_hours: int = 6  # time step of one rollout step
+
+    def __post_init__(self):
+        object.__setattr__(self, "variables", tuple(self.variables))
+        object.__setattr__(self, "statics", tuple(self.statics))
+        object.__setattr__(self, "rollout", tuple(int(k) for k in self.rollout))
+        validate(self)
+
+    @property
+    def n_vars(self): return len(self.variables)  # V
+    @property
+    def n_in(self): return len(self.variables) + len(self.statics)  # C_in
+    @property
+    def n_out(self): return len(self.variables) + self.out_pad  # V_out
+    @property
+    def n_lon_patches(self): return self.n_lon // self.patch
+    @property
+    def tokens(self): return self.n_lat * self.n_lon_patches  # T
+    @property
+    def token_hidden(self): return int(self.f_s * self.tokens)  # f_s * T
+    @property
+    def channel_hidden(self): return int(self.f_c * self.hidden)  # f_c * H
+
+    def replace(self, **kw) -> MixerConfig:
+        "A copy with the fields in `kw` changed (validated again)."
+        return dataclasses.replace(self, **kw)
+
+# %% [markdown]
+# Validation names the field at fault and what would fix it:
+
+# %%
+#| export
+def validate(c: MixerConfig):
+    "Raise `ConfigError` naming the field and the fix if `c` cannot be built."
+    def need(ok, msg):
+        if not ok: raise ConfigError(msg)
+    for f in ("n_lat", "n_lon", "patch", "hidden", "blocks"):
+        v = getattr(c, f)
+        need(isinstance(v, int) and v > 0, f"{f}={v!r}: must be a positive integer")
+    need(c.n_lon % c.patch == 0,
+         f"n_lon={c.n_lon} is not divisible by patch={c.patch}: choose a patch size that divides "
+         f"n_lon (divisors <= 64: {[d for d in range(1, 65) if c.n_lon % d == 0]})")
+    need(len(c.variables) > 0, "variables is empty: list at least one predicted channel")
+    need(len(set(c.variables + c.statics)) == c.n_in,
+         "variables and statics must be unique names (a channel is listed twice)")
+    need(0 < c.f_s and c.token_hidden >= 1,
+         f"f_s={c.f_s}: f_s * tokens ({c.tokens}) must be at least 1")
+    need(0 < c.f_c and c.channel_hidden >= 1,
+         f"f_c={c.f_c}: f_c * hidden ({c.hidden}) must be at least 1")
+    need(0 <= c.dropout < 1, f"dropout={c.dropout}: must be in [0, 1)")
+    need(isinstance(c.out_pad, int) and c.out_pad >= 0, f"out_pad={c.out_pad}: must be >= 0")
+    need(len(c.rollout) == 2 and 1 <= c.rollout[0] <= c.rollout[1],
+         f"rollout={c.rollout}: must be (k_min, k_max) with 1 <= k_min <= k_max")
+
+# %%
+test_fail(lambda: MixerConfig(n_lon=1440, patch=7), contains="not divisible by patch=7")
+test_fail(lambda: MixerConfig(rollout=(2, 1)), contains="rollout=(2, 1)")
+test_fail(lambda: MixerConfig(f_s=0.0), contains="f_s=0.0")
+
+# %% [markdown]
+# ## Presets
+#
+# The paper's models (SPEC section 2, released configs) and CPU presets of our own:
+#
+# | preset | grid | P | H | f_s | f_c | use |
+# |---|---|---|---|---|---|---|
+# | `c1_1way` | 720x1440 | 60 | 4320 | 0.5 | 1 | C1/C4 1-way, 1.06 B |
+# | `c3` | 720x1440 | 60 | 4896 | 0.5 | 1 | C2/C3 strong scaling, 1.10 B |
+# | `c4_2way` | 720x1440 | 60 | 8192 | 0.5 | 1 | C4 2-way, 1.40 B (padded to 72 outputs) |
+# | `c4_4way` | 720x1440 | 60 | 10352 | 1 | 1 | C4 4-way, 2.57 B (padded to 72 outputs) |
+# | `tiny` | 16x32 | 4 | 32 | 0.5 | 1 | unit tests, milliseconds |
+# | `small` | 32x64 | 4 | 256 | 0.25 | 1 | about 1 s per training step on one core |
+# | `medium` | 64x128 | 4 | 512 | 0.25 | 1 | about 10 s per training step on one core |
+
+# %%
+#| export
+_CPU = dict(variables=CPU_CHANNELS, statics=STATICS, dropout=0.0)
+PRESETS = {
+    "c1_1way": MixerConfig(hidden=4320, f_s=0.5, f_c=1.0),
+    "c3": MixerConfig(hidden=4896, f_s=0.5, f_c=1.0),
+    "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3),
+    "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3),
+    "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
+    "small": MixerConfig(n_lat=32, n_lon=64, patch=4, hidden=256, f_s=0.25, f_c=1.0, **_CPU),
+    "medium": MixerConfig(n_lat=64, n_lon=128, patch=4, hidden=512, f_s=0.25, f_c=1.0, **_CPU),
+}
+
+
+def preset(name: str, **overrides) -> MixerConfig:
+    "The named preset, with `overrides` applied."
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+# %%
+test_eq(preset("c3").tokens, 17280)
+test_eq(preset("tiny", hidden=16).hidden, 16)
+test_fail(lambda: preset("huge"), contains="unknown preset 'huge'")
+
+# %% [markdown]
+# ## Splitting a dimension into shards
+#
+# Every parallel layout in this project cuts a dimension of size $n$ into `parts` contiguous
+# shards the way `torch.tensor_split` does: the first $n \bmod$ `parts` shards are one longer.
+# Data readers, layers and checkpoints all use these two functions, so they agree on who owns what.
+
+# %%
+#| export
+def split_sizes(n: int, parts: int) -> list[int]:
+    "Sizes of `parts` contiguous shards of `n` items, as `torch.tensor_split` cuts them."
+    if parts < 1: raise ConfigError(f"parts={parts}: must be >= 1")
+    q, r = divmod(n, parts)
+    return [q + (i < r) for i in range(parts)]
+
+
+def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
+    "`(start, stop)` of shard `index` of `n` items cut into `parts`."
+    sizes = split_sizes(n, parts)
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+# %%
+test_eq(split_sizes(19, 2), [10, 9])
+test_eq(shard_range(19, 2, 1), (10, 19))
+test_eq(shard_range(72, 2, 0), (0, 36))

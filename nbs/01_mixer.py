@@ -1,0 +1,295 @@
+# %%
+#| default_exp mixer
+
+# %%
+#| export
+from __future__ import annotations
+import math
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jigsaw_ref.config import MixerConfig, preset
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+
+# %% [markdown]
+# # WeatherMixer
+#
+# > The one-process model: 1D patch encoder, pre-LayerNorm MLP-Mixer blocks, latent rollout, and a decoder with a skip connection and a linear residual.
+
+# %% [markdown]
+# ## The MLP-Mixer math
+#
+# Inside the processor one sample is a matrix $X \in \mathbb{R}^{T \times H}$: $T$ tokens (patches of
+# the globe) by $H$ features. A mixer block applies two MLPs, each behind a LayerNorm over the
+# features and each added back to its input:
+#
+# $$X \leftarrow X + W_2\,\sigma(W_1\,\mathrm{LN}(X) + b_1) + b_2, \qquad W_1 \in \mathbb{R}^{T_s \times T},\; W_2 \in \mathbb{R}^{T \times T_s}$$
+#
+# mixes along tokens (the same weights for every feature column; $T_s = f_s T$), and
+#
+# $$X \leftarrow X + \sigma(\mathrm{LN}(X)\,W_a + b_a)\,W_b + b_b, \qquad W_a \in \mathbb{R}^{H \times H_c},\; W_b \in \mathbb{R}^{H_c \times H}$$
+#
+# mixes along features (the same weights for every token row; $H_c = f_c H$). $\sigma$ is GELU.
+# In index form, with batch $b$, tokens $t, s$ and features $h, g$:
+#
+# $$\text{token: } Y_{bsh} = \sum_t W_{st} X_{bth} \quad(\texttt{'st,bth->bsh'}), \qquad \text{channel: } Y_{btg} = \sum_h X_{bth} W_{hg} \quad(\texttt{'bth,hg->btg'}).$$
+#
+# Token mixing is a left product, channel mixing a right product: this is why Jigsaw splits tokens
+# and channels across different ranks. Both cost $2 T T_s H$ and $2 T H H_c$ FLOPs per linear, linear in
+# the number of tokens for a fixed $f_s T$ hidden width... and quadratic in $T$ when $f_s$ is a fraction,
+# which is the price of a global receptive field in one layer.
+
+# %%
+#| export
+def token_mix(x, w, b=None):
+    "Left product along tokens: `x` (B, T, H), `w` (S, T), `b` (S,) -> (B, S, H)."
+    y = torch.einsum("st,bth->bsh", w, x)
+    return y if b is None else y + b[:, None]
+
+
+def channel_mix(x, w, b=None):
+    "Right product along features: `x` (B, T, H), `w` (H, G), `b` (G,) -> (B, T, G)."
+    y = torch.einsum("bth,hg->btg", x, w)
+    return y if b is None else y + b
+
+# %%
+_x, _w = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+test_close(token_mix(_x, _w), torch.stack([_w @ xi for xi in _x]))
+_wc = torch.randn(3, 6, dtype=torch.float64)
+test_close(channel_mix(_x, _wc), _x @ _wc)
+
+# %% [markdown]
+# ## Parameters with explicit shapes
+#
+# Every weight in this project is stored in the orientation of the math above (token weights as
+# $(T_\text{out}, T_\text{in})$, channel weights as $(H_\text{in}, H_\text{out})$), so a parallel layout is
+# nothing but a set of slices of these tensors. `param_shapes` is the single source of truth: the
+# model allocates exactly these tensors, and the parameter count is computed from it without
+# allocating anything, for any size.
+#
+# The encoder weight is $(C_\text{in}, P, H)$ so a channel shard is a slice of its first axis; the
+# decoder weight is $(2H, V_\text{out}, P)$ (a transposed 1D convolution with kernel = stride = $P$,
+# one bias per output channel, as in the released code). The linear residual acts per pixel on the
+# layer-normed prediction concatenated with the $V$ dynamic input channels.
+
+# %%
+#| export
+def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
+    "Name -> shape of every parameter of the one-process WeatherMixer for config `c`."
+    H, T, S, G = c.hidden, c.tokens, c.token_hidden, c.channel_hidden
+    V, Vo, Cin, P = c.n_vars, c.n_out, c.n_in, c.patch
+    s = {"enc.w": (Cin, P, H), "enc.b": (H,)}
+    for i in range(c.blocks):
+        s |= {f"blocks.{i}.ln1.w": (H,), f"blocks.{i}.ln1.b": (H,),
+              f"blocks.{i}.tok1.w": (S, T), f"blocks.{i}.tok1.b": (S,),
+              f"blocks.{i}.tok2.w": (T, S), f"blocks.{i}.tok2.b": (T,),
+              f"blocks.{i}.ln2.w": (H,), f"blocks.{i}.ln2.b": (H,),
+              f"blocks.{i}.ch1.w": (H, G), f"blocks.{i}.ch1.b": (G,),
+              f"blocks.{i}.ch2.w": (G, H), f"blocks.{i}.ch2.b": (H,)}
+    s |= {"dec.ln.w": (H,), "dec.ln.b": (H,), "dec.w": (2 * H, Vo, P), "dec.b": (Vo,),
+          "res.ln1.w": (Vo,), "res.ln1.b": (Vo,), "res.ln2.w": (Vo + V,), "res.ln2.b": (Vo + V,),
+          "res.w": (Vo + V, Vo), "res.b": (Vo,)}
+    return s
+
+
+def param_count(c: MixerConfig) -> int:
+    "Number of parameters of the one-process WeatherMixer, without allocating it."
+    return sum(math.prod(s) for s in param_shapes(c).values())
+
+# %% [markdown]
+# The released code prints these counts for its 1-way models (720x1440 grid, $P = 60$, 3 blocks,
+# 72 input channels, 69 predicted); ours agree to the parameter:
+
+# %%
+_released_1way = {  # (H, f_s, f_c): count printed by the released code (SPEC.md section 2)
+    (4896, 0.5, 1): 1_101_500_346, (4320, 0.5, 1): 1_062_380_154, (2832, 0.5, 1): 979_747_050,
+    (2192, 0.25, 1): 504_466_890, (1600, 0.125, 1): 259_570_794, (1024, 0.125, 0.25): 238_511_658,
+    (512, 0.125, 1): 232_052_010, (368, 0.03125, 1): 61_507_806, (256, 0.125, 0.125): 227_296_650}
+for (H, fs, fc), n in _released_1way.items():
+    test_eq(param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc)), n)
+
+# %% [markdown]
+# ## FLOPs
+#
+# The paper counts one training step as three times the forward GEMM FLOPs (backward costs two
+# forwards). Per sample and rollout step $k$: the encoder $2 T (C_\text{in} P) H$, each block
+# $2 \cdot 2 T T_s H + 2 \cdot 2 T H H_c$, the decoder $2 T (2H)(V_\text{out} P)$ and the residual
+# $2 N_\text{pix} (V_\text{out}+V) V_\text{out}$.
+
+# %%
+#| export
+def forward_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
+    "GEMM FLOPs of one forward pass of `batch` samples with `k` latent rollout steps."
+    H, T, S, G, P = c.hidden, c.tokens, c.token_hidden, c.channel_hidden, c.patch
+    enc = 2 * T * c.n_in * P * H
+    blk = 4 * T * S * H + 4 * T * H * G
+    dec = 2 * T * 2 * H * c.n_out * P
+    res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_vars) * c.n_out
+    return batch * (enc + k * c.blocks * blk + dec + res)
+
+
+def train_step_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
+    "FLOPs of one training step by the paper's convention: 3x the forward GEMM FLOPs."
+    return 3 * forward_flops(c, batch, k)
+
+# %%
+# C3 (H=4896): ~6.9 TFLOP per forward; the paper's 3.03 s/step on one A100 in FP32 is 81% of 19.5 TF/s
+test_close(train_step_flops(preset("c3")) / 3.03 / 19.5e12, 0.81, eps=0.02)
+
+# %% [markdown]
+# ## The model
+#
+# **Encoder ("1D patching").** Each latitude row is cut along longitude into patches of $P$ pixels.
+# Tokens are ordered *longitude-patch-major* ($t = j \cdot n_\text{lat} + i$ for latitude row $i$ and
+# longitude patch $j$), so a band of longitudes is a contiguous block of tokens: that is what makes a
+# domain shard a plain slice in the parallel layouts. The token order is a convention only: the token
+# MLPs are dense, so any order gives the same model up to a permutation of their weights.
+#
+# $$Z_{t h} = \sum_{c, p} x_{c,\, i,\, jP + p}\, W^e_{c p h} + b^e_h$$
+
+# %%
+#| export
+def patchify(x, P: int):
+    "Pixels (B, C, n_lat, n_lon) -> patches (B, T, C, P), tokens longitude-patch-major."
+    B, C, n_lat, n_lon = x.shape
+    x = x.reshape(B, C, n_lat, n_lon // P, P)  # b c i j p
+    return x.permute(0, 3, 2, 1, 4).reshape(B, (n_lon // P) * n_lat, C, P)
+
+
+def unpatchify(y, n_lat: int):
+    "Patches (B, T, C, P) -> pixels (B, C, n_lat, n_lon); inverse of `patchify`."
+    B, T, C, P = y.shape
+    y = y.reshape(B, T // n_lat, n_lat, C, P)  # b j i c p
+    return y.permute(0, 3, 2, 1, 4).reshape(B, C, n_lat, (T // n_lat) * P)
+
+# %%
+_img = torch.arange(2 * 3 * 4 * 8.).reshape(2, 3, 4, 8)
+test_eq(unpatchify(patchify(_img, 4), 4), _img)
+test_eq(patchify(_img, 4)[0, 5, 1], _img[0, 1, 1, 4:8])  # token 5 = lon patch 1, lat row 1
+
+# %% [markdown]
+# **Decoder.** The processor output is layer-normed and concatenated with the encoder output (a skip
+# connection, $2H$ features), then a transposed patching maps each token back to its $P$ pixels of
+# every output channel:
+# $y_{c,\, i,\, jP+p} = \sum_{g} [\mathrm{LN}(X), Z]_{t g}\, W^d_{g c p} + b^d_c$.
+#
+# **Linear residual.** Per pixel, the layer-normed prediction is concatenated with the $V$ dynamic input
+# channels, layer-normed again and mapped linearly to the output:
+# $\hat y = W^r\, \mathrm{LN}([\mathrm{LN}(y),\, x_{1..V}]) + b^r$.
+
+# %%
+#| export
+def _ln(x, w, b, eps=1e-5):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+class WeatherMixer(nn.Module):
+    "The one-process WeatherMixer: encoder, `blocks` mixer blocks run `k` times, decoder, linear residual."
+    def __init__(self, cfg: MixerConfig, dtype=torch.float32, device=None, seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        self._names = list(param_shapes(cfg))
+        self.params = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.empty(s, dtype=dtype, device=device))
+                                        for n, s in param_shapes(cfg).items()})
+        init_params(self.state(), cfg, seed)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        "Parameters by their dotted names (views, not copies)."
+        return {n: self.params[n.replace(".", "/")] for n in self._names}
+
+    def encode(self, x):
+        "Pixels (B, C_in, n_lat, n_lon) -> tokens (B, T, H)."
+        p = self.state()
+        return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
+
+    def block(self, x, i: int):
+        "Mixer block `i` on tokens (B, T, H)."
+        p, d = self.state(), self.cfg.dropout
+        pre = f"blocks.{i}."
+        u = _ln(x, p[pre + "ln1.w"], p[pre + "ln1.b"])
+        u = F.dropout(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), d, self.training)
+        x = x + F.dropout(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), d, self.training)
+        u = _ln(x, p[pre + "ln2.w"], p[pre + "ln2.b"])
+        u = F.dropout(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), d, self.training)
+        return x + F.dropout(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), d, self.training)
+
+    def decode(self, x, z, inp):
+        "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
+        p, c = self.state(), self.cfg
+        u = torch.cat([_ln(x, p["dec.ln.w"], p["dec.ln.b"]), z], dim=-1)  # b t 2H
+        y = unpatchify(torch.einsum("btg,gcp->btcp", u, p["dec.w"]), c.n_lat) + p["dec.b"][:, None, None]
+        y = y.permute(0, 2, 3, 1)  # b i l c: channels last for the per-pixel residual
+        r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_vars].permute(0, 2, 3, 1)], -1)
+        r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
+        return r.permute(0, 3, 1, 2)
+
+    def forward(self, x, k: int = 1):
+        "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead, (B, V_out, n_lat, n_lon)."
+        z = h = self.encode(x)
+        for _ in range(k):
+            for i in range(self.cfg.blocks): h = self.block(h, i)
+        return self.decode(h, z, x)
+
+# %% [markdown]
+# ## Initialisation
+#
+# Weights are drawn from one seeded generator in a fixed order (the order of `param_shapes`), each
+# uniform in $\pm 1/\sqrt{\text{fan-in}}$ like `torch.nn.Linear`; LayerNorm weights start at one and all
+# biases at zero. Padding outputs get zero weights so they predict exactly zero. Because the full
+# initial model is a pure function of (config, seed), every parallel layout starts from the same
+# weights: it slices them.
+
+# %%
+#| export
+def _fan_in(name, shape):
+    if name == "enc.w": return shape[0] * shape[1]  # C_in * P
+    if name.endswith("tok1.w") or name.endswith("tok2.w"): return shape[1]
+    return shape[0]  # (in, out) orientation: dec.w (2H, V_out, P), res.w, ch*.w
+
+
+def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
+    "Yield `(name, tensor)` for every initial parameter of `cfg`, one at a time, from `seed`."
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".b"): v = torch.zeros(shape, dtype=torch.float64)
+        elif ".ln" in name or name.startswith("dec.ln"): v = torch.ones(shape, dtype=torch.float64)
+        else:
+            bound = 1 / math.sqrt(_fan_in(name, shape))
+            v = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
+            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)
+            v.narrow(ax, cfg.n_vars, cfg.out_pad).zero_()
+        yield name, v.to(dtype)
+
+
+@torch.no_grad()
+def init_params(params: dict, cfg: MixerConfig, seed: int | None = 0):
+    "Initialise `params` (name -> tensor, the shapes of `param_shapes(cfg)`) in place from `seed`."
+    for name, v in full_params(cfg, seed): params[name].copy_(v)
+
+# %%
+_tiny = preset("tiny")
+_m = WeatherMixer(_tiny)
+test_eq(sum(p.numel() for p in _m.parameters()), param_count(_tiny))
+test_eq({n: tuple(t.shape) for n, t in _m.state().items()}, param_shapes(_tiny))
+_x = torch.randn(2, _tiny.n_in, _tiny.n_lat, _tiny.n_lon)
+test_eq(_m(_x).shape, (2, _tiny.n_out, _tiny.n_lat, _tiny.n_lon))
+test_close(WeatherMixer(_tiny)(_x), _m(_x))  # same seed, same model
+
+# %% [markdown]
+# The padded variant predicts zeros in its padding channels, so its loss on the real channels is the
+# unpadded model's:
+
+# %%
+_mp = WeatherMixer(_tiny.replace(out_pad=3))
+test_eq(_mp(_x)[:, _tiny.n_vars:].abs().max().item(), 0.0)
+
+# %% [markdown]
+# Latent rollout runs the processor $k$ times before one decode (tied weights), predicting $k \cdot 6$ h ahead:
+
+# %%
+test_eq(_m(_x, k=2).shape, _m(_x).shape)
+assert not torch.allclose(_m(_x, k=2), _m(_x, k=1))

@@ -1,0 +1,314 @@
+# %%
+#| default_exp parallel
+
+# %%
+#| export
+from __future__ import annotations
+import math
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jigsaw_ref.config import MixerConfig, shard_range, split_sizes
+from jigsaw_ref.mixer import full_params, param_shapes, patchify, unpatchify
+from jigsaw_ref.comm import Group, all_gather, all_reduce, reduce_scatter
+from jigsaw_ref.pmatmul import channel_mlp, layer_norm, token_mlp
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+from jigsaw_ref.config import preset
+from jigsaw_ref.mixer import WeatherMixer, param_count
+
+# %% [markdown]
+# # The parallel WeatherMixer
+#
+# > The whole model on a $p \times q$ grid (1-, 2-, 4-way and beyond), in an exact mode equal to the one-process model and a faithful mode with the released code's behaviour.
+
+# %% [markdown]
+# ## Who holds what
+#
+# `shard_spec` says, for rank $(i,j)$ of a $p\times q$ model group, which slice of every full parameter it
+# keeps (one index list per dimension) and whether that slice is also kept by other ranks:
+#
+# - the big matrices (token and channel MLP weights) are cut into $p \times q$ blocks, one per rank;
+# - the encoder, decoder and residual weights are cut over the channel axis $q$ (the axis they contract), and
+#   over the domain axis $p$ along another dimension; they are all-gathered over the $p$ domain partners when
+#   used (in the backward, their gradient is reduce-scattered back), so no rank stores more than $1/pq$;
+# - vectors (biases, LayerNorm weights) are kept whole for the block a rank works on and therefore
+#   **replicated** over one axis: e.g. $b_2[\mathcal T_i]$ is needed by all $q$ tensor partners of token block
+#   $i$. They are at most $\max(T, H)$ long, a fraction of a percent of the parameters; their gradient shares
+#   are summed over the replica group after the backward (exact mode).
+
+# %%
+#| export
+def _r(n, parts, k):
+    a, b = shard_range(n, parts, k)
+    return list(range(a, b))
+
+
+def token_sizes(c: MixerConfig, p: int) -> list[int]:
+    "Tokens per domain block: longitude patches are split over `p`, each with all latitude rows."
+    return [s * c.n_lat for s in split_sizes(c.n_lon_patches, p)]
+
+
+def dynamic_inputs(c: MixerConfig, q: int, j: int) -> list[int]:
+    "Indices (into the input channels) of the dynamic channels that tensor rank `j` holds."
+    return [k for k in _r(c.n_in, q, j) if k < c.n_vars]
+
+
+def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
+    "name -> (index lists per dim, replica axis or None, gather dim over the domain axis or None)."
+    H, S, G, Vo, V, T = c.hidden, c.token_hidden, c.channel_hidden, c.n_out, c.n_vars, c.tokens
+    t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
+    Hj, Sj, Gi, Vj = _r(H, q, j), _r(S, q, j), _r(G, p, i), _r(Vo, q, j)
+    P = list(range(c.patch))
+    spec = {"enc.w": ([_r(c.n_in, q, j), P, _r(H, p, i)], None, 2), "enc.b": ([Hj], "domain", None)}
+    for b in range(c.blocks):
+        n = f"blocks.{b}."
+        spec |= {n + "ln1.w": ([Hj], "domain", None), n + "ln1.b": ([Hj], "domain", None),
+                 n + "tok1.w": ([Sj, Ti], None, None), n + "tok1.b": ([Sj], "domain", None),
+                 n + "tok2.w": ([Ti, Sj], None, None), n + "tok2.b": ([Ti], "tensor", None),
+                 n + "ln2.w": ([Hj], "domain", None), n + "ln2.b": ([Hj], "domain", None),
+                 n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([Gi], "tensor", None),
+                 n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([Hj], "domain", None)}
+    rows = Vj + [Vo + k for k in dynamic_inputs(c, q, j)]  # residual features: LN(y) block, then dynamic inputs
+    spec |= {"dec.ln.w": ([Hj], "domain", None), "dec.ln.b": ([Hj], "domain", None),
+             "dec.w": ([Hj + [H + h for h in Hj], _r(Vo, p, i), P], None, 1), "dec.b": ([Vj], "domain", None),
+             "res.ln1.w": ([Vj], "domain", None), "res.ln1.b": ([Vj], "domain", None),
+             "res.ln2.w": ([rows], "domain", None), "res.ln2.b": ([rows], "domain", None),
+             "res.w": ([rows, _r(Vo, p, i)], None, 1), "res.b": ([Vj], "domain", None)}
+    return spec
+
+
+def take(t, idx):
+    "The block of `t` at index lists `idx` (one per dim)."
+    for d, ix in enumerate(idx): t = t.index_select(d, torch.tensor(ix, dtype=torch.long))
+    return t
+
+# %% [markdown]
+# Every element of every parameter is held by some rank, and each large weight exactly once:
+
+# %%
+_c = preset("tiny", n_lon=48, hidden=20)  # 12 longitude patches, uneven 19-channel splits
+for p, q in ((1, 2), (2, 2), (3, 2), (2, 3)):
+    for name, shape in param_shapes(_c).items():
+        cover = torch.zeros(shape)
+        for i in range(p):
+            for j in range(q):
+                idx, rep, gdim = shard_spec(_c, p, q, i, j)[name]
+                cover[torch.meshgrid(*[torch.tensor(ix, dtype=torch.long) for ix in idx], indexing="ij")] += 1
+        assert cover.min() >= 1, (name, p, q)
+        if not name.endswith((".b", "ln1.w", "ln2.w", "ln.w")): assert cover.max() == 1, (name, p, q)
+
+# %% [markdown]
+# ## The model on one rank
+#
+# `JigsawMixer` holds this rank's blocks as parameters and runs the forward pass of `WeatherMixer` with each
+# product replaced by its partitioned version. Its input is the rank's block of the input pixels
+# (channels `shard_range(C_in, q, j)`, longitudes of domain block $i$) and its output the block of the
+# prediction (channels `shard_range(V_out, q, j)`, same longitudes), exactly what the data reader hands each
+# rank. In `exact` mode it computes the one-process function; in `faithful` mode it reproduces the released
+# code: LayerNorm statistics over the local block, per-rank biases (no gradient sum over replicas) and per-rank
+# gradient clipping.
+
+# %%
+#| export
+class JigsawMixer(nn.Module):
+    "This rank's share of a WeatherMixer on a p x q model group."
+    def __init__(self, cfg: MixerConfig, tensor: Group, domain: Group, mode: str = "exact",
+                 dtype=torch.float32, device=None, seed: int | None = 0, init: bool = True):
+        super().__init__()
+        if mode not in ("exact", "faithful"):
+            raise ValueError(f"mode={mode!r}: choose 'exact' (equals the 1-way model) or 'faithful' (released code)")
+        self.cfg, self.tensor, self.domain, self.mode = cfg, tensor, domain, mode
+        self.p, self.q, self.i, self.j = domain.size, tensor.size, domain.rank, tensor.rank
+        if cfg.n_lon_patches < self.p:
+            raise ValueError(f"{cfg.n_lon_patches} longitude patches cannot be split over {self.p} domain ranks: "
+                             f"use fewer domain shards or a smaller patch")
+        for n, what in ((cfg.n_in, "input channels"), (cfg.n_out, "output channels"), (cfg.hidden, "hidden"),
+                        (cfg.token_hidden, "token hidden")):
+            if n < self.q: raise ValueError(f"{n} {what} cannot be split over {self.q} tensor ranks")
+        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j)
+        self._names = list(self.spec)
+        self.params = nn.ParameterDict({
+            n.replace(".", "/"): nn.Parameter(torch.empty([len(ix) for ix in self.spec[n][0]], dtype=dtype, device=device))
+            for n in self._names})
+        self.t_sizes = token_sizes(cfg, self.p)
+        self.h_sizes = split_sizes(cfg.hidden, self.q)
+        if init:
+            with torch.no_grad():  # slice the one-process initial weights: every layout starts identical
+                for name, full in full_params(cfg, seed):
+                    self.state()[name].copy_(take(full, self.spec[name][0]))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        "This rank's blocks by full parameter name."
+        return {n: self.params[n.replace(".", "/")] for n in self._names}
+
+    def _gathered(self, name):
+        "A weight all-gathered over the domain partners along its gather dim (gradient: reduce-scattered back)."
+        full_n = param_shapes(self.cfg)[name][self.spec[name][2]]
+        return all_gather(self.state()[name], self.domain, self.spec[name][2], split_sizes(full_n, self.p))
+
+    def _ln(self, x, name, n_features):
+        p = self.state()
+        return layer_norm(x, p[name + ".w"], p[name + ".b"], self.tensor, n_features, self.mode == "exact")
+
+    def encode(self, x):
+        "Input block (B, C_j, n_lat, n_lon_i) -> token block (B, T_i, H_j)."
+        z = torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), self._gathered("enc.w"))  # partial over j
+        return reduce_scatter(z, self.tensor, 2, self.h_sizes) + self.state()["enc.b"]
+
+    def block(self, x, b: int):
+        "Mixer block `b` on the token block (B, T_i, H_j)."
+        p, c, n = self.state(), self.cfg, f"blocks.{b}."
+        x = x + token_mlp(self._ln(x, n + "ln1", c.hidden), p[n + "tok1.w"], p[n + "tok1.b"], p[n + "tok2.w"],
+                          p[n + "tok2.b"], self.tensor, self.domain, self.h_sizes, c.dropout, self.training)
+        return x + channel_mlp(self._ln(x, n + "ln2", c.hidden), p[n + "ch1.w"], p[n + "ch1.b"], p[n + "ch2.w"],
+                               p[n + "ch2.b"], self.tensor, self.domain, self.t_sizes, c.dropout, self.training)
+
+    def decode(self, x, z, inp):
+        "Processor and encoder blocks (B, T_i, H_j), input block -> prediction block (B, V_j, n_lat, n_lon_i)."
+        p, c = self.state(), self.cfg
+        u = torch.cat([self._ln(x, "dec.ln", c.hidden), z], dim=-1)  # (B, T_i, 2 H_j)
+        y = torch.einsum("btg,gcp->btcp", u, self._gathered("dec.w"))  # (B, T_i, V_out, P), partial over j
+        y = reduce_scatter(y, self.tensor, 2, split_sizes(c.n_out, self.q))  # (B, T_i, V_j, P)
+        y = (unpatchify(y, c.n_lat) + p["dec.b"][:, None, None]).permute(0, 2, 3, 1)  # (B, lat, lon_i, V_j)
+        dyn = inp[:, : len(dynamic_inputs(c, self.q, self.j))].permute(0, 2, 3, 1)
+        r = torch.cat([self._ln(y, "res.ln1", c.n_out), dyn], -1)
+        r = self._ln(r, "res.ln2", c.n_out + c.n_vars) @ self._gathered("res.w")  # (B, lat, lon_i, V_out), partial
+        r = reduce_scatter(r, self.tensor, 3, split_sizes(c.n_out, self.q)) + p["res.b"]
+        return r.permute(0, 3, 1, 2)
+
+    def forward(self, x, k: int = 1):
+        "Input block -> prediction block `k` steps ahead."
+        z = h = self.encode(x)
+        for _ in range(k):
+            for b in range(self.cfg.blocks): h = self.block(h, b)
+        return self.decode(h, z, x)
+
+    def replica_groups(self) -> dict[str, list[str]]:
+        "Names of the parameters replicated over the `domain` and over the `tensor` partners."
+        out = {"domain": [], "tensor": []}
+        for n, (_, rep, _) in self.spec.items():
+            if rep: out[rep].append(n)
+        return out
+
+    def sync_replicated_grads(self):
+        "Exact mode: sum the gradient shares of replicated parameters over their replica group (one message each)."
+        if self.mode != "exact": return
+        st = self.state()
+        for axis, names in self.replica_groups().items():
+            g = getattr(self, axis)
+            ps = [st[n] for n in names if st[n].grad is not None]
+            if g.size == 1 or not ps: continue
+            flat = g.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps]))
+            for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
+# %% [markdown]
+# In one process (groups of one) it is the one-process model, parameter for parameter:
+
+# %%
+_cfg = preset("tiny")
+_pm = JigsawMixer(_cfg, Group(), Group(), dtype=torch.float64)
+_sm = WeatherMixer(_cfg, dtype=torch.float64)
+_x = torch.randn(2, _cfg.n_in, _cfg.n_lat, _cfg.n_lon, dtype=torch.float64)
+test_close(_pm(_x, k=2), _sm(_x, k=2), eps=1e-12)
+test_eq(sum(t.numel() for t in _pm.parameters()), param_count(_cfg))
+
+# %% [markdown]
+# ## Moving whole models in and out of a layout
+#
+# `scatter_state` cuts a full (one-process) state dict into this rank's blocks; `gather_state` assembles the
+# full state dict on every rank of the model group from the blocks (an all-gather of the blocks, each
+# placed by its spec). Checkpoints are stored in the full format, so any layout loads any checkpoint.
+
+# %%
+#| export
+@torch.no_grad()
+def scatter_state(model: JigsawMixer, full: dict):
+    "Copy this rank's blocks of the full state dict `full` into `model`."
+    for n, t in model.state().items():
+        t.copy_(take(full[n].to(t.dtype), model.spec[n][0]))
+
+
+@torch.no_grad()
+def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = None) -> dict:
+    "The full state dict (or of `tensors`, name -> this rank's block) assembled on every rank of `model_group`."
+    cfg, mine = model.cfg, (tensors or {n: t.detach() for n, t in model.state().items()})
+    if model_group.size == 1:
+        return {n: t.detach().cpu().clone() for n, t in mine.items()}
+    blocks = model_group.allgather_obj({n: t.detach().cpu() for n, t in mine.items()})
+    specs = model_group.allgather_obj((model.i, model.j))
+    full = {}
+    for n, shape in param_shapes(cfg).items():
+        out = torch.zeros(shape, dtype=mine[n].dtype)
+        for (i, j), b in zip(specs, blocks):
+            idx = shard_spec(cfg, model.p, model.q, i, j)[n][0]
+            out[torch.meshgrid(*[torch.tensor(ix, dtype=torch.long) for ix in idx], indexing="ij")] = b[n]
+        full[n] = out
+    return full
+
+# %% [markdown]
+# ## Loss shares, gradient sums, clipping
+#
+# The global loss is the **sum of every rank's share**: a rank evaluates the weighted MSE on its block of the
+# prediction (its channels, its longitudes, its samples) divided by the *global* element count. Each rank
+# back-propagates its share; then
+#
+# 1. replicated parameters sum their gradient shares over their replica group (`sync_replicated_grads`);
+# 2. data parallelism sums the gradients over the ranks that hold the same block (`dp` group): since the
+#    count in every share is global, the sum *is* the gradient of the global-batch loss, so `dp` x `p x q` with
+#    global batch $B$ equals 1-way with batch $B$;
+# 3. the gradient norm for clipping is the norm of the full gradient: squares summed over the model group,
+#    each replicated element counted once (exact), or the released code's per-rank norm (faithful).
+
+# %%
+#| export
+def loss_share(pred, target, lat_w, var_w, global_count: int):
+    "This rank's share of the released-code weighted MSE: sum over its block / the global element count."
+    w = var_w.to(pred)[:, None, None] * lat_w.to(pred)[None, :, None]
+    return ((pred - target) * w).square().sum() / global_count
+
+
+def sync_grads(model: JigsawMixer, dp: Group):
+    "Complete the gradients: replica shares summed (exact mode), then summed over data-parallel replicas."
+    model.sync_replicated_grads()
+    ps = [t for t in model.parameters() if t.grad is not None]
+    if dp.size > 1 and ps:
+        flat = dp.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps]))
+        for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
+
+def grad_norm(model: JigsawMixer, model_group: Group) -> torch.Tensor:
+    "2-norm of the full gradient (exact: over the model group, replicas once) or of this rank's (faithful)."
+    st, sq = model.state(), 0.0
+    for n, (_, rep, _) in model.spec.items():
+        g = st[n].grad
+        if g is None: continue
+        if model.mode == "exact" and rep is not None and getattr(model, rep).rank != 0: continue
+        sq = sq + g.double().square().sum()
+    sq = torch.as_tensor(sq, dtype=torch.float64).reshape(1)
+    if model.mode == "exact": sq = model_group.all_reduce(sq)
+    return sq.sqrt()[0]
+
+
+def clip_grads(model: JigsawMixer, model_group: Group, max_norm: float) -> float:
+    "Scale the gradients so their norm (see `grad_norm`) is at most `max_norm`, as `clip_grad_norm_` does; returns the norm."
+    norm = grad_norm(model, model_group)
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for t in model.parameters():
+        if t.grad is not None: t.grad.mul_(scale.to(t.grad.dtype))
+    return float(norm)
+
+# %% [markdown]
+# In one process, clipping equals torch's own `clip_grad_norm_`:
+
+# %%
+_cfg = preset("tiny")
+_a, _b = JigsawMixer(_cfg, Group(), Group(), dtype=torch.float64), WeatherMixer(_cfg, dtype=torch.float64)
+_x = torch.randn(1, _cfg.n_in, _cfg.n_lat, _cfg.n_lon, dtype=torch.float64)
+for m in (_a, _b): (m(_x) ** 2).sum().backward()
+_n1 = clip_grads(_a, Group(), 0.5)
+_n2 = torch.nn.utils.clip_grad_norm_(_b.parameters(), 0.5)
+test_close(_n1, float(_n2), eps=1e-9)
+test_close(_a.state()["res.w"].grad, _b.state()["res.w"].grad, eps=1e-12)

@@ -1,0 +1,118 @@
+"""The one-process WeatherMixer: shapes, exact gradients, determinism, and that it can learn."""
+import pytest
+import torch
+from torch.func import functional_call
+
+from jigsaw_ref.config import ConfigError, MixerConfig, preset
+from jigsaw_ref.loss import lat_weights_cos, variable_weights, weighted_mse
+from jigsaw_ref.mixer import WeatherMixer, forward_flops, param_count, param_shapes
+
+RELEASED_1WAY = {  # (H, f_s, f_c): parameter count printed by the released code
+    (4896, 0.5, 1): 1_101_500_346, (4320, 0.5, 1): 1_062_380_154, (2832, 0.5, 1): 979_747_050,
+    (2192, 0.25, 1): 504_466_890, (1600, 0.125, 1): 259_570_794, (1024, 0.125, 0.25): 238_511_658,
+    (512, 0.125, 1): 232_052_010, (368, 0.03125, 1): 61_507_806, (256, 0.125, 0.125): 227_296_650}
+
+
+@pytest.mark.parametrize("key", list(RELEASED_1WAY))
+def test_param_count_equals_released_1way(key):
+    H, fs, fc = key
+    assert param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc)) == RELEASED_1WAY[key]
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_param_count_equals_built_model(name):
+    cfg = preset(name)
+    m = WeatherMixer(cfg)
+    assert sum(p.numel() for p in m.parameters()) == param_count(cfg)
+
+
+def test_output_shape_and_padding():
+    cfg = preset("tiny", out_pad=1)
+    x = torch.randn(3, cfg.n_in, cfg.n_lat, cfg.n_lon)
+    y = WeatherMixer(cfg)(x, k=2)
+    assert y.shape == (3, cfg.n_out, cfg.n_lat, cfg.n_lon)
+    assert y[:, cfg.n_vars:].abs().max() == 0
+
+
+def _tiny64(**kw):
+    cfg = preset("tiny", n_lat=4, n_lon=8, patch=4, hidden=6, f_s=1.0, f_c=1.0, blocks=1,
+                 variables=("msl", "t2m", "z500"), statics=("lsm",), **kw)
+    return cfg, WeatherMixer(cfg, dtype=torch.float64)
+
+
+def test_gradcheck_input_float64():
+    cfg, m = _tiny64()
+    x = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x, k=2), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_weights_float64():
+    cfg, m = _tiny64()
+    x = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon, dtype=torch.float64)
+    names = ["enc.w", "blocks.0.tok1.w", "blocks.0.ch2.w", "dec.w", "res.w", "blocks.0.ln1.w"]
+    st = m.state()
+    for n in names:
+        leaf = st[n].detach().clone().requires_grad_(True)
+
+        def g(w, n=n):  # the model as a function of one weight, all others fixed
+            return functional_call(m, {"params." + n.replace(".", "/"): w}, (x,))
+        assert torch.autograd.gradcheck(g, (leaf,), eps=1e-6, atol=1e-6), n
+
+
+def test_seeded_determinism():
+    cfg = preset("tiny")
+    x = torch.randn(2, cfg.n_in, cfg.n_lat, cfg.n_lon)
+    a, b = WeatherMixer(cfg, seed=7), WeatherMixer(cfg, seed=7)
+    assert torch.equal(a(x), b(x))
+    assert not torch.equal(a(x), WeatherMixer(cfg, seed=8)(x))
+
+
+def test_dropout_only_in_training():
+    cfg = preset("tiny", dropout=0.5)
+    m = WeatherMixer(cfg)
+    x = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, m(x))
+
+
+def test_overfits_one_batch():
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    m = WeatherMixer(cfg)
+    x = torch.randn(2, cfg.n_in, cfg.n_lat, cfg.n_lon)
+    y = torch.randn(2, cfg.n_out, cfg.n_lat, cfg.n_lon)
+    lw = lat_weights_cos(torch.linspace(-84.375, 84.375, cfg.n_lat))
+    vw = variable_weights(cfg)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        opt.zero_grad()
+        loss = weighted_mse(m(x), y, lw, vw)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_flops_scale_with_batch_and_rollout():
+    cfg = preset("small")
+    assert forward_flops(cfg, batch=2) == 2 * forward_flops(cfg)
+    assert forward_flops(cfg, k=2) > forward_flops(cfg)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(n_lon=100, patch=60), "not divisible by patch=60"),
+    (dict(hidden=0), "hidden=0"),
+    (dict(rollout=(0, 2)), "rollout=(0, 2)"),
+    (dict(dropout=1.5), "dropout=1.5"),
+    (dict(f_c=-1.0), "f_c=-1.0"),
+    (dict(variables=("msl", "msl")), "listed twice"),
+])
+def test_bad_configs_name_the_field(kw, msg):
+    with pytest.raises(ConfigError, match=__import__("re").escape(msg)):
+        MixerConfig(**kw)
