@@ -30,7 +30,7 @@ def channel_mix(x, w, b=None):
 def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
     "Name -> shape of every parameter of the one-process WeatherMixer for config `c`."
     H, T, S, G = c.hidden, c.tokens, c.token_hidden, c.channel_hidden
-    V, Vo, Cin, P = c.n_vars, c.n_out, c.n_in, c.patch
+    V, Vo, Cin, P = c.n_res_in, c.n_out, c.n_in, c.patch
     s = {"enc.w": (Cin, P, H), "enc.b": (H,)}
     for i in range(c.blocks):
         s |= {f"blocks.{i}.ln1.w": (H,), f"blocks.{i}.ln1.b": (H,),
@@ -39,7 +39,7 @@ def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
               f"blocks.{i}.ln2.w": (H,), f"blocks.{i}.ln2.b": (H,),
               f"blocks.{i}.ch1.w": (H, G), f"blocks.{i}.ch1.b": (G,),
               f"blocks.{i}.ch2.w": (G, H), f"blocks.{i}.ch2.b": (H,)}
-    s |= {"dec.ln.w": (H,), "dec.ln.b": (H,), "dec.w": (2 * H, Vo, P), "dec.b": (Vo,),
+    s |= {"dec.ln.w": (H,), "dec.ln.b": (H,), "dec.w": (2 * H, Vo, P), "dec.b": (Vo,) if c.dec_bias == "channel" else (Vo, P),
           "res.ln1.w": (Vo,), "res.ln1.b": (Vo,), "res.ln2.w": (Vo + V,), "res.ln2.b": (Vo + V,),
           "res.w": (Vo + V, Vo), "res.b": (Vo,)}
     return s
@@ -56,7 +56,7 @@ def forward_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     enc = 2 * T * c.n_in * P * H
     blk = 4 * T * S * H + 4 * T * H * G
     dec = 2 * T * 2 * H * c.n_out * P
-    res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_vars) * c.n_out
+    res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_res_in) * c.n_out
     return batch * (enc + k * c.blocks * blk + dec + res)
 
 
@@ -117,9 +117,10 @@ class WeatherMixer(nn.Module):
         "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
         p, c = self.state(), self.cfg
         u = torch.cat([_ln(x, p["dec.ln.w"], p["dec.ln.b"]), z], dim=-1)  # b t 2H
-        y = unpatchify(torch.einsum("btg,gcp->btcp", u, p["dec.w"]), c.n_lat) + p["dec.b"][:, None, None]
+        y = torch.einsum("btg,gcp->btcp", u, p["dec.w"]) + (p["dec.b"][:, None] if c.dec_bias == "channel" else p["dec.b"])
+        y = unpatchify(y, c.n_lat)
         y = y.permute(0, 2, 3, 1)  # b i l c: channels last for the per-pixel residual
-        r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_vars].permute(0, 2, 3, 1)], -1)
+        r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_res_in].permute(0, 2, 3, 1)], -1)
         r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
         return r.permute(0, 3, 1, 2)
 
@@ -147,7 +148,7 @@ def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
             bound = 1 / math.sqrt(_fan_in(name, shape))
             v = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
         if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
-            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)
+            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)  # the output-channel axis
             v.narrow(ax, cfg.n_vars, cfg.out_pad).zero_()
         yield name, v.to(dtype)
 

@@ -14,8 +14,8 @@ from .comm import Group, all_gather, all_reduce, reduce_scatter
 from .pmatmul import channel_mlp, layer_norm, token_mlp
 
 # %% auto #0
-__all__ = ['token_sizes', 'dynamic_inputs', 'shard_spec', 'take', 'JigsawMixer', 'scatter_state', 'gather_state', 'loss_share',
-           'sync_grads', 'grad_norm', 'clip_grads']
+__all__ = ['token_sizes', 'residual_inputs', 'shard_spec', 'take', 'layout_param_count', 'JigsawMixer', 'scatter_state',
+           'gather_state', 'loss_share', 'sync_grads', 'grad_norm', 'clip_grads']
 
 # %% ../nbs/06_parallel.ipynb #7b8f1f01
 def _r(n, parts, k):
@@ -28,9 +28,15 @@ def token_sizes(c: MixerConfig, p: int) -> list[int]:
     return [s * c.n_lat for s in split_sizes(c.n_lon_patches, p)]
 
 
-def dynamic_inputs(c: MixerConfig, q: int, j: int) -> list[int]:
-    "Indices (into the input channels) of the dynamic channels that tensor rank `j` holds."
-    return [k for k in _r(c.n_in, q, j) if k < c.n_vars]
+def residual_inputs(c: MixerConfig, q: int, j: int) -> list[int]:
+    "Indices (into the input channels) of the residual's input channels that tensor rank `j` holds."
+    return [k for k in _r(c.n_in, q, j) if k < c.n_res_in]
+
+
+def _sub(ix: list, parts: int, k: int) -> list:
+    "Shard `k` of `parts` of an index list (a bias shard within a block)."
+    a, b = shard_range(len(ix), parts, k)
+    return ix[a:b]
 
 
 def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
@@ -43,14 +49,15 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
     for b in range(c.blocks):
         n = f"blocks.{b}."
         spec |= {n + "ln1.w": ([Hj], "domain", None), n + "ln1.b": ([Hj], "domain", None),
-                 n + "tok1.w": ([Sj, Ti], None, None), n + "tok1.b": ([Sj], "domain", None),
-                 n + "tok2.w": ([Ti, Sj], None, None), n + "tok2.b": ([Ti], "tensor", None),
+                 n + "tok1.w": ([Sj, Ti], None, None), n + "tok1.b": ([_sub(Sj, p, i)], None, None),
+                 n + "tok2.w": ([Ti, Sj], None, None), n + "tok2.b": ([_sub(Ti, q, j)], None, None),
                  n + "ln2.w": ([Hj], "domain", None), n + "ln2.b": ([Hj], "domain", None),
-                 n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([Gi], "tensor", None),
-                 n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([Hj], "domain", None)}
-    rows = Vj + [Vo + k for k in dynamic_inputs(c, q, j)]  # residual features: LN(y) block, then dynamic inputs
+                 n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([_sub(Gi, q, j)], None, None),
+                 n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([_sub(Hj, p, i)], None, None)}
+    rows = Vj + [Vo + k for k in residual_inputs(c, q, j)]  # residual features: LN(y) block, then my inputs
+    dec_b = [Vj] if c.dec_bias == "channel" else [Vj, P]
     spec |= {"dec.ln.w": ([Hj], "domain", None), "dec.ln.b": ([Hj], "domain", None),
-             "dec.w": ([Hj + [H + h for h in Hj], _r(Vo, p, i), P], None, 1), "dec.b": ([Vj], "domain", None),
+             "dec.w": ([Hj + [H + h for h in Hj], _r(Vo, p, i), P], None, 1), "dec.b": (dec_b, "domain", None),
              "res.ln1.w": ([Vj], "domain", None), "res.ln1.b": ([Vj], "domain", None),
              "res.ln2.w": ([rows], "domain", None), "res.ln2.b": ([rows], "domain", None),
              "res.w": ([rows, _r(Vo, p, i)], None, 1), "res.b": ([Vj], "domain", None)}
@@ -61,6 +68,12 @@ def take(t, idx):
     "The block of `t` at index lists `idx` (one per dim)."
     for d, ix in enumerate(idx): t = t.index_select(d, torch.tensor(ix, dtype=torch.long))
     return t
+
+# %% ../nbs/06_parallel.ipynb #576bc119
+def layout_param_count(c: MixerConfig, p: int, q: int) -> int:
+    "Parameters stored over all ranks of a p x q model group (replicas counted on every rank that holds one)."
+    return sum(math.prod(len(ix) for ix in idx) for i in range(p) for j in range(q)
+               for idx, _, _ in shard_spec(c, p, q, i, j).values())
 
 # %% ../nbs/06_parallel.ipynb #37151f7d
 class JigsawMixer(nn.Module):
@@ -122,10 +135,11 @@ class JigsawMixer(nn.Module):
         u = torch.cat([self._ln(x, "dec.ln", c.hidden), z], dim=-1)  # (B, T_i, 2 H_j)
         y = torch.einsum("btg,gcp->btcp", u, self._gathered("dec.w"))  # (B, T_i, V_out, P), partial over j
         y = reduce_scatter(y, self.tensor, 2, split_sizes(c.n_out, self.q))  # (B, T_i, V_j, P)
-        y = (unpatchify(y, c.n_lat) + p["dec.b"][:, None, None]).permute(0, 2, 3, 1)  # (B, lat, lon_i, V_j)
-        dyn = inp[:, : len(dynamic_inputs(c, self.q, self.j))].permute(0, 2, 3, 1)
+        y = y + (p["dec.b"][:, None] if c.dec_bias == "channel" else p["dec.b"])
+        y = unpatchify(y, c.n_lat).permute(0, 2, 3, 1)  # (B, lat, lon_i, V_j)
+        dyn = inp[:, : len(residual_inputs(c, self.q, self.j))].permute(0, 2, 3, 1)
         r = torch.cat([self._ln(y, "res.ln1", c.n_out), dyn], -1)
-        r = self._ln(r, "res.ln2", c.n_out + c.n_vars) @ self._gathered("res.w")  # (B, lat, lon_i, V_out), partial
+        r = self._ln(r, "res.ln2", c.n_out + c.n_res_in) @ self._gathered("res.w")  # (B, lat, lon_i, V_out), partial
         r = reduce_scatter(r, self.tensor, 3, split_sizes(c.n_out, self.q)) + p["res.b"]
         return r.permute(0, 3, 1, 2)
 

@@ -7,41 +7,55 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from .comm import Group, all_gather, all_reduce, reduce_scatter
+from .config import shard_range
 
 # %% auto #0
-__all__ = ['token_mlp', 'channel_mlp', 'layer_norm', 'block_bytes']
+__all__ = ['add_bias_shard', 'token_mlp', 'channel_mlp', 'layer_norm', 'block_bytes']
+
+# %% ../nbs/05_partitioned_matmul.ipynb #f4fbdba1
+def add_bias_shard(
+    y,  # a Partial tensor, about to be summed over `group`
+    b,  # this rank's shard of the bias along `dim` (shard `group.rank` of `group.size`, as `shard_range` cuts)
+    dim: int, group: Group,
+):
+    "`y` plus this rank's bias shard at its place along `dim`: after the sum over `group`, plus the whole bias."
+    n = y.shape[dim]
+    a, e = shard_range(n, group.size, group.rank)
+    full = torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
+    shape = [1] * y.dim(); shape[dim] = n
+    return y + full.view(shape)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #99353169
 def token_mlp(
     x,  # (B, T_i, H_j): this rank's activation block
-    w1, b1,  # W1[S_j, T_i] (S_j, T_i); b1[S_j] (S_j,)
-    w2, b2,  # W2[T_i, S_j] (T_i, S_j); b2[T_i] (T_i,)
+    w1, b1,  # W1[S_j, T_i] (S_j, T_i); b1: shard i (of p) of b1[S_j]
+    w2, b2,  # W2[T_i, S_j] (T_i, S_j); b2: shard j (of q) of b2[T_i]
     tensor: Group, domain: Group,  # the q ranks sharing my tokens; the p ranks sharing my channels
     h_sizes: list[int],  # channel block sizes over the tensor axis
     dropout: float = 0.0, training: bool = False,
 ):
     "Token-mixing MLP on a p x q grid: (B, T_i, H_j) -> (B, T_i, H_j)."
     xg = all_gather(x, tensor, 2, h_sizes)  # (B, T_i, H): my tokens, every channel
-    a = all_reduce(torch.einsum("st,bth->bsh", w1, xg), domain)  # (B, S_j, H): summed over input-token blocks
-    a = F.dropout(F.gelu(a + b1[:, None]), dropout, training)
-    y = reduce_scatter(torch.einsum("ts,bsh->bth", w2, a), tensor, 2, h_sizes)  # (B, T_i, H_j)
-    return F.dropout(y + b2[:, None], dropout, training)
+    a = add_bias_shard(torch.einsum("st,bth->bsh", w1, xg), b1, 1, domain)  # (B, S_j, H), partial over i
+    a = F.dropout(F.gelu(all_reduce(a, domain)), dropout, training)  # summed over input-token blocks
+    y = add_bias_shard(torch.einsum("ts,bsh->bth", w2, a), b2, 1, tensor)  # (B, T_i, H), partial over j
+    return F.dropout(reduce_scatter(y, tensor, 2, h_sizes), dropout, training)  # (B, T_i, H_j)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #5c153f43
 def channel_mlp(
     x,  # (B, T_i, H_j)
-    wa, ba,  # Wa[H_j, G_i] (H_j, G_i); ba[G_i]
-    wb, bb,  # Wb[G_i, H_j] (G_i, H_j); bb[H_j]
+    wa, ba,  # Wa[H_j, G_i] (H_j, G_i); ba: shard j (of q) of ba[G_i]
+    wb, bb,  # Wb[G_i, H_j] (G_i, H_j); bb: shard i (of p) of bb[H_j]
     tensor: Group, domain: Group,
     t_sizes: list[int],  # token block sizes over the domain axis
     dropout: float = 0.0, training: bool = False,
 ):
     "Channel-mixing MLP on a p x q grid: (B, T_i, H_j) -> (B, T_i, H_j)."
     xg = all_gather(x, domain, 1, t_sizes)  # (B, T, H_j): every token, my channels
-    a = all_reduce(xg @ wa, tensor)  # (B, T, G_i): summed over input-channel blocks
-    a = F.dropout(F.gelu(a + ba), dropout, training)
-    y = reduce_scatter(a @ wb, domain, 1, t_sizes)  # (B, T_i, H_j)
-    return F.dropout(y + bb, dropout, training)
+    a = all_reduce(add_bias_shard(xg @ wa, ba, 2, tensor), tensor)  # (B, T, G_i): summed over input-channel blocks
+    a = F.dropout(F.gelu(a), dropout, training)
+    y = reduce_scatter(add_bias_shard(a @ wb, bb, 2, domain), domain, 1, t_sizes)  # (B, T_i, H_j)
+    return F.dropout(y, dropout, training)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d8e62227
 def layer_norm(

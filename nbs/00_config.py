@@ -71,6 +71,10 @@ test_eq(len(CPU_CHANNELS), 19)
 # `out_pad` appends zero-weight padding targets to the prediction (the parallel layouts of the
 # released code predict 72 channels so the halves are equal). `rollout` is the inclusive range of
 # latent rollout steps $k$ that training draws from.
+#
+# Two switches reproduce the released 2- and 4-way architectures, which differ slightly from its 1-way
+# model: there the linear residual sees all input channels (statics included, `res_inputs='all'`) and the
+# decoder has a bias per output channel *and* pixel of the patch (`dec_bias='pixel'`).
 
 # %%
 #| export
@@ -94,6 +98,8 @@ class MixerConfig:
     out_pad: int = 0  # zero-weight padding targets appended to the prediction
     rollout: tuple = (1, 1)  # inclusive range of latent rollout steps k
     dt_hours: int = 6  # time step of one rollout step
+    res_inputs: str = "dynamic"  # input channels the linear residual sees: 'dynamic' (1-way code) or 'all' (2/4-way code)
+    dec_bias: str = "channel"  # decoder bias: one per output 'channel' (1-way code) or per channel and 'pixel' of a patch
 
     def __post_init__(self):
         object.__setattr__(self, "variables", tuple(self.variables))
@@ -107,6 +113,8 @@ class MixerConfig:
     def n_in(self): return len(self.variables) + len(self.statics)  # C_in
     @property
     def n_out(self): return len(self.variables) + self.out_pad  # V_out
+    @property
+    def n_res_in(self): return self.n_vars if self.res_inputs == "dynamic" else self.n_in  # inputs of the residual
     @property
     def n_lon_patches(self): return self.n_lon // self.patch
     @property
@@ -144,6 +152,8 @@ def validate(c: MixerConfig):
          f"f_c={c.f_c}: f_c * hidden ({c.hidden}) must be at least 1")
     need(0 <= c.dropout < 1, f"dropout={c.dropout}: must be in [0, 1)")
     need(isinstance(c.out_pad, int) and c.out_pad >= 0, f"out_pad={c.out_pad}: must be >= 0")
+    need(c.res_inputs in ("dynamic", "all"), f"res_inputs={c.res_inputs!r}: choose 'dynamic' or 'all'")
+    need(c.dec_bias in ("channel", "pixel"), f"dec_bias={c.dec_bias!r}: choose 'channel' or 'pixel'")
     need(len(c.rollout) == 2 and 1 <= c.rollout[0] <= c.rollout[1],
          f"rollout={c.rollout}: must be (k_min, k_max) with 1 <= k_min <= k_max")
 
@@ -173,8 +183,8 @@ _CPU = dict(variables=CPU_CHANNELS, statics=STATICS, dropout=0.0)
 PRESETS = {
     "c1_1way": MixerConfig(hidden=4320, f_s=0.5, f_c=1.0),
     "c3": MixerConfig(hidden=4896, f_s=0.5, f_c=1.0),
-    "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3),
-    "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3),
+    "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
+    "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
     "small": MixerConfig(n_lat=32, n_lon=64, patch=4, hidden=256, f_s=0.25, f_c=1.0, **_CPU),
     "medium": MixerConfig(n_lat=64, n_lon=128, patch=4, hidden=512, f_s=0.25, f_c=1.0, **_CPU),

@@ -72,15 +72,15 @@ test_close(channel_mix(_x, _wc), _x @ _wc)
 #
 # The encoder weight is $(C_\text{in}, P, H)$ so a channel shard is a slice of its first axis; the
 # decoder weight is $(2H, V_\text{out}, P)$ (a transposed 1D convolution with kernel = stride = $P$,
-# one bias per output channel, as in the released code). The linear residual acts per pixel on the
-# layer-normed prediction concatenated with the $V$ dynamic input channels.
+# one bias per output channel, as in the released 1-way code). The linear residual acts per pixel on the
+# layer-normed prediction concatenated with the $V$ dynamic input channels (`res_inputs='all'`: all $C_\text{in}$).
 
 # %%
 #| export
 def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
     "Name -> shape of every parameter of the one-process WeatherMixer for config `c`."
     H, T, S, G = c.hidden, c.tokens, c.token_hidden, c.channel_hidden
-    V, Vo, Cin, P = c.n_vars, c.n_out, c.n_in, c.patch
+    V, Vo, Cin, P = c.n_res_in, c.n_out, c.n_in, c.patch
     s = {"enc.w": (Cin, P, H), "enc.b": (H,)}
     for i in range(c.blocks):
         s |= {f"blocks.{i}.ln1.w": (H,), f"blocks.{i}.ln1.b": (H,),
@@ -89,7 +89,7 @@ def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
               f"blocks.{i}.ln2.w": (H,), f"blocks.{i}.ln2.b": (H,),
               f"blocks.{i}.ch1.w": (H, G), f"blocks.{i}.ch1.b": (G,),
               f"blocks.{i}.ch2.w": (G, H), f"blocks.{i}.ch2.b": (H,)}
-    s |= {"dec.ln.w": (H,), "dec.ln.b": (H,), "dec.w": (2 * H, Vo, P), "dec.b": (Vo,),
+    s |= {"dec.ln.w": (H,), "dec.ln.b": (H,), "dec.w": (2 * H, Vo, P), "dec.b": (Vo,) if c.dec_bias == "channel" else (Vo, P),
           "res.ln1.w": (Vo,), "res.ln1.b": (Vo,), "res.ln2.w": (Vo + V,), "res.ln2.b": (Vo + V,),
           "res.w": (Vo + V, Vo), "res.b": (Vo,)}
     return s
@@ -112,6 +112,20 @@ for (H, fs, fc), n in _released_1way.items():
     test_eq(param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc)), n)
 
 # %% [markdown]
+# The released 2-way code predicts 72 channels (3 zero-weight padding targets), gives the residual all 72
+# inputs and the decoder a per-pixel bias. With those switches, and with nothing replicated in our 2-way
+# layout (`parallel.layout_param_count`), its printed 2-way counts are reproduced too:
+
+# %%
+_released_2way = {(4896, 0.5, 1): 1_103_268_024, (2832, 0.5, 1): 980_771_688, (2192, 0.25, 1): 505_261_128,
+                  (1600, 0.125, 1): 260_151_912, (1024, 0.125, 0.25): 238_885_416, (512, 0.125, 1): 232_241_448,
+                  (368, 0.03125, 1): 61_645_404, (256, 0.125, 0.125): 227_393_928, (8192, 0.5, 1): 1_404_881_688,
+                  (6064, 1, 1): 2_091_058_632}
+_par = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
+for (H, fs, fc), n in _released_2way.items():
+    test_eq(param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc, **_par)), n)
+
+# %% [markdown]
 # ## FLOPs
 #
 # The paper counts one training step as three times the forward GEMM FLOPs (backward costs two
@@ -127,7 +141,7 @@ def forward_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     enc = 2 * T * c.n_in * P * H
     blk = 4 * T * S * H + 4 * T * H * G
     dec = 2 * T * 2 * H * c.n_out * P
-    res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_vars) * c.n_out
+    res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_res_in) * c.n_out
     return batch * (enc + k * c.blocks * blk + dec + res)
 
 
@@ -220,9 +234,10 @@ class WeatherMixer(nn.Module):
         "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
         p, c = self.state(), self.cfg
         u = torch.cat([_ln(x, p["dec.ln.w"], p["dec.ln.b"]), z], dim=-1)  # b t 2H
-        y = unpatchify(torch.einsum("btg,gcp->btcp", u, p["dec.w"]), c.n_lat) + p["dec.b"][:, None, None]
+        y = torch.einsum("btg,gcp->btcp", u, p["dec.w"]) + (p["dec.b"][:, None] if c.dec_bias == "channel" else p["dec.b"])
+        y = unpatchify(y, c.n_lat)
         y = y.permute(0, 2, 3, 1)  # b i l c: channels last for the per-pixel residual
-        r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_vars].permute(0, 2, 3, 1)], -1)
+        r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_res_in].permute(0, 2, 3, 1)], -1)
         r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
         return r.permute(0, 3, 1, 2)
 
@@ -260,7 +275,7 @@ def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
             bound = 1 / math.sqrt(_fan_in(name, shape))
             v = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
         if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
-            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)
+            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)  # the output-channel axis
             v.narrow(ax, cfg.n_vars, cfg.out_pad).zero_()
         yield name, v.to(dtype)
 
