@@ -12,9 +12,9 @@ __all__ = ['Group', 'TorchGroup', 'all_gather', 'reduce_scatter', 'all_reduce', 
 
 # %% ../nbs/04_comm.ipynb #64d9e4c0
 class Group:
-    "A communicator of `size` ranks with collectives on CPU tensors (mpi4py) and a count of bytes sent."
+    "A communicator of `size` ranks with collectives on CPU tensors (mpi4py), counting bytes sent and seconds spent."
     def __init__(self, comm=None, algo: str = "p2p"):
-        self.comm, self.algo, self.sent = comm, algo, 0
+        self.comm, self.algo, self.sent, self.seconds = comm, algo, 0, 0.0
         self.size = 1 if comm is None else comm.Get_size()
         self.rank = 0 if comm is None else comm.Get_rank()
 
@@ -97,7 +97,7 @@ class TorchGroup(Group):
     "A `Group` over a `torch.distributed` process group (NCCL on GPU, gloo on CPU)."
     def __init__(self, pg=None, algo: str = "coll"):
         import torch.distributed as dist
-        self.dist, self.pg, self.algo, self.sent = dist, pg, algo, 0
+        self.dist, self.pg, self.algo, self.sent, self.seconds = dist, pg, algo, 0, 0.0
         self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
         self.comm = pg
 
@@ -148,6 +148,23 @@ class TorchGroup(Group):
         self.dist.all_reduce(out, group=self.pg)
         self._count(2 * out.numel() * out.element_size() * (self.size - 1) // self.size)
         return out
+
+# %% ../nbs/04_comm.ipynb #90765d27
+def _timed(fn):
+    "Add the seconds spent in a collective to `self.seconds` (groups of one cost nothing)."
+    import functools, time
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        if self.size == 1 or getattr(self, "_timing", False): return fn(self, *a, **kw)  # nested: counted once
+        self._timing, t = True, time.perf_counter()
+        try: return fn(self, *a, **kw)
+        finally: self.seconds += time.perf_counter() - t; self._timing = False
+    return wrapper
+
+
+for _cls in (Group, TorchGroup):
+    for _m in ("all_gather", "reduce_scatter", "all_reduce"):
+        if _m in _cls.__dict__: setattr(_cls, _m, _timed(_cls.__dict__[_m]))
 
 # %% ../nbs/04_comm.ipynb #6508ce00
 class _AllGather(torch.autograd.Function):

@@ -45,7 +45,7 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
     t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
     Hj, Sj, Gi, Vj = _r(H, q, j), _r(S, q, j), _r(G, p, i), _r(Vo, q, j)
     P = list(range(c.patch))
-    spec = {"enc.w": ([_r(c.n_in, q, j), P, _r(H, p, i)], None, 2), "enc.b": ([Hj], "domain", None)}
+    spec = {"enc.w": ([_r(c.n_in, p, i), P, Hj], None, 0), "enc.b": ([Hj], "domain", None)}
     for b in range(c.blocks):
         n = f"blocks.{b}."
         spec |= {n + "ln1.w": ([Hj], "domain", None), n + "ln1.b": ([Hj], "domain", None),
@@ -118,8 +118,8 @@ class JigsawMixer(nn.Module):
 
     def encode(self, x):
         "Input block (B, C_j, n_lat, n_lon_i) -> token block (B, T_i, H_j)."
-        z = torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), self._gathered("enc.w"))  # partial over j
-        return reduce_scatter(z, self.tensor, 2, self.h_sizes) + self.state()["enc.b"]
+        x = all_gather(x, self.tensor, 1, split_sizes(self.cfg.n_in, self.q))  # (B, C_in, lat, lon_i): the raw input is small
+        return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), self._gathered("enc.w")) + self.state()["enc.b"]
 
     def block(self, x, b: int):
         "Mixer block `b` on the token block (B, T_i, H_j)."

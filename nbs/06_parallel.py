@@ -31,9 +31,13 @@ from jigsaw_ref.mixer import WeatherMixer, param_count
 # keeps (one index list per dimension) and whether that slice is also kept by other ranks:
 #
 # - the big matrices (token and channel MLP weights) are cut into $p \times q$ blocks, one per rank;
-# - the encoder, decoder and residual weights are cut over the channel axis $q$ (the axis they contract), and
-#   over the domain axis $p$ along another dimension; they are all-gathered over the $p$ domain partners when
-#   used (in the backward, their gradient is reduce-scattered back), so no rank stores more than $1/pq$;
+# - the encoder, decoder and residual weights are cut over the channel axis $q$ (the encoder by its output
+#   features, the decoder and residual by the features they contract), and over the domain axis $p$ along
+#   another dimension; they are all-gathered over the $p$ domain partners when used (in the backward, their
+#   gradient is reduce-scattered back), so no rank stores more than $1/pq$ of them. The encoder first gathers
+#   the rank's *raw input pixels* of all channels from its tensor partners ($C_\text{in}$ values per pixel, far
+#   fewer than the $H$ features a partial-sum encoder would have to exchange) and then needs no communication
+#   in the backward at all, since no gradient flows into the data;
 # - the MLP biases are sharded over the group that sums the partial product they are added to (see
 #   `pmatmul.add_bias_shard`);
 # - the remaining vectors (LayerNorm weights, encoder, decoder and residual biases) act on a channel block for
@@ -70,7 +74,7 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
     t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
     Hj, Sj, Gi, Vj = _r(H, q, j), _r(S, q, j), _r(G, p, i), _r(Vo, q, j)
     P = list(range(c.patch))
-    spec = {"enc.w": ([_r(c.n_in, q, j), P, _r(H, p, i)], None, 2), "enc.b": ([Hj], "domain", None)}
+    spec = {"enc.w": ([_r(c.n_in, p, i), P, Hj], None, 0), "enc.b": ([Hj], "domain", None)}
     for b in range(c.blocks):
         n = f"blocks.{b}."
         spec |= {n + "ln1.w": ([Hj], "domain", None), n + "ln1.b": ([Hj], "domain", None),
@@ -195,8 +199,8 @@ class JigsawMixer(nn.Module):
 
     def encode(self, x):
         "Input block (B, C_j, n_lat, n_lon_i) -> token block (B, T_i, H_j)."
-        z = torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), self._gathered("enc.w"))  # partial over j
-        return reduce_scatter(z, self.tensor, 2, self.h_sizes) + self.state()["enc.b"]
+        x = all_gather(x, self.tensor, 1, split_sizes(self.cfg.n_in, self.q))  # (B, C_in, lat, lon_i): the raw input is small
+        return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), self._gathered("enc.w")) + self.state()["enc.b"]
 
     def block(self, x, b: int):
         "Mixer block `b` on the token block (B, T_i, H_j)."

@@ -153,6 +153,23 @@ def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None) 
 MAGIC = b"JIGSAWCK"
 
 
+def fault_point(where: str, rank: int, step: int):
+    """Fault injection for the reliability tests: `JIGSAW_FAULT="forward@1:2"` raises on rank 1 at step 2 in the
+    forward pass; `kill-checkpoint@0` sends SIGKILL to rank 0 halfway through writing a checkpoint. Points:
+    `data`, `forward`, `backward`, `checkpoint`; the step is optional. Unset (the default), it does nothing."""
+    spec = os.environ.get("JIGSAW_FAULT")
+    if not spec: return
+    for item in spec.split(","):
+        what, _, at = item.partition("@")
+        r, _, st = at.partition(":")
+        kill = what.startswith("kill-")
+        if (what[5:] if kill else what) == where and int(r) == rank and (not st or int(st) == step):
+            if kill:
+                import signal
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at {where} on rank {rank}, step {step} (JIGSAW_FAULT={spec})")
+
+
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used; the message names the file and the problem."
 
@@ -166,7 +183,10 @@ def save_checkpoint(path, payload: dict):
     data = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + data)
+        f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + data[: len(data) // 2])
+        f.flush()
+        fault_point("checkpoint", 0, payload.get("step", -1) if isinstance(payload, dict) else -1)
+        f.write(data[len(data) // 2:])
         f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
     try:  # make the rename itself durable
@@ -372,6 +392,7 @@ class Trainer:
 
     def batch(self, ds, idx, k):
         "Stack this rank's blocks of samples `idx` at lead `k`: (B, C_j, lat, lon_i), (B, V_j, lat, lon_i)."
+        fault_point("data", self.rank, self.step)
         xs, ys = zip(*(ds.get(int(i), k) for i in idx))
         return (torch.stack(xs).to(self.device, self.dtype), torch.stack(ys).to(self.device, self.dtype))
 
@@ -389,8 +410,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=False)
         with torch.autocast("cuda", torch.bfloat16, enabled=tc.precision == "bf16"):
             pred = m(x, k=k)
+        fault_point("forward", self.rank, self.step)
         share = loss_share(pred.float() if tc.precision == "bf16" else pred, y, self.lat_w, self.var_w, self.global_count(len(idx)))
         share.backward()
+        fault_point("backward", self.rank, self.step)
         sync_grads(m, self.g["dp"])
         loss = float(self.g["world"].all_reduce(share.detach().double().reshape(1).cpu())[0])
         norm = clip_grads(m, self.g["model"], tc.clip) if tc.clip else float("nan")
