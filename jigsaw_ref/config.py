@@ -117,8 +117,8 @@ PRESETS = {
     "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
-    "small": MixerConfig(n_lat=32, n_lon=64, patch=4, hidden=256, f_s=0.25, f_c=1.0, **_CPU),
-    "medium": MixerConfig(n_lat=64, n_lon=128, patch=4, hidden=512, f_s=0.25, f_c=1.0, **_CPU),
+    "small": MixerConfig(n_lat=32, n_lon=64, patch=2, hidden=1024, f_s=0.25, f_c=1.0, **_CPU),
+    "medium": MixerConfig(n_lat=64, n_lon=128, patch=2, hidden=1536, f_s=0.25, f_c=1.0, **_CPU),
 }
 
 

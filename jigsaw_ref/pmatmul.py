@@ -10,7 +10,7 @@ from .comm import Group, all_gather, all_reduce, reduce_scatter
 from .config import shard_range
 
 # %% auto #0
-__all__ = ['add_bias_shard', 'token_mlp', 'channel_mlp', 'layer_norm', 'block_bytes']
+__all__ = ['add_bias_shard', 'matmul_reduce_scatter', 'token_mlp', 'channel_mlp', 'layer_norm', 'block_bytes']
 
 # %% ../nbs/05_partitioned_matmul.ipynb #f4fbdba1
 def add_bias_shard(
@@ -25,6 +25,66 @@ def add_bias_shard(
     shape = [1] * y.dim(); shape[dim] = n
     return y + full.view(shape)
 
+# %% ../nbs/05_partitioned_matmul.ipynb #bca4c1f1
+def _bias_full(b, n: int, group: Group):
+    "This rank's bias shard placed in a length-`n` vector of zeros (see `add_bias_shard`)."
+    a, e = shard_range(n, group.size, group.rank)
+    return torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
+
+
+class _MatmulReduceScatter(torch.autograd.Function):
+    """Forward: `Y = RS_h(einsum('ts,bsh->bth', W, A) + c)` over `group`, each partner's channel block computed and
+    sent (non-blocking) before the next. Backward: the gradient blocks are all-gathered with non-blocking messages
+    overlapped with the GEMMs of `dA = W^T dY` and `dW = dY A^T`."""
+    @staticmethod
+    def forward(ctx, w, a, c, group, sizes):
+        from mpi4py import MPI
+        ctx.save_for_backward(w, a); ctx.group, ctx.sizes = group, sizes
+        n, r = group.size, group.rank
+        cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
+        blk = lambda k: torch.einsum("ts,bsh->bth", w, a[..., cuts[k]:cuts[k + 1]]) + c[:, None]
+        mine_shape = (a.shape[0], w.shape[0], sizes[r])
+        bufs = [torch.empty(mine_shape, dtype=a.dtype) for _ in range(n - 1)]
+        reqs = [group.comm.Irecv(b.numpy(), source=(r - d) % n, tag=21) for d, b in zip(range(1, n), bufs)]
+        keep = []
+        for d in range(1, n):  # partners' blocks first, each sent as soon as it exists
+            k = (r + d) % n
+            yk = blk(k).contiguous(); keep.append(yk)
+            reqs.append(group.comm.Isend(yk.numpy(), dest=k, tag=21)); group._count(yk.numel() * yk.element_size())
+        out = blk(r)  # my own block while the messages fly
+        MPI.Request.Waitall(reqs)
+        for b in bufs: out += b
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        from mpi4py import MPI
+        w, a = ctx.saved_tensors
+        group, sizes = ctx.group, ctx.sizes
+        n, r = group.size, group.rank
+        cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
+        g = g.contiguous()
+        bufs = {(r - d) % n: torch.empty((g.shape[0], g.shape[1], sizes[(r - d) % n]), dtype=g.dtype) for d in range(1, n)}
+        reqs = [group.comm.Irecv(b.numpy(), source=k, tag=22) for k, b in bufs.items()]
+        for d in range(1, n):
+            reqs.append(group.comm.Isend(g.numpy(), dest=(r + d) % n, tag=22)); group._count(g.numel() * g.element_size())
+        da = torch.empty_like(a)
+        dw = torch.zeros_like(w)
+        dc = torch.zeros(w.shape[0], dtype=g.dtype)
+        def use(k, gk):  # contributions of channel block k
+            ak = a[..., cuts[k]:cuts[k + 1]]
+            da[..., cuts[k]:cuts[k + 1]] = torch.einsum("ts,bth->bsh", w, gk)
+            dw.add_(torch.einsum("bth,bsh->ts", gk, ak)); dc.add_(gk.sum((0, 2)))
+        use(r, g)  # my own block while the partners' arrive
+        MPI.Request.Waitall(reqs)
+        for k, b in bufs.items(): use(k, b)
+        return dw, da, dc, None, None
+
+
+def matmul_reduce_scatter(w, a, c, group: Group, sizes: list[int]):
+    "`reduce_scatter(einsum('ts,bsh->bth', w, a) + c[:, None], group, 2, sizes)`, overlapped (MPI p2p groups)."
+    return _MatmulReduceScatter.apply(w, a, c, group, sizes)
+
 # %% ../nbs/05_partitioned_matmul.ipynb #99353169
 def token_mlp(
     x,  # (B, T_i, H_j): this rank's activation block
@@ -38,8 +98,12 @@ def token_mlp(
     xg = all_gather(x, tensor, 2, h_sizes)  # (B, T_i, H): my tokens, every channel
     a = add_bias_shard(torch.einsum("st,bth->bsh", w1, xg), b1, 1, domain)  # (B, S_j, H), partial over i
     a = F.dropout(F.gelu(all_reduce(a, domain)), dropout, training)  # summed over input-token blocks
-    y = add_bias_shard(torch.einsum("ts,bsh->bth", w2, a), b2, 1, tensor)  # (B, T_i, H), partial over j
-    return F.dropout(reduce_scatter(y, tensor, 2, h_sizes), dropout, training)  # (B, T_i, H_j)
+    if tensor.size > 1 and tensor.algo == "p2p" and type(tensor) is Group:  # the paper's overlapped exchange
+        y = matmul_reduce_scatter(w2, a, _bias_full(b2, w2.shape[0], tensor), tensor, h_sizes)
+    else:
+        y = add_bias_shard(torch.einsum("ts,bsh->bth", w2, a), b2, 1, tensor)  # (B, T_i, H), partial over j
+        y = reduce_scatter(y, tensor, 2, h_sizes)
+    return F.dropout(y, dropout, training)  # (B, T_i, H_j)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #5c153f43
 def channel_mlp(

@@ -174,8 +174,8 @@ test_fail(lambda: MixerConfig(f_s=0.0), contains="f_s=0.0")
 # | `c4_2way` | 720x1440 | 60 | 8192 | 0.5 | 1 | C4 2-way, 1.40 B (padded to 72 outputs) |
 # | `c4_4way` | 720x1440 | 60 | 10352 | 1 | 1 | C4 4-way, 2.57 B (padded to 72 outputs) |
 # | `tiny` | 16x32 | 4 | 32 | 0.5 | 1 | unit tests, milliseconds |
-# | `small` | 32x64 | 4 | 256 | 0.25 | 1 | about 1 s per training step on one core |
-# | `medium` | 64x128 | 4 | 512 | 0.25 | 1 | about 10 s per training step on one core |
+# | `small` | 32x64 | 2 | 1024 | 0.25 | 1 | about 1 s per training step on one core (49 GFLOP) |
+# | `medium` | 64x128 | 2 | 1536 | 0.25 | 1 | about 10 s per training step on one core (584 GFLOP) |
 
 # %%
 #| export
@@ -186,8 +186,8 @@ PRESETS = {
     "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
-    "small": MixerConfig(n_lat=32, n_lon=64, patch=4, hidden=256, f_s=0.25, f_c=1.0, **_CPU),
-    "medium": MixerConfig(n_lat=64, n_lon=128, patch=4, hidden=512, f_s=0.25, f_c=1.0, **_CPU),
+    "small": MixerConfig(n_lat=32, n_lon=64, patch=2, hidden=1024, f_s=0.25, f_c=1.0, **_CPU),
+    "medium": MixerConfig(n_lat=64, n_lon=128, patch=2, hidden=1536, f_s=0.25, f_c=1.0, **_CPU),
 }
 
 

@@ -25,7 +25,8 @@
 # python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e . && jigsaw-demo
 # ```
 #
-# **Run the tests** (notebooks, then pytest, which includes 2- and 4-rank `mpiexec` runs):
+# **Run the tests** (notebooks, then pytest, which includes 2-, 4- and 8-rank `mpiexec` runs, the ipyparallel
+# MPI notebook and the docs site; the site's browser check needs Debian's `chromium`, which `.ci/run` installs):
 #
 # ```sh
 # python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e ".[dev]" && nbdev_test && pytest
@@ -48,6 +49,13 @@
 # | `06_parallel` | `parallel` | the whole model on any layout, exact and faithful modes |
 # | `07_generator` | `generator` | the embedded default data: a forced two-layer atmosphere on the sphere |
 # | `08_data` | `data` | WeatherBench2-layout ERA5 reader, each rank reading only its block |
+# | `09_train` | `train` | `jigsaw-train`: the distributed trainer, checkpoints in one full-model format |
+# | `10_evaluate` | `evaluate` | `jigsaw-eval`: WeatherBench2-style RMSE, ACC and bias; persistence and climatology |
+# | `11_reliability` | | what happens on failures, and every bad input with its message |
+# | `12_bench` | `bench` | `jigsaw-bench`: Jigsaw against DDP and Megatron-style tensor parallelism, roofline |
+# | `13_perf_model` | `perfmodel` | a performance model of the paper's strong and weak scaling tables |
+# | `14_mpi_notebook` | | 2-way and 4-way on four ipyparallel MPI engines, checked against one process |
+# | `20`-`23` | | tutorials: a laptop, your own ERA5, a GPU cluster; the large-batch experiment |
 #
 # The one-process model imports no communication code; the communication layer knows grids and tensors,
 # never models; the parallel model composes the two.
@@ -64,3 +72,25 @@ from jigsaw_ref.mixer import param_count, train_step_flops
 for name, c in PRESETS.items():
     print(f"{name:8s} grid {c.n_lat}x{c.n_lon}  H={c.hidden:<6d} tokens={c.tokens:<6d} "
           f"params={param_count(c):>14,d}  train step={train_step_flops(c)/1e9:>10,.1f} GFLOP")
+
+# %% [markdown]
+# ## Measured on a GPU
+#
+# `benchmarks/gpu_check.py` ran on the GPU machine lent to this project (results in
+# `benchmarks/results/gpu_check_h200.json`): the paper's 1.10 B strong-scaling model (C3) training on one GPU,
+# forward + backward + clipping + Adam, against GEMM peaks measured in the same run, and the model's CUDA
+# results against the float64 CPU reference. The paper's A100 numbers for the same model are 3.03 s/step (FP32)
+# and 0.712 s/step (TF32).
+
+# %%
+import json
+from pathlib import Path
+import jigsaw_ref
+r = json.loads((Path(jigsaw_ref.__file__).parents[1] / "benchmarks/results/gpu_check_h200.json").read_text())
+print(f"{r['device']}, torch {r['torch']}, model {r['model']['preset']} ({r['model']['params']:,} parameters, "
+      f"{r['model']['train_step_tflop']:.1f} TFLOP per step)")
+for prec, s in r["steps"].items():
+    print(f"  {prec:5s} {s['s_per_step']:.3f} s/step  {s['tflops']:6.1f} TFLOP/s  "
+          f"{100 * s['fraction_of_measured_gemm_peak']:.0f}% of the {r['gemm_peak_tflops'][prec]:.0f} TFLOP/s GEMM peak measured")
+for prec, e in r["correctness_vs_cpu_float64"].items():
+    print(f"  CUDA {prec:7s} vs CPU float64: output {e['output_rel_err']:.1e}, input gradient {e['input_grad_rel_err']:.1e}")
