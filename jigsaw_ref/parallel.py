@@ -14,8 +14,8 @@ from .comm import Group, all_gather, all_reduce, reduce_scatter
 from .pmatmul import channel_mlp, layer_norm, token_mlp
 
 # %% auto #0
-__all__ = ['token_sizes', 'residual_inputs', 'shard_spec', 'take', 'layout_param_count', 'JigsawMixer', 'scatter_state',
-           'gather_state', 'loss_share', 'sync_grads', 'grad_norm', 'clip_grads']
+__all__ = ['token_sizes', 'residual_inputs', 'shard_spec', 'bias_copies', 'take', 'layout_param_count', 'JigsawMixer',
+           'scatter_state', 'gather_state', 'loss_share', 'sync_grads', 'grad_norm', 'clip_grads']
 
 # %% ../nbs/06_parallel.ipynb #7b8f1f01
 def _r(n, parts, k):
@@ -39,7 +39,7 @@ def _sub(ix: list, parts: int, k: int) -> list:
     return ix[a:b]
 
 
-def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
+def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact") -> dict:
     "name -> (index lists per dim, replica axis or None, gather dim over the domain axis or None)."
     H, S, G, Vo, V, T = c.hidden, c.token_hidden, c.channel_hidden, c.n_out, c.n_vars, c.tokens
     t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
@@ -54,6 +54,11 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
                  n + "ln2.w": ([Hj], "domain", None), n + "ln2.b": ([Hj], "domain", None),
                  n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([_sub(Gi, q, j)], None, None),
                  n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([_sub(Hj, p, i)], None, None)}
+    if bias_copies(mode, p):  # the released 4-way code: a bias per rank for its whole output block, untied
+        for b in range(c.blocks):
+            n = f"blocks.{b}."
+            spec |= {n + "tok1.b": ([Sj], "domain", None), n + "tok2.b": ([Ti], "tensor", None),
+                     n + "ch1.b": ([Gi], "tensor", None), n + "ch2.b": ([Hj], "domain", None)}
     rows = Vj + [Vo + k for k in residual_inputs(c, q, j)]  # residual features: LN(y) block, then my inputs
     dec_b = [Vj] if c.dec_bias == "channel" else [Vj, P]
     spec |= {"dec.ln.w": ([Hj], "domain", None), "dec.ln.b": ([Hj], "domain", None),
@@ -64,16 +69,21 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
     return spec
 
 
+def bias_copies(mode: str, p: int) -> bool:
+    "Whether the MLP biases are per-rank copies of each output block (faithful mode with domain shards)."
+    return mode == "faithful" and p > 1
+
+
 def take(t, idx):
     "The block of `t` at index lists `idx` (one per dim)."
     for d, ix in enumerate(idx): t = t.index_select(d, torch.tensor(ix, dtype=torch.long))
     return t
 
 # %% ../nbs/06_parallel.ipynb #576bc119
-def layout_param_count(c: MixerConfig, p: int, q: int) -> int:
+def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact") -> int:
     "Parameters stored over all ranks of a p x q model group (replicas counted on every rank that holds one)."
     return sum(math.prod(len(ix) for ix in idx) for i in range(p) for j in range(q)
-               for idx, _, _ in shard_spec(c, p, q, i, j).values())
+               for idx, _, _ in shard_spec(c, p, q, i, j, mode).values())
 
 # %% ../nbs/06_parallel.ipynb #37151f7d
 class JigsawMixer(nn.Module):
@@ -91,7 +101,8 @@ class JigsawMixer(nn.Module):
         for n, what in ((cfg.n_in, "input channels"), (cfg.n_out, "output channels"), (cfg.hidden, "hidden"),
                         (cfg.token_hidden, "token hidden")):
             if n < self.q: raise ValueError(f"{n} {what} cannot be split over {self.q} tensor ranks")
-        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j)
+        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j, mode)
+        self.spec_mode, self.bias_after = mode, bias_copies(mode, self.p)
         self._names = list(self.spec)
         self.params = nn.ParameterDict({
             n.replace(".", "/"): nn.Parameter(torch.empty([len(ix) for ix in self.spec[n][0]], dtype=dtype, device=device))
@@ -125,9 +136,9 @@ class JigsawMixer(nn.Module):
         "Mixer block `b` on the token block (B, T_i, H_j)."
         p, c, n = self.state(), self.cfg, f"blocks.{b}."
         x = x + token_mlp(self._ln(x, n + "ln1", c.hidden), p[n + "tok1.w"], p[n + "tok1.b"], p[n + "tok2.w"],
-                          p[n + "tok2.b"], self.tensor, self.domain, self.h_sizes, c.dropout, self.training)
+                          p[n + "tok2.b"], self.tensor, self.domain, self.h_sizes, c.dropout, self.training, self.bias_after)
         return x + channel_mlp(self._ln(x, n + "ln2", c.hidden), p[n + "ch1.w"], p[n + "ch1.b"], p[n + "ch2.w"],
-                               p[n + "ch2.b"], self.tensor, self.domain, self.t_sizes, c.dropout, self.training)
+                               p[n + "ch2.b"], self.tensor, self.domain, self.t_sizes, c.dropout, self.training, self.bias_after)
 
     def decode(self, x, z, inp):
         "Processor and encoder blocks (B, T_i, H_j), input block -> prediction block (B, V_j, n_lat, n_lon_i)."
@@ -188,7 +199,7 @@ def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = 
     for n, shape in param_shapes(cfg).items():
         out = torch.zeros(shape, dtype=mine[n].dtype)
         for (i, j), b in zip(specs, blocks):
-            idx = shard_spec(cfg, model.p, model.q, i, j)[n][0]
+            idx = shard_spec(cfg, model.p, model.q, i, j, model.spec_mode)[n][0]
             out[torch.meshgrid(*[torch.tensor(ix, dtype=torch.long) for ix in idx], indexing="ij")] = b[n]
         full[n] = out
     return full

@@ -93,12 +93,17 @@ def token_mlp(
     tensor: Group, domain: Group,  # the q ranks sharing my tokens; the p ranks sharing my channels
     h_sizes: list[int],  # channel block sizes over the tensor axis
     dropout: float = 0.0, training: bool = False,
+    bias_after: bool = False,  # biases are whole output blocks added after each sum (faithful 4-way), not shards
 ):
     "Token-mixing MLP on a p x q grid: (B, T_i, H_j) -> (B, T_i, H_j)."
     xg = all_gather(x, tensor, 2, h_sizes)  # (B, T_i, H): my tokens, every channel
-    a = add_bias_shard(torch.einsum("st,bth->bsh", w1, xg), b1, 1, domain)  # (B, S_j, H), partial over i
-    a = F.dropout(F.gelu(all_reduce(a, domain)), dropout, training)  # summed over input-token blocks
-    if tensor.size > 1 and tensor.algo == "p2p" and type(tensor) is Group:  # the paper's overlapped exchange
+    a = torch.einsum("st,bth->bsh", w1, xg)  # (B, S_j, H), partial over i
+    if bias_after: a = all_reduce(a, domain) + b1[:, None]
+    else: a = all_reduce(add_bias_shard(a, b1, 1, domain), domain)  # summed over input-token blocks
+    a = F.dropout(F.gelu(a), dropout, training)
+    if bias_after:
+        y = reduce_scatter(torch.einsum("ts,bsh->bth", w2, a), tensor, 2, h_sizes) + b2[:, None]
+    elif tensor.size > 1 and tensor.algo == "p2p" and type(tensor) is Group:  # the paper's overlapped exchange
         y = matmul_reduce_scatter(w2, a, _bias_full(b2, w2.shape[0], tensor), tensor, h_sizes)
     else:
         y = add_bias_shard(torch.einsum("ts,bsh->bth", w2, a), b2, 1, tensor)  # (B, T_i, H), partial over j
@@ -113,12 +118,15 @@ def channel_mlp(
     tensor: Group, domain: Group,
     t_sizes: list[int],  # token block sizes over the domain axis
     dropout: float = 0.0, training: bool = False,
+    bias_after: bool = False,  # biases are whole output blocks added after each sum (faithful 4-way), not shards
 ):
     "Channel-mixing MLP on a p x q grid: (B, T_i, H_j) -> (B, T_i, H_j)."
     xg = all_gather(x, domain, 1, t_sizes)  # (B, T, H_j): every token, my channels
-    a = all_reduce(add_bias_shard(xg @ wa, ba, 2, tensor), tensor)  # (B, T, G_i): summed over input-channel blocks
+    if bias_after: a = all_reduce(xg @ wa, tensor) + ba
+    else: a = all_reduce(add_bias_shard(xg @ wa, ba, 2, tensor), tensor)  # (B, T, G_i): summed over input-channel blocks
     a = F.dropout(F.gelu(a), dropout, training)
-    y = reduce_scatter(add_bias_shard(a @ wb, bb, 2, domain), domain, 1, t_sizes)  # (B, T_i, H_j)
+    if bias_after: y = reduce_scatter(a @ wb, domain, 1, t_sizes) + bb
+    else: y = reduce_scatter(add_bias_shard(a @ wb, bb, 2, domain), domain, 1, t_sizes)  # (B, T_i, H_j)
     return F.dropout(y, dropout, training)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d8e62227

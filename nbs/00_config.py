@@ -154,6 +154,7 @@ def validate(c: MixerConfig):
     need(isinstance(c.out_pad, int) and c.out_pad >= 0, f"out_pad={c.out_pad}: must be >= 0")
     need(c.res_inputs in ("dynamic", "all"), f"res_inputs={c.res_inputs!r}: choose 'dynamic' or 'all'")
     need(c.dec_bias in ("channel", "pixel"), f"dec_bias={c.dec_bias!r}: choose 'channel' or 'pixel'")
+    need(isinstance(c.dt_hours, int) and c.dt_hours > 0, f"dt_hours={c.dt_hours!r}: must be a positive whole number of hours")
     need(len(c.rollout) == 2 and 1 <= c.rollout[0] <= c.rollout[1],
          f"rollout={c.rollout}: must be (k_min, k_max) with 1 <= k_min <= k_max")
 
@@ -176,6 +177,7 @@ test_fail(lambda: MixerConfig(f_s=0.0), contains="f_s=0.0")
 # | `tiny` | 16x32 | 4 | 32 | 0.5 | 1 | unit tests, milliseconds |
 # | `small` | 32x64 | 2 | 1024 | 0.25 | 1 | about 1 s per training step on one core (49 GFLOP) |
 # | `medium` | 64x128 | 2 | 1536 | 0.25 | 1 | about 10 s per training step on one core (584 GFLOP) |
+# | `demo` | 32x64 | 4 | 256 | 0.25 | 1 | the README's 4-minute job: ~0.03 s per step, so it sees thousands of samples |
 
 # %%
 #| export
@@ -188,6 +190,7 @@ PRESETS = {
     "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
     "small": MixerConfig(n_lat=32, n_lon=64, patch=2, hidden=1024, f_s=0.25, f_c=1.0, **_CPU),
     "medium": MixerConfig(n_lat=64, n_lon=128, patch=2, hidden=1536, f_s=0.25, f_c=1.0, **_CPU),
+    "demo": MixerConfig(n_lat=32, n_lon=64, patch=4, hidden=256, f_s=0.25, f_c=1.0, **_CPU),
 }
 
 

@@ -55,9 +55,11 @@ class Grid:
     @classmethod
     def named(cls, way: int | str, world: int) -> Grid:
         "The paper's 1-, 2- or 4-way layout (or 'PxQ') on `world` ranks, dp filling the rest."
-        p, q = {1: (1, 1), 2: (1, 2), 4: (2, 2)}.get(int(way), (0, 0)) if str(way).isdigit() else \
-            tuple(int(v) for v in str(way).lower().split("x"))
-        if p == 0: raise ConfigError(f"way={way!r}: choose 1, 2, 4 or a 'PxQ' layout such as '2x4'")
+        w = str(way).strip().lower()
+        parts = w.split("x")
+        if w in ("1", "2", "4"): p, q = {"1": (1, 1), "2": (1, 2), "4": (2, 2)}[w]
+        elif len(parts) == 2 and all(v.isdigit() and int(v) > 0 for v in parts): p, q = int(parts[0]), int(parts[1])
+        else: raise ConfigError(f"way={way!r}: choose 1, 2, 4 or a 'PxQ' layout such as '2x4'")
         if world % (p * q):
             raise ConfigError(f"world size {world} is not a multiple of the model group size {p}x{q}={p*q}: "
                               f"launch a multiple of {p*q} ranks (mpiexec -n {p*q*max(1, world//(p*q))}) or choose another layout")
@@ -91,6 +93,7 @@ test_eq(g4.rank_of(1, 0, 1), 5)
 test_fail(lambda: Grid.named(4, world=6), contains="not a multiple of the model group size 2x2=4")
 test_fail(lambda: Grid(2, 2, 2).check(4), contains="needs 8 ranks but the job has 4")
 test_eq(Grid.named("2x3", 12), Grid(2, 2, 3))
+for bad in ("3", "2x", "2x2x2", "-1", "2x0"): test_fail(lambda: Grid.named(bad, 8), contains="choose 1, 2, 4")
 
 # %% [markdown]
 # ## The groups, as a table

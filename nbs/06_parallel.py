@@ -68,7 +68,7 @@ def _sub(ix: list, parts: int, k: int) -> list:
     return ix[a:b]
 
 
-def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
+def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact") -> dict:
     "name -> (index lists per dim, replica axis or None, gather dim over the domain axis or None)."
     H, S, G, Vo, V, T = c.hidden, c.token_hidden, c.channel_hidden, c.n_out, c.n_vars, c.tokens
     t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
@@ -83,6 +83,11 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
                  n + "ln2.w": ([Hj], "domain", None), n + "ln2.b": ([Hj], "domain", None),
                  n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([_sub(Gi, q, j)], None, None),
                  n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([_sub(Hj, p, i)], None, None)}
+    if bias_copies(mode, p):  # the released 4-way code: a bias per rank for its whole output block, untied
+        for b in range(c.blocks):
+            n = f"blocks.{b}."
+            spec |= {n + "tok1.b": ([Sj], "domain", None), n + "tok2.b": ([Ti], "tensor", None),
+                     n + "ch1.b": ([Gi], "tensor", None), n + "ch2.b": ([Hj], "domain", None)}
     rows = Vj + [Vo + k for k in residual_inputs(c, q, j)]  # residual features: LN(y) block, then my inputs
     dec_b = [Vj] if c.dec_bias == "channel" else [Vj, P]
     spec |= {"dec.ln.w": ([Hj], "domain", None), "dec.ln.b": ([Hj], "domain", None),
@@ -91,6 +96,11 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int) -> dict:
              "res.ln2.w": ([rows], "domain", None), "res.ln2.b": ([rows], "domain", None),
              "res.w": ([rows, _r(Vo, p, i)], None, 1), "res.b": ([Vj], "domain", None)}
     return spec
+
+
+def bias_copies(mode: str, p: int) -> bool:
+    "Whether the MLP biases are per-rank copies of each output block (faithful mode with domain shards)."
+    return mode == "faithful" and p > 1
 
 
 def take(t, idx):
@@ -121,10 +131,10 @@ for p, q in ((1, 2), (2, 2), (3, 2), (2, 3)):
 
 # %%
 #| export
-def layout_param_count(c: MixerConfig, p: int, q: int) -> int:
+def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact") -> int:
     "Parameters stored over all ranks of a p x q model group (replicas counted on every rank that holds one)."
     return sum(math.prod(len(ix) for ix in idx) for i in range(p) for j in range(q)
-               for idx, _, _ in shard_spec(c, p, q, i, j).values())
+               for idx, _, _ in shard_spec(c, p, q, i, j, mode).values())
 
 # %%
 _rel = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
@@ -133,16 +143,20 @@ for (H, fs, fc), n in {(4896, 0.5, 1): 1_103_268_024, (8192, 0.5, 1): 1_404_881_
     test_eq(layout_param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc, **_rel), 1, 2), n)
 
 # %% [markdown]
-# The released **4-way** code keeps more per-rank copies than this layout needs: it prints 1,103,453,424 for
-# $H = 4896$, $f_s = 0.5$, where this layout stores the count below. Both keep the LayerNorm weights and the
-# encoder/decoder/residual biases once per domain partner; the released code also keeps a full copy of each
-# MLP bias on every rank that computes the corresponding output block (untied), which our layout shards over
-# the reducing group instead. The difference is printed, not hidden:
+# The released **4-way** code keeps more copies: every rank holds a bias for the whole output block of each MLP
+# linear it computes, untied from the partners that compute the same block. Faithful mode reproduces that
+# placement whenever there are domain shards ($p > 1$; with $p = 1$ the released 2-way exchange keeps its biases
+# sharded, as ours does). With it, the counts the released 4-way code prints are reproduced to the parameter:
 
 # %%
-_c4 = MixerConfig(hidden=4896, f_s=0.5, f_c=1.0, **_rel)
-print(f"4-way, H=4896: this layout {layout_param_count(_c4, 2, 2):,}, released code 1,103,453,424, "
-      f"difference {1_103_453_424 - layout_param_count(_c4, 2, 2):,}")
+_released_4way = {(4896, 0.5, 1): 1_103_453_424, (2832, 0.5, 1): 980_913_744, (2192, 0.25, 1): 505_376_784,
+                  (1600, 0.125, 1): 260_248_656, (1024, 0.125, 0.25): 238_967_760, (512, 0.125, 1): 232_315_344,
+                  (368, 0.03125, 1): 61_711_416, (256, 0.125, 0.125): 227_461_776, (6064, 1, 1): 2_091_294_480,
+                  (10352, 1, 1): 2_569_397_904}
+for (H, fs, fc), n in _released_4way.items():
+    test_eq(layout_param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc, **_rel), 2, 2, "faithful"), n)
+for (H, fs, fc), n in {(4896, 0.5, 1): 1_103_268_024, (8192, 0.5, 1): 1_404_881_688}.items():  # and 2-way, faithful too
+    test_eq(layout_param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc, **_rel), 1, 2, "faithful"), n)
 
 # %% [markdown]
 # ## The model on one rank
@@ -172,7 +186,8 @@ class JigsawMixer(nn.Module):
         for n, what in ((cfg.n_in, "input channels"), (cfg.n_out, "output channels"), (cfg.hidden, "hidden"),
                         (cfg.token_hidden, "token hidden")):
             if n < self.q: raise ValueError(f"{n} {what} cannot be split over {self.q} tensor ranks")
-        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j)
+        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j, mode)
+        self.spec_mode, self.bias_after = mode, bias_copies(mode, self.p)
         self._names = list(self.spec)
         self.params = nn.ParameterDict({
             n.replace(".", "/"): nn.Parameter(torch.empty([len(ix) for ix in self.spec[n][0]], dtype=dtype, device=device))
@@ -206,9 +221,9 @@ class JigsawMixer(nn.Module):
         "Mixer block `b` on the token block (B, T_i, H_j)."
         p, c, n = self.state(), self.cfg, f"blocks.{b}."
         x = x + token_mlp(self._ln(x, n + "ln1", c.hidden), p[n + "tok1.w"], p[n + "tok1.b"], p[n + "tok2.w"],
-                          p[n + "tok2.b"], self.tensor, self.domain, self.h_sizes, c.dropout, self.training)
+                          p[n + "tok2.b"], self.tensor, self.domain, self.h_sizes, c.dropout, self.training, self.bias_after)
         return x + channel_mlp(self._ln(x, n + "ln2", c.hidden), p[n + "ch1.w"], p[n + "ch1.b"], p[n + "ch2.w"],
-                               p[n + "ch2.b"], self.tensor, self.domain, self.t_sizes, c.dropout, self.training)
+                               p[n + "ch2.b"], self.tensor, self.domain, self.t_sizes, c.dropout, self.training, self.bias_after)
 
     def decode(self, x, z, inp):
         "Processor and encoder blocks (B, T_i, H_j), input block -> prediction block (B, V_j, n_lat, n_lon_i)."
@@ -288,7 +303,7 @@ def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = 
     for n, shape in param_shapes(cfg).items():
         out = torch.zeros(shape, dtype=mine[n].dtype)
         for (i, j), b in zip(specs, blocks):
-            idx = shard_spec(cfg, model.p, model.q, i, j)[n][0]
+            idx = shard_spec(cfg, model.p, model.q, i, j, model.spec_mode)[n][0]
             out[torch.meshgrid(*[torch.tensor(ix, dtype=torch.long) for ix in idx], indexing="ij")] = b[n]
         full[n] = out
     return full

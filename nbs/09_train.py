@@ -75,8 +75,11 @@ class TrainConfig:
             try: val = json.loads(v)
             except json.JSONDecodeError: val = v
             cur = getattr(base, k)
-            if isinstance(cur, tuple): val = tuple(val) if isinstance(val, list) else tuple(x.strip() for x in str(val).split(","))
-            elif isinstance(cur, float): val = float(val)
+            try:
+                if isinstance(cur, tuple): val = tuple(val) if isinstance(val, list) else tuple(x.strip() for x in str(val).split(","))
+                elif isinstance(cur, float): val = float(val)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--set {k}={v}: {k} needs a {type(cur).__name__}, e.g. --set {k}={cur!r}") from None
             kw[k] = val
         return base.replace(**kw) if kw else base
 
@@ -182,13 +185,17 @@ def save_checkpoint(path, payload: dict):
     torch.save(payload, buf)
     data = buf.getvalue()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + data[: len(data) // 2])
-        f.flush()
-        fault_point("checkpoint", 0, payload.get("step", -1) if isinstance(payload, dict) else -1)
-        f.write(data[len(data) // 2:])
-        f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(data).hexdigest().encode() + data[: len(data) // 2])
+            f.flush()
+            fault_point("checkpoint", 0, payload.get("step", -1) if isinstance(payload, dict) else -1)
+            f.write(data[len(data) // 2:])
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, I/O error, an injected fault: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY); os.fsync(fd); os.close(fd)
     except OSError: pass
@@ -205,7 +212,11 @@ def load_checkpoint(path) -> dict:
     if hashlib.sha256(data).hexdigest() != want:
         raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted or truncated; "
                               f"resume from an earlier checkpoint")
-    return torch.load(io.BytesIO(data), weights_only=False)
+    try:  # weights_only: plain containers and tensors only, so a crafted file cannot run code
+        ck = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a jigsaw_ref checkpoint (payload cannot be read: {type(e).__name__})") from None
+    return ck
 
 # %%
 import tempfile
@@ -291,7 +302,12 @@ def check_settings(tc: TrainConfig, world: int) -> tuple[MixerConfig, Grid]:
                   ("backend", tc.backend in ("mpi", "torch")), ("rollout", tc.rollout in ("random", "cyclic")),
                   ("lat_weights", tc.lat_weights in ("cos", "area")), ("device", tc.device in ("cpu", "cuda")),
                   ("precision", tc.precision in ("fp32", "tf32", "bf16")), ("dtype", tc.dtype in ("float32", "float64")),
-                  ("nonfinite", tc.nonfinite in ("stop", "skip")), ("batch", tc.batch >= 1), ("epochs", tc.epochs >= 1)):
+                  ("nonfinite", tc.nonfinite in ("stop", "skip")), ("batch", tc.batch >= 1), ("epochs", tc.epochs >= 1),
+                  ("clip", math.isfinite(tc.clip) and tc.clip >= 0), ("max_steps", tc.max_steps >= 0),
+                  ("lr", math.isfinite(tc.lr) and tc.lr > 0), ("lr_encdec", math.isfinite(tc.lr_encdec) and tc.lr_encdec > 0),
+                  ("weight_decay", math.isfinite(tc.weight_decay) and tc.weight_decay >= 0),
+                  ("warmup_steps", tc.warmup_steps >= -1), ("ckpt_every", tc.ckpt_every >= 0),
+                  ("val_batches", tc.val_batches >= 0), ("max_minutes", math.isfinite(tc.max_minutes) and tc.max_minutes >= 0)):
         if not ok: raise ConfigError(f"{f}={getattr(tc, f)!r} is not valid; see `jigsaw-train --help`")
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no GPU: use --device cpu or install a CUDA build of torch")
@@ -484,6 +500,9 @@ class Trainer:
     def load(self, path):
         "Resume from a full-model checkpoint written by any layout (weights and Adam moments resharded)."
         ck = agree(self.g["world"], load_checkpoint, path)
+        missing = {"format", "config", "params", "adam", "scheduler", "step", "lrs"} - set(ck if isinstance(ck, dict) else ())
+        if missing:
+            raise CheckpointError(f"{path}: not a jigsaw_ref training checkpoint (missing {sorted(missing)})")
         if ck.get("format") != "jigsaw_ref/1":
             raise CheckpointError(f"{path}: format {ck.get('format')!r} is not 'jigsaw_ref/1'")
         theirs = MixerConfig(**ck["config"])
@@ -557,6 +576,12 @@ class Trainer:
 
 # %%
 #| export
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"): return True
+    if v.lower() in ("0", "false", "no", "off"): return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
 def parse_args(argv=None) -> TrainConfig:
     "A `TrainConfig` from a config file (`--config`, TOML or JSON) and command-line flags (flags win)."
     ap = argparse.ArgumentParser("jigsaw-train", description="Train WeatherMixer with Jigsaw parallelism (launch with mpiexec/srun/torchrun).")
@@ -566,7 +591,7 @@ def parse_args(argv=None) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_overrides": continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool): ap.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+        if f.type in ("bool", bool): ap.add_argument(flag, type=_bool, default=None, metavar="BOOL")
         else: ap.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None)
     a = ap.parse_args(argv)
     kw = {}
@@ -605,7 +630,9 @@ def install_abort_hook(world_comm=None):
         sys.stderr.write(f"\n[jigsaw_ref rank {rank}] {tp.__name__}: {val}\n")
         prev(tp, val, tb)
         sys.stderr.flush(); sys.stdout.flush()
-        if world_comm is not None and world_comm.Get_size() > 1: world_comm.Abort(1)
+        if world_comm is not None and world_comm.Get_size() > 1:
+            time.sleep(1.0)  # let other ranks failing the same way print theirs before the job is torn down
+            world_comm.Abort(1)
     sys.excepthook = hook
 
 
@@ -647,7 +674,7 @@ def demo(argv=None):
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--way", default="4")
-    ap.add_argument("--model", default="small")
+    ap.add_argument("--model", default="demo")
     a = ap.parse_args(argv)
     mpiexec = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1",

@@ -18,7 +18,7 @@
 # ## Quick start
 #
 # On a fresh Linux machine with Python 3.10+ (no GPU, no system MPI needed), from a checkout of this
-# repository. **Train and evaluate** (4-way Jigsaw on 4 MPI ranks, the `small` preset, the embedded default
+# repository. **Train and evaluate** (4-way Jigsaw on 4 MPI ranks, the `demo` preset on the `small` grid, the embedded default
 # data, which is generated on first use):
 #
 # ```sh

@@ -158,3 +158,22 @@ def test_per_rank_memory_is_one_nth():
             ratio = mine / (one_way / (p * q))
             assert abs(ratio - 1) < 0.02, (layout, ratio)
     agree(check)
+
+
+@pytest.mark.parametrize("layout", layouts(), ids=lid)
+def test_faithful_storage_equals_layout_count(layout):
+    "The tensors a faithful model group allocates add up to `layout_param_count` (released 2-/4-way placement)."
+    from jigsaw_ref.parallel import layout_param_count
+    cfg = preset("tiny", out_pad=3, res_inputs="all", dec_bias="pixel")
+
+    def check():
+        dp, p, q = layout
+        c = comms_for(layout)
+        par = JigsawMixer(cfg, Group(c.tensor), Group(c.domain), mode="faithful", dtype=torch.float32)
+        mine = torch.tensor([float(sum(t.numel() for t in par.parameters()))], dtype=torch.float64)
+        total = Group(c.model).all_reduce(mine)[0]
+        assert int(total) == layout_param_count(cfg, p, q, "faithful"), (int(total), layout_param_count(cfg, p, q, "faithful"))
+        x, _ = _data(cfg, 2 * dp, 0, torch.float32)
+        d, i, j = c.coords
+        assert torch.isfinite(par(_local(x, cfg, p, q, i, j, cfg.n_in, dp, d, 2 * dp))).all()
+    agree(check)

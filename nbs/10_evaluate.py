@@ -1,0 +1,621 @@
+# %%
+#| default_exp evaluate
+
+# %%
+#| export
+from __future__ import annotations
+import argparse, json, math, os, sys, time, uuid
+from pathlib import Path
+import numpy as np
+import torch
+from jigsaw_ref.config import MixerConfig
+from jigsaw_ref.mixer import WeatherMixer, param_shapes
+from jigsaw_ref.loss import lat_weights_area, lat_weights_cos
+from jigsaw_ref.data import DataError, Era5Dataset, denormalize, find_channel, normalize, open_store, split_indices
+from jigsaw_ref.train import CheckpointError, load_checkpoint
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+import tempfile
+from dataclasses import asdict
+from jigsaw_ref.config import preset
+from jigsaw_ref.generator import default_dataset
+from jigsaw_ref.train import TrainConfig, save_checkpoint
+
+# %% [markdown]
+# # Evaluation
+#
+# > `jigsaw-eval`: autoregressive forecasts from a checkpoint on the test split, scored with WeatherBench2's latitude-weighted RMSE, ACC and bias against persistence and climatology.
+
+# %% [markdown]
+# A checkpoint always holds the **full** one-process model, whatever layout trained it (see `train`), so
+# evaluation runs in **one process** (rank 0 of nothing): it builds the one-process `WeatherMixer`, copies
+# the parameters in and rolls it forward. Forecasts, truths and scores are in physical units, in float64.
+#
+# Notation for this notebook: a forecast $f_{t,c,i,j}$ and the verifying truth $o_{t,c,i,j}$ for initial
+# time $t$ (of $T$), channel $c$, latitude row $i$ (of $I$) and longitude $j$ (of $J$), at one lead time.
+
+# %% [markdown]
+# ## Latitude weights
+#
+# WeatherBench2 weights each row by the exact area of its cell, normalised to mean 1 (`loss.lat_weights_area`);
+# the released Jigsaw code used $\cos\phi$. Both come from the **global** grid.
+
+# %%
+#| export
+def lat_weights(lat, kind: str = "area") -> torch.Tensor:
+    "Row weights (mean 1, float64) of latitudes `lat` (degrees): 'area' (WeatherBench2) or 'cos'."
+    if kind not in ("area", "cos"): raise ValueError(f"lat_weights={kind!r}: choose 'area' or 'cos'")
+    return (lat_weights_area if kind == "area" else lat_weights_cos)(lat)
+
+# %%
+_lat = torch.linspace(-87.5, 87.5, 8, dtype=torch.float64)
+test_close(lat_weights(_lat).mean(), 1.0); test_close(lat_weights(_lat, "cos").mean(), 1.0)
+test_fail(lambda: lat_weights(_lat, "gauss"), contains="choose 'area' or 'cos'")
+
+# %% [markdown]
+# ## Metrics
+#
+# WeatherBench2 first reduces over space at each initial time, then averages over time. With row weights
+# $w_i$ (mean 1) the spatial mean squared error, mean error and anomaly correlation at time $t$ are
+#
+# $$\mathrm{MSE}_t = \frac{1}{IJ}\sum_{i,j} w_i\,(f_{tij} - o_{tij})^2, \qquad
+# \mathrm{B}_t = \frac{1}{IJ}\sum_{i,j} w_i\,(f_{tij} - o_{tij}),$$
+#
+# $$\mathrm{ACC}_t = \frac{\sum_{i,j} w_i\, f'_{tij}\, o'_{tij}}{\sqrt{\sum_{i,j} w_i\, {f'}_{tij}^{2}\,\sum_{i,j} w_i\, {o'}_{tij}^{2}}},
+# \qquad f' = f - C,\; o' = o - C,$$
+#
+# for a climatology $C$ (the anomalies are not re-centred by their spatial mean, as in WB2). Then
+#
+# $$\mathrm{RMSE} = \sqrt{\frac{1}{T}\sum_t \mathrm{MSE}_t}, \qquad \mathrm{Bias} = \frac1T \sum_t \mathrm{B}_t,
+# \qquad \mathrm{ACC} = \frac1T\sum_t \mathrm{ACC}_t .$$
+#
+# The square root comes **after** the time mean (WB2's default RMSE, not the mean of per-time RMSEs). A
+# forecast with no anomaly anywhere ($f' \equiv 0$, e.g. the climatology itself) has a 0/0 ACC; we score it 0
+# (no anomaly skill) instead of NaN, so the climatology baseline appears in the ACC plots at 0.
+#
+# Each function below takes fields `(..., lat, lon)` and reduces the last two axes; the leading axes are
+# initial time and channel.
+
+# %%
+#| export
+def spatial_mse(f, o, w):
+    "Per-time weighted spatial MSE: `f`, `o` (..., lat, lon), `w` (lat,) -> (...)."
+    return ((f - o).square() * w[:, None]).mean((-2, -1))
+
+
+def spatial_bias(f, o, w):
+    "Per-time weighted spatial mean error f - o: (..., lat, lon) -> (...)."
+    return ((f - o) * w[:, None]).mean((-2, -1))
+
+
+def spatial_acc(f, o, c, w):
+    "Per-time anomaly correlation of `f` and `o` about climatology `c` (broadcastable): (..., lat, lon) -> (...); 0 where f' = 0."
+    fa, oa, w = f - c, o - c, w[:, None]
+    num = (w * fa * oa).sum((-2, -1))
+    den = ((w * fa.square()).sum((-2, -1)) * (w * oa.square()).sum((-2, -1))).sqrt()
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+
+
+def rmse(f, o, w):
+    "WB2 RMSE over initial times (axis 0): sqrt of the time mean of `spatial_mse`."
+    return spatial_mse(f, o, w).mean(0).sqrt()
+
+
+def bias(f, o, w):
+    "Time mean of `spatial_bias` (axis 0)."
+    return spatial_bias(f, o, w).mean(0)
+
+
+def acc(f, o, c, w):
+    "Time mean of `spatial_acc` (axis 0)."
+    return spatial_acc(f, o, c, w).mean(0)
+
+# %% [markdown]
+# Checked against loops over every point on small random fields (5 times, 2 channels, 4 x 6 grid):
+
+# %%
+_g = torch.Generator().manual_seed(0)
+_f, _o = torch.randn(5, 2, 4, 6, generator=_g, dtype=torch.float64), torch.randn(5, 2, 4, 6, generator=_g, dtype=torch.float64)
+_c, _w = torch.randn(2, 4, 6, generator=_g, dtype=torch.float64), lat_weights(torch.tensor([-67.5, -22.5, 22.5, 67.5]))
+_T, _V, _I, _J = _f.shape
+_bf_rmse = [math.sqrt(sum(sum(_w[i] * (_f[t, v, i, j] - _o[t, v, i, j]) ** 2 for i in range(_I) for j in range(_J)) / (_I * _J)
+                          for t in range(_T)) / _T) for v in range(_V)]
+_bf_bias = [sum(_w[i] * (_f[t, v, i, j] - _o[t, v, i, j]) for t in range(_T) for i in range(_I) for j in range(_J)) / (_T * _I * _J)
+            for v in range(_V)]
+def _bf_acc1(t, v):
+    fa = [[_f[t, v, i, j] - _c[v, i, j] for j in range(_J)] for i in range(_I)]
+    oa = [[_o[t, v, i, j] - _c[v, i, j] for j in range(_J)] for i in range(_I)]
+    s = lambda a, b: sum(_w[i] * a[i][j] * b[i][j] for i in range(_I) for j in range(_J))
+    return s(fa, oa) / math.sqrt(s(fa, fa) * s(oa, oa))
+test_close(rmse(_f, _o, _w), torch.tensor(_bf_rmse, dtype=torch.float64), eps=1e-12)
+test_close(bias(_f, _o, _w), torch.tensor(_bf_bias, dtype=torch.float64), eps=1e-12)
+test_close(acc(_f, _o, _c, _w), torch.tensor([sum(_bf_acc1(t, v) for t in range(_T)) / _T for v in range(_V)], dtype=torch.float64), eps=1e-12)
+
+# %% [markdown]
+# Sanity: a forecast equal to the truth (persistence at lead 0) has RMSE 0, bias 0 and ACC 1; the climatology
+# forecast has ACC 0 by the convention above; a forecast off by a constant has that constant as bias and as RMSE.
+# The time mean comes before the square root: for two times with MSE 1 and 9 the RMSE is $\sqrt5$, not 2.
+
+# %%
+test_eq(rmse(_o, _o, _w), torch.zeros(2, dtype=torch.float64)); test_close(acc(_o, _o, _c, _w), torch.ones(2))
+test_eq(acc(_c.expand_as(_o), _o, _c, _w), torch.zeros(2, dtype=torch.float64))
+test_close(bias(_o + 3, _o, _w), torch.full((2,), 3.0)); test_close(rmse(_o + 3, _o, _w), torch.full((2,), 3.0))
+_z = torch.ones(2, 1, 4, 6, dtype=torch.float64); _z[1] = 3
+test_close(rmse(_z, torch.zeros_like(_z), _w), torch.tensor([math.sqrt(5)]))
+
+# %% [markdown]
+# ## Accumulating scores
+#
+# Forecasts arrive a batch of initial times at a time, for every lead; `Scores` keeps, per forecast system and
+# lead, the running sums $\sum_t \mathrm{MSE}_t$, $\sum_t \mathrm B_t$, $\sum_t \mathrm{ACC}_t$ and the count $T$, so it
+# never holds more than one batch of fields, and its results equal the whole-array metrics above.
+
+# %%
+#| export
+class Scores:
+    "Running per-time metric sums for each (forecast system, lead); `rows()` gives RMSE, ACC and bias per channel."
+    def __init__(self, names,  # channel names, the V axis of the fields
+                 w):  # (lat,) row weights
+        self.names, self.w, self.sums = list(names), w.to(torch.float64), {}
+
+    def add(self, model: str, lead_h: int, f, o, c):
+        "Add forecasts `f` and truths `o` (N, V, lat, lon) of system `model` at `lead_h` hours; `c` the climatology (V, lat, lon)."
+        f, o, c = f.double(), o.double(), c.double()
+        s = self.sums.setdefault((model, lead_h), dict(n=0, mse=0.0, bias=0.0, acc=0.0))
+        s["n"] += len(f)
+        for k, v in (("mse", spatial_mse(f, o, self.w)), ("bias", spatial_bias(f, o, self.w)), ("acc", spatial_acc(f, o, c, self.w))):
+            s[k] = s[k] + v.sum(0)
+
+    def rows(self) -> list[dict]:
+        "One dict `(variable, lead_h, metric, model, value)` per channel, lead, metric and system."
+        out = []
+        for (model, lead), s in sorted(self.sums.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            vals = {"rmse": (s["mse"] / s["n"]).sqrt(), "acc": s["acc"] / s["n"], "bias": s["bias"] / s["n"]}
+            for metric, v in vals.items():
+                out += [dict(variable=n, lead_h=lead, metric=metric, model=model, value=float(x)) for n, x in zip(self.names, v)]
+        return out
+
+# %%
+_s = Scores(["a", "b"], _w)
+_s.add("m", 6, _f[:2], _o[:2], _c); _s.add("m", 6, _f[2:], _o[2:], _c)
+_r = {(r["metric"], r["variable"]): r["value"] for r in _s.rows()}
+test_close([_r["rmse", "a"], _r["rmse", "b"]], rmse(_f, _o, _w).tolist())
+test_close([_r["acc", "b"], _r["bias", "a"]], [acc(_f, _o, _c, _w)[1].item(), bias(_f, _o, _w)[0].item()])
+
+# %% [markdown]
+# ## Loading a checkpoint
+#
+# `train.load_checkpoint` verifies the file; here we check that its parameters are exactly those of the
+# one-process model of its config (names and shapes of `mixer.param_shapes`) and copy them in. A checkpoint
+# written in the released code's *faithful* mode by a tensor- or domain-parallel layout is a different
+# function from the one-process model (per-rank LayerNorm statistics and biases); it is evaluated as the
+# one-process model with a warning.
+
+# %%
+#| export
+class EvalError(ValueError):
+    "Evaluation cannot run; the message names the file and the problem."
+
+
+def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
+    "The one-process `WeatherMixer` (eval mode, float32) with the parameters of checkpoint `path`, and the checkpoint."
+    ck = load_checkpoint(path)
+    if not {"config", "params"} <= set(ck):
+        raise EvalError(f"{path}: no 'config'/'params' entries; is this a jigsaw_ref training checkpoint?")
+    try: cfg = MixerConfig(**ck["config"])
+    except (TypeError, ValueError) as e: raise EvalError(f"{path}: its model config cannot be built: {e}") from e
+    want, have = param_shapes(cfg), ck["params"]
+    if set(want) != set(have):
+        raise EvalError(f"{path}: parameters do not match its config (missing {sorted(set(want) - set(have))[:5]}, "
+                        f"unexpected {sorted(set(have) - set(want))[:5]})")
+    bad = {n: (tuple(have[n].shape), s) for n, s in want.items() if tuple(have[n].shape) != tuple(s)}
+    if bad: raise EvalError(f"{path}: parameter shapes do not match its config ({{name: (file, config)}} {bad})")
+    m = WeatherMixer(cfg, torch.float32, device, seed=0)
+    with torch.no_grad():
+        for n, t in m.state().items(): t.copy_(have[n])
+    layout = ck.get("layout") or (1, 1, 1)
+    if ck.get("mode") == "faithful" and tuple(layout)[1:] != (1, 1):
+        print(f"jigsaw-eval: warning: {path} was trained in 'faithful' mode on layout {tuple(layout)}; it is evaluated "
+              f"as the one-process model, which differs from that layout's forward pass", file=sys.stderr)
+    return m.eval(), ck
+
+# %% [markdown]
+# ## Reading the truth
+#
+# The model reads z-scored samples through `data.Era5Dataset`, which also checks that the data fit the
+# checkpoint's grid and channels. For verification we need physical fields at many times; `read_fields` reads
+# a contiguous range of times of every variable in one request per file variable (levels that share a chunk
+# come once), so a batch of initial times and all their leads cost one read.
+
+# %%
+#| export
+def read_fields(src, cfg: MixerConfig, t0: int, t1: int, path="") -> torch.Tensor:
+    "Physical `cfg.variables` at store time indices [t0, t1) of the opened store `src`: (t1 - t0, V, n_lat, n_lon) float64."
+    byvar = {}
+    for c in cfg.variables:
+        v, li = find_channel(src, c, str(path)); byvar.setdefault(v, []).append((c, li))
+    got = {}
+    for v, cl in byvar.items():
+        a = src[v].isel(time=slice(t0, t1), latitude=slice(0, cfg.n_lat))
+        if cl[0][1] is not None: a = a.isel(level=[li for _, li in cl])
+        a = np.asarray(a.values, np.float64)
+        for k, (c, li) in enumerate(cl): got[c] = a if li is None else a[:, k]
+    x = torch.from_numpy(np.stack([got[c] for c in cfg.variables], 1))
+    if not torch.isfinite(x).all(): raise DataError(f"{path}: NaN or inf in the fields of times {t0}..{t1 - 1}")
+    return x
+
+# %% [markdown]
+# ## Climatology
+#
+# The reference state for ACC and the climatology baseline is the **per-pixel time mean of the training
+# split** (every time of it, in float64), one field per variable: $C_{cij} = \frac{1}{N}\sum_{n} x_{n,c,i,j}$. We
+# use this simple climatology rather than WB2's day-of-year and hour-of-day one because the default data
+# cover less than one year of training (240 days), so a day-of-year mean of the test period's days does not
+# exist; on such data the climatology baseline carries the seasonal drift between the training period and the
+# test period, and is weaker than WB2's.
+
+# %%
+#| export
+def climatology(src, cfg: MixerConfig, split="train", path="", chunk: int = 64) -> torch.Tensor:
+    "Per-pixel mean of `cfg.variables` over every time of `split` of the opened store `src`: (V, n_lat, n_lon) float64."
+    t0, t1 = split_indices(src, split, str(path))
+    if t1 <= t0: raise EvalError(f"{path}: split {split!r} is empty; cannot compute a climatology")
+    tot = 0.0
+    for a in range(t0, t1, chunk): tot = tot + read_fields(src, cfg, a, min(a + chunk, t1), path).sum(0)
+    return tot / (t1 - t0)
+
+# %% [markdown]
+# Reading every training time is the slowest part of an evaluation on small grids (thousands of small chunks),
+# so `cached_climatology` keeps the result beside the data, like the normalisation statistics, under a key of
+# the channels, the grid, the time range and the store's modification time; a key that does not match, or a
+# folder that cannot be written, means computing it again.
+
+# %%
+#| export
+def cached_climatology(src, cfg: MixerConfig, path, split="train") -> torch.Tensor:
+    "`climatology` of `split`, read from / saved to `<path>.clim.npz` when the key (channels, grid, times, mtime) matches."
+    t0, t1 = split_indices(src, split, str(path))
+    if t1 <= t0: return climatology(src, cfg, split, path)  # raises the empty-split error
+    key = json.dumps([list(cfg.variables), cfg.n_lat, str(src.time.values[t0]), str(src.time.values[t1 - 1]), t1 - t0,
+                      os.stat(path).st_mtime_ns])
+    f = Path(str(path) + ".clim.npz")
+    try:
+        with np.load(f) as z:
+            if str(z["key"]) == key: return torch.from_numpy(z["clim"])
+    except (OSError, KeyError, ValueError): pass
+    c = climatology(src, cfg, split, path)
+    tmp = f.with_name(f".{f.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.npz")
+    try:
+        np.savez(tmp, clim=c.numpy(), key=np.array(key)); os.replace(tmp, f)
+    except OSError: tmp.unlink(missing_ok=True)
+    return c
+
+# %% [markdown]
+# On a small generated store: the reader agrees with the dataset's z-scored samples, and the chunked
+# climatology is the mean of all training times:
+
+# %%
+_tmp = tempfile.TemporaryDirectory()
+_path = default_dataset(Path(_tmp.name) / "t.zarr", grid="tiny", days=(4, 1, 2), spinup=20, verbose=False)
+_cfg = preset("tiny")
+_ds = Era5Dataset(_path, _cfg, "test", max_lead=2)
+_src = open_store(_path)
+_F = read_fields(_src, _cfg, _ds.i0, _ds.i0 + 3)
+_x, _y = _ds.get(0, 2)
+test_close(normalize(_F[0].float(), _cfg.variables, _ds.stats), _x[:_cfg.n_vars], eps=1e-5)
+test_close(normalize(_F[2].float(), _cfg.variables, _ds.stats), _y, eps=1e-5)
+_t0, _t1 = split_indices(_src, "train", "")
+_clim = read_fields(_src, _cfg, _t0, _t1).mean(0)
+test_close(climatology(_src, _cfg, chunk=5), _clim, eps=1e-9)
+test_close(cached_climatology(_src, _cfg, _path), _clim, eps=1e-9)  # computed and saved
+test_eq(cached_climatology(_src, _cfg, _path), cached_climatology(_src, _cfg, _path))  # read back
+test_eq(Path(str(_path) + ".clim.npz").exists(), True)
+
+# %% [markdown]
+# ## Forecasts
+#
+# An autoregressive forecast feeds each 6-h prediction back as the next input: the first `n_vars` channels of
+# the (z-scored) prediction, with the static channels of the input re-attached,
+# $x_{k+1} = [\,\hat y_k[{:}V],\ s\,]$, $\hat y_k = \text{model}(x_k)$. Padding targets are dropped.
+# The **latent** rollout instead runs the processor $k$ times inside one call, `model(x_0, k)`, as latent-rollout
+# training does; it costs $O(k)$ per lead, so it is an option.
+
+# %%
+#| export
+@torch.no_grad()
+def rollout(model: WeatherMixer, x, steps: int):
+    "Yield the z-scored predictions (B, V, lat, lon) of leads 1..`steps` from inputs `x` (B, C_in, lat, lon), each fed back."
+    V = model.cfg.n_vars
+    for _ in range(steps):
+        y = model(x)[:, :V]
+        yield y
+        x = torch.cat([y, x[:, V:]], 1)
+
+# %% [markdown]
+# Brute force: the second prediction is the model applied to the first one with the statics re-attached.
+
+# %%
+_m = WeatherMixer(_cfg).eval()
+_xb = _x[None]
+_p = list(rollout(_m, _xb, 2))
+with torch.no_grad(): _y1 = _m(_xb)[:, :19]; _y2 = _m(torch.cat([_y1, _xb[:, 19:]], 1))[:, :19]
+test_eq(len(_p), 2); test_close(_p[0], _y1); test_close(_p[1], _y2)
+
+# %% [markdown]
+# ## Scoring forecasts against the baselines
+#
+# For each batch of initial times `idx` (indices into the split's samples) we read the fields from the first
+# initial time to the last lead once, then score three systems at every lead $k\,\Delta t$:
+#
+# - `model`: the autoregressive forecast (and `latent`, if asked);
+# - `persistence`: the initial state $x(t)$ as the forecast of $t + k\,\Delta t$;
+# - `climatology`: $C$ as the forecast of every time.
+#
+# The forecast, truth and initial state of the first initial time are kept at every lead for the maps.
+
+# %%
+#| export
+@torch.no_grad()
+def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps: int, w,
+                    batch: int = 8,  # initial times per forward pass
+                    latent: bool = False,  # also score the latent rollout model(x0, k)
+                    device="cpu") -> tuple[Scores, dict]:
+    "Scores of model, persistence and climatology at leads 1..`steps`, and the fields `{lead_h: (forecast, truth)}` of sample `idx[0]`."
+    cfg = model.cfg; V, names, s = cfg.n_vars, list(cfg.variables), ds.stride
+    statics = ds.get(0, 1)[0][V:]  # z-scored static channels (S, lat, lon)
+    sc, kept = Scores(names, w), {}
+    den = lambda y: denormalize(y.double().cpu(), names, ds.stats)
+    for b in range(0, len(idx), batch):
+        ii = [int(i) for i in idx[b: b + batch]]
+        lo, hi = ds.i0 + min(ii), ds.i0 + max(ii) + steps * s + 1
+        F = read_fields(src, cfg, lo, hi, ds.src)
+        at = lambda k: F[[ds.i0 + i + k * s - lo for i in ii]]
+        x0 = at(0)
+        x = torch.cat([normalize(x0.float(), names, ds.stats), statics.expand(len(ii), -1, -1, -1)], 1).to(device)
+        for k, y in enumerate(rollout(model, x, steps), 1):
+            o, lead, f = at(k), k * cfg.dt_hours, den(y)
+            sc.add("model", lead, f, o, clim)
+            sc.add("persistence", lead, x0, o, clim)
+            sc.add("climatology", lead, clim.expand_as(o), o, clim)
+            if latent: sc.add("latent", lead, den(model(x, k=k)[:, :V]), o, clim)
+            if b == 0: kept[lead] = (f[0], o[0])
+    return sc, kept
+
+# %% [markdown]
+# ## Outputs
+#
+# `scores.csv` has one row per (variable, lead, metric, system); `scores.json` holds the same numbers nested
+# as `scores[metric][model][variable][lead_h]` with the settings of the run. The scorecard prints model RMSE
+# and persistence RMSE side by side for the headline leads.
+
+# %%
+#| export
+HEADLINE = ("z500", "t850", "t2m", "u10", "v10", "msl")  # WB2 headline variables, plotted when present
+SCORECARD_LEADS = (6, 12, 24, 48, 120)  # hours
+
+
+def nested(rows) -> dict:
+    "`rows` as `{metric: {model: {variable: {lead_h: value}}}}`."
+    out = {}
+    for r in rows: out.setdefault(r["metric"], {}).setdefault(r["model"], {}).setdefault(r["variable"], {})[r["lead_h"]] = r["value"]
+    return out
+
+
+def write_scores(rows, out, meta: dict):
+    "Write `scores.csv` and `scores.json` into folder `out`."
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    lines = ["variable,lead_h,metric,model,value"] + [f"{r['variable']},{r['lead_h']},{r['metric']},{r['model']},{r['value']!r}" for r in rows]
+    (out / "scores.csv").write_text("\n".join(lines) + "\n")
+    (out / "scores.json").write_text(json.dumps({"meta": meta, "scores": nested(rows)}, indent=1))
+
+# %%
+#| export
+def scorecard(rows, variables, leads=SCORECARD_LEADS) -> str:
+    "Text table: rows variables, columns leads; each cell 'model RMSE / persistence RMSE', '*' where the model beats persistence."
+    r = nested(rows)["rmse"]
+    have = sorted({l for v in r["model"].values() for l in v})
+    leads = [l for l in leads if l in have] or have[:5]
+    head = f"{'variable':>10} " + " ".join(f"{str(l) + ' h':>20}" for l in leads)
+    lines, wins = [head], 0
+    for v in variables:
+        cells = []
+        for l in leads:
+            m, p = r["model"][v][l], r["persistence"][v][l]
+            wins += m < p
+            cells.append(f"{m:9.3g} / {p:<8.3g}{'*' if m < p else ' '}")
+        lines.append(f"{v:>10} " + " ".join(f"{c:>20}" for c in cells))
+    lines.append(f"RMSE model / persistence (physical units); * model better: {wins} of {len(variables) * len(leads)} cells")
+    return "\n".join(lines)
+
+# %%
+_rows = [dict(variable="z500", lead_h=l, metric="rmse", model=m, value=v)
+         for l in (6, 12) for m, v in (("model", 10.0 * l), ("persistence", 90.0))]
+_card = scorecard(_rows, ["z500"])
+test_eq(_card.splitlines()[1].split(), ["z500", "60", "/", "90", "*", "120", "/", "90"])
+test_eq(_card.splitlines()[-1].split(": ")[-1], "1 of 2 cells")
+test_eq(nested(_rows)["rmse"]["persistence"]["z500"][12], 90.0)
+
+# %% [markdown]
+# Plots (matplotlib, no display needed): RMSE and ACC against lead time for the headline variables, and
+# maps of forecast, truth and error at one lead.
+
+# %%
+#| export
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C0"), "climatology": (":", "0.4")}
+
+
+def plot_lead(rows, variables, metric: str, path):
+    "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`."
+    plt, r = _plt(), nested(rows)[metric]
+    n = len(variables); fig, axs = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    for ax, v in zip(axs[0], variables):
+        for model in sorted(r, key=lambda k: list(STYLES).index(k) if k in STYLES else 9):
+            d = r[model][v]
+            ax.plot(list(d), list(d.values()), STYLES.get(model, ("-", None))[0], color=STYLES.get(model, ("-", None))[1],
+                    marker=".", label=model)
+        ax.set_title(v); ax.set_xlabel("lead (h)"); ax.grid(alpha=.3)
+    axs[0][0].set_ylabel(metric.upper()); axs[0][0].legend(fontsize=7)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def plot_map(f, o, lat, lon, title: str, path):
+    "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`."
+    plt = _plt()
+    fig, axs = plt.subplots(1, 3, figsize=(13, 3.2))
+    ext, org = [lon[0], lon[-1], min(lat[0], lat[-1]), max(lat[0], lat[-1])], "lower" if lat[0] < lat[-1] else "upper"
+    lo, hi = float(min(f.min(), o.min())), float(max(f.max(), o.max()))
+    e = (f - o); m = float(e.abs().max()) or 1.0
+    for ax, a, t, kw in ((axs[0], f, "forecast", dict(vmin=lo, vmax=hi)), (axs[1], o, "truth", dict(vmin=lo, vmax=hi)),
+                         (axs[2], e, "forecast - truth", dict(vmin=-m, vmax=m, cmap="RdBu_r"))):
+        im = ax.imshow(a.numpy(), extent=ext, origin=org, aspect="auto", **kw)
+        ax.set_title(f"{title}: {t}", fontsize=9); ax.set_xlabel("longitude"); fig.colorbar(im, ax=ax)
+    axs[0].set_ylabel("latitude")
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+# %% [markdown]
+# ## Putting it together
+#
+# `evaluate` loads the checkpoint, opens its data (the path it was trained on, `'default'` for the generated
+# store, or another path with the same grid and channels), computes the climatology, forecasts `samples`
+# initial times spread evenly over the split out to `leads` steps (fewer if the split is shorter) and writes
+# everything into `out`. Data that do not fit the checkpoint's model raise an `EvalError` naming both.
+
+# %%
+#| export
+def data_path(ck: dict, data: str | None = None) -> str:
+    "The data to evaluate on: `data`, or the checkpoint's training data ('default': the generated store of its grid)."
+    p = data or (ck.get("train") or {}).get("data") or "default"
+    if p != "default": return str(p)
+    from jigsaw_ref.generator import default_dataset
+    cfg = MixerConfig(**ck["config"])
+    return str(default_dataset(grid=(cfg.n_lat, cfg.n_lon), verbose=True))
+
+
+def open_split(path, cfg: MixerConfig, split, steps: int, ckpt="") -> tuple[Era5Dataset, int]:
+    "The dataset of `split` with room for min(`steps`, what the split allows) leads, and that number of leads."
+    try:
+        ds = Era5Dataset(path, cfg, split, max_lead=1)
+        n = ds.i1 - ds.i0
+        steps = min(steps, (n - 1) // ds.stride)
+        if steps < 1: raise DataError(f"{path}: split {split!r} has {n} time step(s), too few for one lead of {cfg.dt_hours} h")
+        return (Era5Dataset(path, cfg, split, max_lead=steps, stats=ds.stats) if steps != 1 else ds), steps
+    except DataError as e:
+        raise EvalError(f"data {path} do not fit the model of checkpoint {ckpt} ({cfg.n_lat}x{cfg.n_lon} grid, "
+                        f"variables {list(cfg.variables)[:4]}..., statics {list(cfg.statics)}): {e}") from e
+
+# %%
+#| export
+def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
+             out=None,  # output folder (default: `eval/` beside the checkpoint)
+             leads: int = 20,  # autoregressive steps of `cfg.dt_hours` (fewer if the split is shorter)
+             samples: int = 0,  # initial times spread evenly over the split (0: all)
+             lat_weights_kind: str = "area",  # 'area' (WB2) or 'cos' (released code)
+             data=None,  # data path (default: the checkpoint's training data)
+             split="test",  # split to forecast; the climatology always comes from 'train'
+             batch: int = 8,  # initial times per forward pass
+             latent: bool = False,  # also score the latent rollout model(x0, k)
+             map_lead: int = 24,  # lead (h) of the maps (the nearest available)
+             device="cpu",
+             verbose=True) -> dict:
+    "Evaluate checkpoint `ckpt` on `split`; write scores, plots and the scorecard into `out`; return `{rows, meta, scorecard}`."
+    t_start = time.perf_counter()
+    model, ck = load_model(ckpt, device)
+    cfg = model.cfg
+    out = Path(out) if out else Path(ckpt).parent / "eval"
+    path = data_path(ck, data)
+    ds, steps = open_split(path, cfg, split, leads, ckpt)
+    if steps < leads and verbose: print(f"jigsaw-eval: split {split!r} allows {steps} leads of {cfg.dt_hours} h, not {leads}")
+    n = len(ds)
+    idx = np.unique(np.linspace(0, n - 1, min(samples, n) if samples > 0 else n).round().astype(int))
+    w = lat_weights(ds.lat, lat_weights_kind)
+    src = open_store(path)
+    clim = cached_climatology(src, cfg, path, "train")
+    sc, kept = score_forecasts(model, ds, src, clim, idx, steps, w, batch, latent, device)
+    rows = sc.rows()
+    meta = dict(checkpoint=str(ckpt), data=str(path), split=str(split), samples=len(idx), leads=steps,
+                dt_hours=cfg.dt_hours, lat_weights=lat_weights_kind, climatology="per-pixel time mean of the training split",
+                step=ck.get("step"), init_times=[str(ds.times[i]) for i in idx[:3]] + (["..."] if len(idx) > 3 else []),
+                seconds=round(time.perf_counter() - t_start, 2))
+    write_scores(rows, out, meta)
+    heads = [v for v in HEADLINE if v in cfg.variables] or list(cfg.variables[:4])
+    plot_lead(rows, heads, "rmse", out / "rmse_vs_lead.png")
+    plot_lead(rows, heads, "acc", out / "acc_vs_lead.png")
+    mv = "z500" if "z500" in cfg.variables else cfg.variables[0]
+    ml = min(kept, key=lambda l: (abs(l - map_lead), l))
+    f, o = kept[ml]; c = cfg.variables.index(mv)
+    plot_map(f[c], o[c], ds.lat, ds.lon, f"{mv} +{ml} h", out / f"map_{mv}_{ml}h.png")
+    card = scorecard(rows, list(cfg.variables))
+    (out / "scorecard.txt").write_text(card + "\n")
+    if verbose:
+        print(f"jigsaw-eval: {ckpt} (step {ck.get('step')}) on {path} [{split}], {len(idx)} initial times, "
+              f"{steps} leads, {lat_weights_kind} latitude weights, {meta['seconds']} s")
+        print(card); print(f"wrote {out}/scores.csv, scores.json, scorecard.txt and plots")
+    return dict(rows=rows, meta=meta, scorecard=card)
+
+# %% [markdown]
+# ## The command line
+#
+# `jigsaw-eval CHECKPOINT [--out DIR] [--leads 20] [--samples N] [--lat-weights area|cos]` (the console script
+# calls `main`). Errors about the checkpoint or the data print one line and exit with status 2.
+
+# %%
+#| export
+def main(argv=None) -> int:
+    "Entry point of `jigsaw-eval`."
+    ap = argparse.ArgumentParser("jigsaw-eval", description="Score a jigsaw_ref checkpoint (one process) against "
+                                 "persistence and climatology with WeatherBench2 metrics.")
+    ap.add_argument("checkpoint", help="a checkpoint written by jigsaw-train (e.g. runs/latest/final.ckpt)")
+    ap.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
+    ap.add_argument("--leads", type=int, default=20, help="autoregressive 6-h steps (default 20 = 5 days)")
+    ap.add_argument("--samples", type=int, default=0, help="initial times, spread evenly over the split (0: all)")
+    ap.add_argument("--lat-weights", choices=("area", "cos"), default="area", help="area: WeatherBench2 (default); cos: released code")
+    ap.add_argument("--data", default=None, help="data path (default: the checkpoint's training data)")
+    ap.add_argument("--split", default="test", help="'test' (default), 'val' or 'train'")
+    ap.add_argument("--batch", type=int, default=8, help="initial times per forward pass")
+    ap.add_argument("--latent", action="store_true", help="also score the latent rollout model(x0, k)")
+    ap.add_argument("--map-lead", type=int, default=24, help="lead (h) of the z500 maps")
+    ap.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    a = ap.parse_args(argv)
+    if a.leads < 1 or a.samples < 0 or a.batch < 1: ap.error("--leads and --batch must be >= 1, --samples >= 0")
+    try:
+        evaluate(a.checkpoint, a.out, a.leads, a.samples, a.lat_weights, a.data, a.split, a.batch, a.latent, a.map_lead, a.device)
+    except (EvalError, CheckpointError, DataError) as e:
+        print(f"jigsaw-eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+# %% [markdown]
+# End to end on the small store with an untrained model (a checkpoint in the trainer's format): the files
+# are written, every score is finite, persistence scores 0 error at no lead but grows, and data on another
+# grid are refused with a message that names both.
+
+# %%
+_d = Path(_tmp.name)
+save_checkpoint(_d / "m.ckpt", {"format": "jigsaw_ref/1", "config": asdict(_cfg), "step": 0,
+                                "params": {n: t.detach().clone() for n, t in _m.state().items()},
+                                "train": asdict(TrainConfig(model="tiny", data=str(_path)))})
+test_eq(main([str(_d / "m.ckpt"), "--out", str(_d / "ev"), "--leads", "3", "--samples", "3"]), 0)
+test_eq(sorted(p.name for p in (_d / "ev").iterdir()),
+        ["acc_vs_lead.png", "map_z500_18h.png", "rmse_vs_lead.png", "scorecard.txt", "scores.csv", "scores.json"])
+_res = json.loads((_d / "ev" / "scores.json").read_text())
+test_eq(len((_d / "ev" / "scores.csv").read_text().splitlines()), 1 + 3 * 3 * 3 * 19)
+assert all(math.isfinite(v) for r in _res["scores"].values() for m in r.values() for d in m.values() for v in d.values())
+_pz = _res["scores"]["rmse"]["persistence"]["z500"]
+assert 0 < _pz["6"] < _pz["18"], _pz
+
+# %%
+_other = default_dataset(_d / "w.zarr", grid=(8, 32), days=(2, 1, 1), spinup=2, verbose=False)
+test_fail(lambda: evaluate(_d / "m.ckpt", _d / "ev2", data=str(_other), verbose=False), contains="8 latitude rows but cfg.n_lat=16")
+test_fail(lambda: evaluate(_d / "nope.ckpt", verbose=False), contains="no such checkpoint file")
+
+# %%
+_tmp.cleanup()

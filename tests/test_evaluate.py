@@ -1,0 +1,211 @@
+"""Evaluation: WB2 metrics against brute force, baselines' known values, and a trained checkpoint scored end to end."""
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jigsaw_ref.comm import Group
+from jigsaw_ref.config import preset
+from jigsaw_ref.data import Era5Dataset, denormalize, open_store
+from jigsaw_ref.evaluate import (EvalError, Scores, acc, bias, cached_climatology, climatology, evaluate, lat_weights, load_model, main,
+                                 rmse, rollout, score_forecasts, spatial_acc)
+from jigsaw_ref.generator import default_dataset
+from jigsaw_ref.mixer import WeatherMixer
+from jigsaw_ref.train import TrainConfig, Trainer, save_checkpoint
+
+LAT = torch.tensor([-78.75, -56.25, -33.75, -11.25, 11.25, 33.75, 56.25, 78.75], dtype=torch.float64)
+
+
+def fields(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+# ---------------------------------------------------------------- metrics
+
+@pytest.mark.parametrize("kind", ["area", "cos"])
+def test_metrics_equal_brute_force_loops(kind):
+    f, o, c = fields(4, 3, 8, 5)
+    c = c[0]
+    w = lat_weights(LAT, kind)
+    T, V, I, J = f.shape
+    ft, wt = (f, o, c, w), w
+    f, o, c, w = (a.numpy() for a in ft)  # numpy float64 scalars in the loops
+    for v in range(V):
+        mse_t = [sum(w[i] * (f[t, v, i, j] - o[t, v, i, j]) ** 2 for i in range(I) for j in range(J)) / (I * J) for t in range(T)]
+        b_t = [sum(w[i] * (f[t, v, i, j] - o[t, v, i, j]) for i in range(I) for j in range(J)) / (I * J) for t in range(T)]
+        acc_t = []
+        for t in range(T):
+            num = sum(w[i] * (f[t, v, i, j] - c[v, i, j]) * (o[t, v, i, j] - c[v, i, j]) for i in range(I) for j in range(J))
+            ff = sum(w[i] * (f[t, v, i, j] - c[v, i, j]) ** 2 for i in range(I) for j in range(J))
+            oo = sum(w[i] * (o[t, v, i, j] - c[v, i, j]) ** 2 for i in range(I) for j in range(J))
+            acc_t.append(num / math.sqrt(ff * oo))
+        f_, o_, c_ = ft[:3]
+        assert rmse(f_, o_, wt)[v].item() == pytest.approx(math.sqrt(sum(mse_t) / T), rel=1e-12)
+        assert bias(f_, o_, wt)[v].item() == pytest.approx(sum(b_t) / T, rel=1e-12, abs=1e-14)
+        assert acc(f_, o_, c_, wt)[v].item() == pytest.approx(sum(acc_t) / T, rel=1e-12)
+
+
+def test_rmse_takes_the_square_root_after_the_time_mean():
+    o = torch.zeros(2, 1, 8, 4, dtype=torch.float64)
+    f = o.clone(); f[0] = 1; f[1] = 7  # per-time MSE 1 and 49: sqrt(25) = 5, not (1 + 7) / 2 = 4
+    assert rmse(f, o, lat_weights(LAT))[0].item() == pytest.approx(5.0)
+
+
+def test_latitude_weights_make_polar_rows_count_less():
+    o = torch.zeros(1, 1, 8, 4, dtype=torch.float64)
+    polar, tropical = o.clone(), o.clone()
+    polar[..., 0, :] = 1; tropical[..., 4, :] = 1
+    w = lat_weights(LAT)
+    assert rmse(polar, o, w) < rmse(tropical, o, w)
+    assert rmse(tropical, o, torch.ones(8, dtype=torch.float64)) == rmse(polar, o, torch.ones(8, dtype=torch.float64))
+
+
+def test_baselines_have_their_known_scores():
+    _, o, c = fields(6, 2, 8, 5)
+    c = c[0]
+    w = lat_weights(LAT)
+    # persistence at lead 0 is the truth itself
+    assert torch.equal(rmse(o, o, w), torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(acc(o, o, c, w), torch.ones(2, dtype=torch.float64))
+    assert torch.equal(bias(o, o, w), torch.zeros(2, dtype=torch.float64))
+    # climatology: no anomaly, ACC 0 by convention (not NaN); its RMSE is the RMS anomaly of the truth
+    clim = c.expand_as(o)
+    assert torch.equal(acc(clim, o, c, w), torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(rmse(clim, o, w), ((o - c).square() * w[:, None]).mean((0, 2, 3)).sqrt())
+
+
+def test_acc_ignores_anomaly_amplitude_and_is_near_zero_for_unrelated_anomalies():
+    a, b, c = fields(400, 1, 8, 16, seed=3)
+    c = c[0]
+    f, o = c + a, c + b  # independent anomalies about c
+    w = lat_weights(LAT)
+    assert torch.allclose(acc(c + 3 * (f - c), o, c, w), acc(f, o, c, w))
+    assert torch.allclose(acc(c - (o - c), o, c, w), -torch.ones(1, dtype=torch.float64))
+    assert abs(acc(f, o, c, w).item()) < 0.03  # 400 independent per-time ACCs of 128 points: std ~ 0.09 / 20
+    assert torch.isfinite(spatial_acc(c.expand_as(o), o, c, w)).all()
+
+
+def test_scores_accumulated_in_batches_equal_the_whole_array_metrics():
+    f, o, c = fields(7, 2, 8, 5, seed=1)
+    c = c[0]
+    w = lat_weights(LAT, "cos")
+    s = Scores(["a", "b"], w)
+    for sl in (slice(0, 3), slice(3, 4), slice(4, 7)):
+        s.add("m", 12, f[sl], o[sl], c)
+    got = {(r["metric"], r["variable"]): r["value"] for r in s.rows()}
+    for name, ref in (("rmse", rmse(f, o, w)), ("bias", bias(f, o, w)), ("acc", acc(f, o, c, w))):
+        assert [got[name, "a"], got[name, "b"]] == pytest.approx(ref.tolist(), rel=1e-12, abs=1e-15)
+
+
+# ---------------------------------------------------------------- forecasts on data
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    "Tiny grid, 4 days train, 1 val, 3 test: 12 test times."
+    return default_dataset(tmp_path_factory.mktemp("ev") / "t.zarr", grid="tiny", days=(4, 1, 3), spinup=20, verbose=False)
+
+
+def test_scored_forecasts_equal_a_rollout_built_from_dataset_samples(store):
+    "score_forecasts (batched reads, one-shot normalisation) against samples from Era5Dataset.get and a plain loop."
+    cfg = preset("tiny")
+    ds = Era5Dataset(store, cfg, "test", max_lead=3)
+    m = WeatherMixer(cfg, seed=1).eval()
+    src = open_store(store)
+    clim = climatology(src, cfg, "train", store)
+    w = lat_weights(ds.lat)
+    idx = [0, 2, 5]
+    sc, kept = score_forecasts(m, ds, src, clim, idx, 3, w, batch=2, latent=True)
+    got = {(r["model"], r["metric"], r["lead_h"], r["variable"]): r["value"] for r in sc.rows()}
+    V = cfg.n_vars
+    x = torch.stack([ds.get(i, 1)[0] for i in idx])
+    x0 = denormalize(x[:, :V].double(), cfg.variables, ds.stats)
+    preds = list(rollout(m, x, 3))
+    for k in (1, 2, 3):
+        o = torch.stack([denormalize(ds.get(i, k)[1].double(), cfg.variables, ds.stats) for i in idx])
+        f = denormalize(preds[k - 1].double(), cfg.variables, ds.stats)
+        for model, fc in (("model", f), ("persistence", x0), ("climatology", clim.expand_as(o))):
+            for name, ref in (("rmse", rmse(fc, o, w)), ("acc", acc(fc, o, clim, w)), ("bias", bias(fc, o, w))):
+                for c, v in enumerate(cfg.variables):  # the reference went through float32 z-scores: ~1e-7 of the field
+                    tol = 1e-4 if name == "acc" else 2e-7 * o[:, c].abs().max().item()
+                    assert got[model, name, 6 * k, v] == pytest.approx(ref[c].item(), rel=1e-4, abs=tol), (model, name, k, v)
+    # latent rollout with k = 1 is the same call as the first autoregressive step; later leads differ
+    assert got["latent", "rmse", 6, "z500"] == pytest.approx(got["model", "rmse", 6, "z500"], rel=1e-6)
+    assert got["latent", "rmse", 18, "z500"] != pytest.approx(got["model", "rmse", 18, "z500"], rel=1e-6)
+    assert sorted(kept) == [6, 12, 18] and kept[6][0].shape == (V, 16, 32)
+
+
+def test_climatology_is_the_training_mean(store):
+    cfg = preset("tiny")
+    ds = Era5Dataset(store, cfg, "train", max_lead=1)
+    full = torch.stack([denormalize(ds.get(i, 1)[0][:cfg.n_vars].double(), cfg.variables, ds.stats) for i in range(len(ds))]
+                       + [denormalize(ds.get(len(ds) - 1, 1)[1].double(), cfg.variables, ds.stats)])
+    assert torch.allclose(climatology(open_store(store), cfg, "train", store, chunk=3), full.mean(0), rtol=1e-5)
+
+    # the cache beside the data: a file with another key (or garbage) is recomputed, never trusted
+    f = Path(str(store) + ".clim.npz")
+    np.savez(f, clim=np.zeros((cfg.n_vars, 16, 32)), key=np.array("another key"))
+    assert torch.allclose(cached_climatology(open_store(store), cfg, store), full.mean(0), rtol=1e-5)
+    f.write_bytes(b"garbage")
+    assert torch.allclose(cached_climatology(open_store(store), cfg, store), full.mean(0), rtol=1e-5)
+
+
+def test_a_checkpoint_for_another_grid_or_no_checkpoint_gives_a_clear_error(store, tmp_path, capsys):
+    cfg = preset("tiny", n_lat=8)
+    m = WeatherMixer(cfg)
+    ck = tmp_path / "m.ckpt"
+    save_checkpoint(ck, {"format": "jigsaw_ref/1", "config": asdict(cfg), "params": {n: t.detach() for n, t in m.state().items()},
+                         "train": asdict(TrainConfig(model="tiny", data=str(store)))})
+    with pytest.raises(EvalError, match="16 latitude rows but cfg.n_lat=8"):
+        evaluate(ck, tmp_path / "ev", verbose=False)
+    assert main([str(ck), "--out", str(tmp_path / "ev")]) == 2
+    assert "jigsaw-eval: error:" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.ckpt")]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+    bad = tmp_path / "bad.ckpt"
+    save_checkpoint(bad, {"config": asdict(preset("tiny")), "params": {"enc.w": torch.zeros(1)}})
+    with pytest.raises(EvalError, match="parameters do not match its config"):
+        load_model(bad)
+
+
+# ---------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    "The `tiny` preset trained for a few steps in this process on the default data (1-way, groups of one)."
+    out = tmp_path_factory.mktemp("run")
+    tc = TrainConfig(model="tiny", max_steps=6, out=str(out), progress=False, lr=1e-3, lr_encdec=1e-3, warmup_steps=0,
+                     val_batches=1)
+    t = Trainer(tc, groups={k: Group() for k in ("world", "model", "tensor", "domain", "dp")})
+    t.fit()
+    return out / "final.ckpt", t
+
+
+def test_a_trained_checkpoint_is_evaluated_end_to_end(trained, tmp_path, capsys):
+    ck, t = trained
+    model, payload = load_model(ck)
+    for n, p in t.model.state().items():  # the one-process model holds exactly the trained parameters
+        assert torch.equal(model.state()[n].detach(), p.detach().cpu().float()), n
+    out = tmp_path / "eval"
+    assert main([str(ck), "--out", str(out), "--samples", "4", "--leads", "20", "--lat-weights", "cos"]) == 0
+    printed = capsys.readouterr().out
+    assert "120 h" in printed and "z500" in printed and "model better" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"scores.csv", "scores.json", "scorecard.txt", "rmse_vs_lead.png", "acc_vs_lead.png", "map_z500_24h.png"} <= names
+    lines = (out / "scores.csv").read_text().splitlines()
+    assert lines[0] == "variable,lead_h,metric,model,value"
+    cfg = model.cfg
+    assert len(lines) - 1 == 3 * 20 * 3 * cfg.n_vars  # systems x leads x metrics x variables
+    res = json.loads((out / "scores.json").read_text())
+    assert res["meta"]["samples"] == 4 and res["meta"]["leads"] == 20 and res["meta"]["lat_weights"] == "cos"
+    vals = [float(l.rsplit(",", 1)[1]) for l in lines[1:]]
+    assert all(math.isfinite(v) for v in vals)
+    r = res["scores"]["rmse"]
+    pz = r["persistence"]["z500"]
+    assert 0 < pz["6"] < pz["48"] and pz["6"] < r["climatology"]["z500"]["6"]
+    assert all(-1 <= v <= 1 for d in res["scores"]["acc"].values() for x in d.values() for v in x.values())
+    assert set(res["scores"]["acc"]["climatology"]["t850"].values()) == {0.0}

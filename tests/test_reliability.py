@@ -1,0 +1,398 @@
+"""Reliability: a fault on any rank ends the whole job quickly with the rank and the error in stderr, no checkpoint
+is ever lost or left half-written, non-finite losses stop (or skip) cleanly, and every bad input is refused with a
+message that names the problem, on every rank, without a hang.
+
+Faults are injected with `JIGSAW_FAULT` (see `train.fault_point`); every launch runs under a subprocess timeout,
+which is the hang detector. Steps are counted as the trainer counts them: `fault@R:S` fires in the step that starts
+from the state of checkpoint `stepS` (which therefore exists), and `checkpoint@0:S` while writing `stepS`."""
+import hashlib
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from jigsaw_ref.comm import Group
+from jigsaw_ref.config import ConfigError, preset
+from jigsaw_ref.data import DataError, Era5Dataset
+from jigsaw_ref.generator import default_dataset
+from jigsaw_ref.train import (MAGIC, CheckpointError, Trainer, TrainConfig, check_settings,
+                              load_checkpoint, parse_args, save_checkpoint)
+from test_mpi import ROOT, mpiexec
+
+ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # noqa: E731
+TINY = ["--model", "tiny", "--progress", "false", "--val-batches", "1"]
+FAULT_TO_EXIT_S = 30  # a fault must end the whole job within this many seconds
+HANG_S = 150  # a launch that takes longer than this is a hang (start-up of 4 ranks on 2 shared cores included)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    err: str
+    wall: float  # seconds from launch to exit
+    t_exit: float  # time.time() at exit
+    t_first_error: float | None  # time.time() when the first `[jigsaw_ref rank R]` line reached us
+
+    @property
+    def text(self): return self.out + self.err
+
+
+def launch(n, args, fault=None, timeout=HANG_S) -> Run:
+    "Run `python -m jigsaw_ref.train ARGS` on `n` ranks (no mpiexec for 1); fail the test if it hangs."
+    cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.train", *map(str, args)]
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("JIGSAW_FAULT", None)
+    if fault: env["JIGSAW_FAULT"] = fault
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # own process group: a hang is killed whole
+    got, first = {"out": [], "err": []}, []
+
+    def pump(stream, key):
+        for line in stream:
+            if "[jigsaw_ref rank" in line and not first: first.append(time.time())
+            got[key].append(line)
+    th = [threading.Thread(target=pump, args=(p.stdout, "out"), daemon=True),
+          threading.Thread(target=pump, args=(p.stderr, "err"), daemon=True)]
+    for t in th: t.start()
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+        for t in th: t.join(5)
+        pytest.fail(f"HANG: {' '.join(cmd[-12:])} (JIGSAW_FAULT={fault}) still running after {timeout} s\n"
+                    f"{''.join(got['err'])[-3000:]}")
+    t_exit, wall = time.time(), time.monotonic() - t0
+    for t in th: t.join(10)
+    return Run(rc, "".join(got["out"]), "".join(got["err"]), wall, t_exit, first[0] if first else None)
+
+
+def temp_files(out: Path):
+    return sorted(p.name for p in out.iterdir() if ".tmp-" in p.name) if out.exists() else []
+
+
+def checkpoints(out: Path) -> dict[str, dict]:
+    "Every `*.ckpt` in `out`, loaded and verified (a partial or corrupted one raises)."
+    return {p.name: load_checkpoint(p) for p in sorted(out.glob("*.ckpt"))}
+
+
+def error_ranks(err: str, kind: str, text: str) -> set[int]:
+    """Ranks that printed `[jigsaw_ref rank R] KIND: TEXT...`. An error raised on every rank at once (settings, data,
+    checkpoint: `train.agree`) is printed by each rank that gets there before the first `MPI_Abort` ends the job,
+    so at least one, not necessarily all (see the report: a short grace period in the abort hook would make it all)."""
+    return {int(r) for r in re.findall(rf"\[jigsaw_ref rank (\d+)\] {kind}: {re.escape(text)}", err)}
+
+
+def step_names(steps):
+    return [f"step{s:07d}.ckpt" for s in steps]
+
+
+# ------------------------------------------------------------------------------------ a fault on one rank
+
+FAULTS = [  # (ranks, way, JIGSAW_FAULT): one non-zero rank for compute/data faults, rank 0 (the writer) for checkpoints
+    (2, "2", "forward@1:2"), (2, "2", "backward@1:1"), (2, "2", "data@1:0"), (2, "2", "checkpoint@0:2"),
+    (4, "4", "forward@3:1"), (4, "4", "backward@2:2"), (4, "4", "data@1:1"),  # rank 0 at 4-way: the SIGKILL test
+]
+
+
+@pytest.mark.parametrize("n,way,fault", FAULTS, ids=[f"{n}way-{f}" for n, _, f in FAULTS])
+def test_a_fault_on_one_rank_ends_the_job_quickly_and_loses_no_checkpoint(tmp_path, n, way, fault):
+    what, at = fault.split("@")
+    rank, step = map(int, at.split(":"))
+    r = launch(n, [*TINY, "--way", way, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path], fault=fault)
+    assert r.rc != 0, r.text[-2000:]
+    assert f"[jigsaw_ref rank {rank}] RuntimeError: injected fault at {what} on rank {rank}, step {step}" in r.err, r.text[-3000:]
+    assert r.t_first_error is not None and r.t_exit - r.t_first_error < FAULT_TO_EXIT_S, \
+        f"the job took {r.t_exit - r.t_first_error:.1f} s to end after the fault"
+    # no checkpoint lost, none partial: exactly the steps completed before the fault, each verifies
+    done = range(1, step) if what == "checkpoint" else range(1, step + 1)
+    ck = checkpoints(tmp_path)
+    assert sorted(ck) == step_names(done), sorted(ck)
+    assert all(ck[name]["step"] == s for name, s in zip(step_names(done), done))
+    if what != "checkpoint":  # an exception inside save_checkpoint: see test_failed_checkpoint_write_removes_its_temp_file
+        assert temp_files(tmp_path) == []
+
+
+def _raise_in_checkpoint_write(monkeypatch, tmp_path):
+    monkeypatch.setenv("JIGSAW_FAULT", "checkpoint@0:7")
+    save_checkpoint(tmp_path / "step0000006.ckpt", {"step": 6, "x": torch.ones(3)})  # not the faulty step: written
+    with pytest.raises(RuntimeError, match="injected fault at checkpoint"):
+        save_checkpoint(tmp_path / "step0000007.ckpt", {"step": 7, "x": torch.ones(1000)})
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(monkeypatch, tmp_path):
+    _raise_in_checkpoint_write(monkeypatch, tmp_path)
+    assert sorted(checkpoints(tmp_path)) == ["step0000006.ckpt"]
+
+
+def test_failed_checkpoint_write_removes_its_temp_file(monkeypatch, tmp_path):
+    _raise_in_checkpoint_write(monkeypatch, tmp_path)
+    assert temp_files(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ SIGKILL mid-write, resume
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_sigkill_during_a_checkpoint_write_keeps_the_last_good_one_and_resume_auto_uses_it(tmp_path, n):
+    r = launch(n, [*TINY, "--way", n, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path], fault="kill-checkpoint@0:2")
+    assert r.rc != 0 and "Killed (signal 9)" in r.text, r.text[-3000:]
+    tmp = temp_files(tmp_path)
+    assert len(tmp) <= 1, tmp
+    if tmp:  # the half-written file: the job ended within the limit of its last write, and it is no checkpoint
+        assert r.t_exit - (tmp_path / tmp[0]).stat().st_mtime < FAULT_TO_EXIT_S
+        assert not tmp[0].endswith(".ckpt")
+        with pytest.raises(CheckpointError, match="checksum mismatch"):
+            load_checkpoint(tmp_path / tmp[0])
+    ck = checkpoints(tmp_path)
+    assert sorted(ck) == step_names([1]) and ck["step0000001.ckpt"]["step"] == 1
+    before = (tmp_path / "step0000001.ckpt").read_bytes()
+    if n == 4: return  # resuming is the same code whatever killed the run: once is enough
+    r = launch(n, [*TINY, "--way", n, "--max-steps", 3, "--ckpt-every", 1, "--out", tmp_path, "--resume", "auto"])
+    assert r.rc == 0, r.text[-3000:]
+    ck = checkpoints(tmp_path)
+    assert sorted(ck) == ["final.ckpt", *step_names([1, 2, 3])]
+    assert ck["final.ckpt"]["step"] == 3 and [h["step"] for h in ck["final.ckpt"]["history"]] == [1, 2, 3]
+    assert ck["final.ckpt"]["history"][0] == load_checkpoint(tmp_path / "step0000001.ckpt")["history"][0]
+    assert (tmp_path / "step0000001.ckpt").read_bytes() == before  # resuming never rewrites the checkpoint it read
+
+
+# ---------------------------------------------------------------------------------------- non-finite loss
+
+DIVERGE = ["--lr", "1e6", "--lr-encdec", "1e6", "--clip", "0", "--warmup-steps", "0"]  # NaN/inf from the 2nd step on
+
+
+def test_a_non_finite_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path, *DIVERGE])
+    assert r.rc != 0
+    found = re.findall(r"\[jigsaw_ref rank (\d)\] NonFiniteError: non-finite loss or gradient at step (\d+) .* on rank (\d)", r.err)
+    assert found and all(a == b for a, _, b in found), r.err[-3000:]
+    step = int(found[0][1])
+    assert all(int(s) == step for _, s, _ in found) and "the last checkpoint is intact" in r.err
+    ck = checkpoints(tmp_path)  # every checkpoint verifies; the newest is the state the failing step started from
+    assert sorted(ck) == step_names(range(1, step + 1)), sorted(ck)
+    assert all(torch.isfinite(t).all() for t in ck[step_names([step])[0]]["params"].values())
+    assert temp_files(tmp_path) == []
+
+
+def test_nonfinite_skip_continues_and_records_the_skipped_steps(tmp_path):
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--out", tmp_path, "--nonfinite", "skip", *DIVERGE])
+    assert r.rc == 0, r.text[-3000:]
+    lines = (tmp_path / "metrics.csv").read_text().split()
+    col = lines[0].split(",").index("skipped")
+    skipped = [int(l.split(",")[col]) for l in lines[1:]]
+    assert len(skipped) == 4 and skipped[0] == 0 and sum(skipped) >= 1, skipped
+    ck = load_checkpoint(tmp_path / "final.ckpt")
+    assert [h["skipped"] for h in ck["history"]] == skipped
+    assert all(torch.isfinite(t).all() for t in ck["params"].values())  # a skipped step never touches the weights
+
+
+# ------------------------------------------------------------------ corrupted / truncated / other checkpoints
+
+@pytest.fixture(scope="module")
+def good_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    t = Trainer(TrainConfig(model="tiny", max_steps=1, progress=False, val_batches=1, out=str(d)), groups=ONE())
+    t.fit()
+    return d / "final.ckpt"
+
+
+def _rewrite(payload) -> bytes:
+    buf = io.BytesIO(); torch.save(payload, buf); data = buf.getvalue()
+    return MAGIC + hashlib.sha256(data).hexdigest().encode() + data
+
+
+def _flip(raw, i):
+    raw = bytearray(raw); raw[i] ^= 0x40; return bytes(raw)
+
+
+BAD_CKPTS = {  # name: (bytes of the file from the good one, expected message)
+    "payload byte flipped": (lambda g: _flip(g, len(g) // 2), "checksum mismatch: the file is corrupted or truncated"),
+    "last byte flipped": (lambda g: _flip(g, -1), "checksum mismatch"),
+    "checksum byte flipped": (lambda g: _flip(g, 20), "checksum mismatch"),
+    "magic byte flipped": (lambda g: _flip(g, 0), r"not a jigsaw_ref checkpoint \(bad header"),
+    "truncated to half": (lambda g: g[: len(g) // 2], "checksum mismatch"),
+    "truncated to 50 bytes": (lambda g: g[:50], "bad header"),
+    "empty file": (lambda g: b"", "bad header"),
+    "garbage": (lambda g: np.random.default_rng(0).bytes(4096), "bad header"),
+    "plain torch.save file": (lambda g: g[72:], "bad header"),
+    "other preset (small)": (lambda g: _rewrite({**_load(g), "config": asdict(preset("small"))}),
+                             "written for another model"),
+    "other shape (hidden=16)": (lambda g: _rewrite({**_load(g), "config": asdict(preset("tiny", hidden=16))}),
+                                r"written for another model .*'hidden': \(16, 32\)"),
+    "other format version": (lambda g: _rewrite({**_load(g), "format": "jigsaw_ref/0"}), "format 'jigsaw_ref/0' is not"),
+}
+GAPS = {  # checksum-valid files whose payload is not a checkpoint: today a raw UnpicklingError / AttributeError / KeyError
+    "valid checksum, payload not a torch file": lambda g: MAGIC + hashlib.sha256(b"junk").hexdigest().encode() + b"junk",
+    "valid checksum, payload a list": lambda g: _rewrite([1, 2]),
+    "valid checksum, payload lacks keys": lambda g: _rewrite({"format": "jigsaw_ref/1"}),
+}
+
+
+def _load(raw): return torch.load(io.BytesIO(raw[72:]), weights_only=False)
+
+
+def _resume_1way(path, out):
+    Trainer(TrainConfig(model="tiny", max_steps=1, progress=False, out=str(out), resume=str(path)), groups=ONE())
+
+
+@pytest.mark.parametrize("case", list(BAD_CKPTS))
+def test_resume_refuses_a_bad_checkpoint_clearly(good_ckpt, tmp_path, case):
+    make, msg = BAD_CKPTS[case]
+    bad = tmp_path / "bad.ckpt"; bad.write_bytes(make(good_ckpt.read_bytes()))
+    with pytest.raises(CheckpointError, match=msg) as e:
+        _resume_1way(bad, tmp_path)
+    assert str(bad) in str(e.value)  # the message names the file
+
+
+@pytest.mark.parametrize("case", list(GAPS))
+def test_resume_refuses_a_checksum_valid_non_checkpoint_clearly(good_ckpt, tmp_path, case):
+    bad = tmp_path / "bad.ckpt"; bad.write_bytes(GAPS[case](good_ckpt.read_bytes()))
+    with pytest.raises(CheckpointError, match=re.escape(str(bad))):
+        _resume_1way(bad, tmp_path)
+
+
+def test_a_missing_or_directory_checkpoint_is_refused(tmp_path):
+    for p, msg in ((tmp_path / "nope.ckpt", "no such checkpoint file"), (tmp_path, "no such checkpoint file")):
+        with pytest.raises(CheckpointError, match=msg): _resume_1way(p, tmp_path / "o")
+    with pytest.raises(CheckpointError, match="--resume auto: no step"):
+        Trainer(TrainConfig(model="tiny", progress=False, out=str(tmp_path), resume="auto"), groups=ONE())
+
+
+@pytest.mark.parametrize("case", ["payload byte flipped", "other preset (small)"])
+def test_a_bad_checkpoint_fails_on_every_rank_without_a_hang(good_ckpt, tmp_path, case):
+    make, msg = BAD_CKPTS[case]
+    bad = tmp_path / "bad.ckpt"; bad.write_bytes(make(good_ckpt.read_bytes()))
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path / "o", "--resume", bad], timeout=HANG_S)
+    assert r.rc != 0
+    assert error_ranks(r.err, "CheckpointError", str(bad)) and re.search(msg, r.err), r.err[-3000:]
+    assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+BAD_SETTINGS = [  # (TrainConfig fields, world size, expected message): settings are checked before any collective
+    (dict(model_overrides=("patch=7",)), 1, "n_lon=32 is not divisible by patch=7"),
+    (dict(model_overrides=("rollout=[2,1]",)), 1, "rollout=(2, 1): must be (k_min, k_max)"),
+    (dict(model_overrides=("dropout=1.5",)), 1, "dropout=1.5: must be in [0, 1)"),
+    (dict(model_overrides=("hidden=0",)), 1, "hidden=0: must be a positive integer"),
+    (dict(model_overrides=("hidden=abc",)), 1, "hidden='abc': must be a positive integer"),
+    (dict(model_overrides=("widht=3",)), 1, "MixerConfig has no field 'widht'"),
+    (dict(model_overrides=("hidden",)), 1, "expected FIELD=VALUE"),
+    (dict(model_overrides=("variables=msl,msl",)), 1, "a channel is listed twice"),
+    (dict(model_overrides=("res_inputs=foo",)), 1, "res_inputs='foo': choose 'dynamic' or 'all'"),
+    (dict(model="huge"), 1, "unknown preset 'huge'"),
+    (dict(way="3"), 3, "way='3': choose 1, 2, 4 or a 'PxQ'"),
+    (dict(way="4"), 2, "world size 2 is not a multiple of the model group size 2x2=4"),
+    (dict(way="4"), 6, "world size 6 is not a multiple of the model group size 2x2=4"),
+    (dict(way="2x1"), 3, "world size 3 is not a multiple of the model group size 2x1=2"),
+    (dict(way="16x1"), 16, "8 longitude patches cannot be split over 16 domain shards"),
+    (dict(way="1x32"), 32, "22 input channels cannot be split 32 ways"),
+    (dict(algo="ring"), 1, "algo='ring' is not valid"),
+    (dict(nonfinite="ignore"), 1, "nonfinite='ignore' is not valid"),
+    (dict(batch=0), 1, "batch=0 is not valid"),
+    (dict(epochs=0), 1, "epochs=0 is not valid"),
+    (dict(dtype="float16"), 1, "dtype='float16' is not valid"),
+    (dict(precision="bf16"), 1, "precision='bf16' is for GPUs"),
+    (dict(backend="nccl"), 1, "backend='nccl' is not valid"),
+]
+SETTINGS_GAPS = [  # once accepted silently or refused with a raw Python error; now each a ConfigError
+    (dict(model_overrides=("f_s=abc",)), 1, "f_s"),  # ValueError: could not convert string to float
+    (dict(model_overrides=("dt_hours=0",)), 1, "dt_hours"),  # accepted: stride 0 trains x -> x
+    (dict(way="2x"), 2, "way='2x'"),  # ValueError: invalid literal for int()
+    (dict(way="2x0"), 2, "way='2x0'"),  # ZeroDivisionError
+    (dict(way="2x2x2"), 8, "way='2x2x2'"),  # ValueError: too many values to unpack
+    (dict(way="-1"), 1, "way='-1'"),  # ValueError: not enough values to unpack
+    (dict(max_steps=-1), 1, "max_steps"),  # accepted: trains nothing, then main() dies on hist[-1] (IndexError)
+    (dict(clip=-1.0), 1, "clip"),  # accepted: clip_grads scales by a negative factor: gradient ASCENT
+    (dict(lr=-1e-3), 1, "lr"),  # accepted here; torch.optim.Adam refuses it later with a raw ValueError
+    (dict(ckpt_every=-1), 1, "ckpt_every"),  # accepted: checkpoints every step (step % -1 == 0)
+]
+
+
+@pytest.mark.parametrize("kw,world,msg", BAD_SETTINGS, ids=[str(c[2])[:40] for c in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_collective(kw, world, msg):
+    with pytest.raises(ConfigError) as e:
+        check_settings(TrainConfig(**{"model": "tiny", **kw}), world)
+    assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("kw,world,msg", SETTINGS_GAPS, ids=[str(c[0])[5:40] for c in SETTINGS_GAPS])
+def test_bad_settings_once_missed_are_refused_clearly(kw, world, msg):
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(")):
+        check_settings(TrainConfig(**{"model": "tiny", **kw}), world)
+
+
+BAD_CLI = [  # (argv, expected text on stderr): argparse usage errors, in process
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--max-steps", "1.5"], "argument --max-steps: invalid int value: '1.5'"),
+    (["--way"], "argument --way: expected one argument"),
+    (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD_CLI, ids=[a[0] for a, _ in BAD_CLI])
+def test_command_line_misuse_is_a_usage_error(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,suffix,msg", [
+    ("lr = 1e-3\nlearning_rate = 2\n", ".toml", "unknown settings ['learning_rate']"),
+    ("lr = = 1\n", ".toml", "cannot parse"),
+    ('{"lr": 1e-3,}', ".json", "cannot parse"),
+])
+def test_a_bad_config_file_is_a_usage_error(tmp_path, capsys, text, suffix, msg):
+    f = tmp_path / f"run{suffix}"; f.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(f)])
+    assert f"--config {f}: {msg}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def broken_store(tmp_path_factory):
+    "A small copy of the default tiny data (40 time steps) without 'temperature'."
+    ds = xr.open_zarr(default_dataset(grid=(16, 32), verbose=False), consolidated=False).isel(time=slice(0, 40))
+    ds = ds.drop_vars("temperature")
+    ds.attrs = {}
+    for v in ds.variables: ds[v].encoding = {}
+    path = tmp_path_factory.mktemp("data") / "no_temperature.zarr"
+    ds.to_zarr(path, mode="w", consolidated=False)
+    return path
+
+
+def test_a_store_missing_a_variable_is_refused_by_the_reader(broken_store):
+    with pytest.raises(DataError, match=r"no_temperature\.zarr: channel 't850' needs variable 'temperature'.*remove 't850'"):
+        Era5Dataset(broken_store, preset("tiny"))
+
+
+@pytest.mark.parametrize("data,msg", [("missing", "no such file or directory"), ("broken", "needs variable 'temperature'")])
+def test_bad_data_fails_on_every_rank_without_a_hang(tmp_path, broken_store, data, msg):
+    path = tmp_path / "nope.zarr" if data == "missing" else broken_store
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 1, "--out", tmp_path / "o", "--data", path])
+    assert r.rc != 0
+    assert error_ranks(r.err, "DataError", f"{path}: ") and msg in r.err, r.err[-3000:]
+    assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
+
+
+def test_bad_settings_end_to_end_on_4_ranks():
+    "A settings error on 4 ranks: every rank says it, the job ends, nothing hangs."
+    r = launch(4, [*TINY, "--way", "2x2", "--set", "patch=5"])
+    assert r.rc != 0
+    assert error_ranks(r.err, "ConfigError", "n_lon=32 is not divisible by patch=5"), r.err[-3000:]
+    assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
