@@ -124,8 +124,10 @@ class JigsawMixer(nn.Module):
         return all_gather(self.state()[name], self.domain, self.spec[name][2], split_sizes(full_n, self.p))
 
     def _ln(self, x, name, n_features):
-        p = self.state()
-        return layer_norm(x, p[name + ".w"], p[name + ".b"], self.tensor, n_features, self.mode == "exact")
+        p, sizes = self.state(), None
+        if name == "res.ln2":  # each rank's residual features: its prediction block and its residual inputs
+            sizes = [len(_r(self.cfg.n_out, self.q, k)) + len(residual_inputs(self.cfg, self.q, k)) for k in range(self.q)]
+        return layer_norm(x, p[name + ".w"], p[name + ".b"], self.tensor, n_features, self.mode == "exact", sizes=sizes)
 
     def encode(self, x):
         "Input block (B, C_j, n_lat, n_lon_i) -> token block (B, T_i, H_j)."

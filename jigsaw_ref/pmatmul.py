@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from .comm import Group, all_gather, all_reduce, reduce_scatter
-from .config import shard_range
+from .config import shard_range, split_sizes
 
 # %% auto #0
 __all__ = ['add_bias_shard', 'matmul_reduce_scatter', 'token_mlp', 'channel_mlp', 'layer_norm', 'block_bytes']
@@ -137,14 +137,18 @@ def layer_norm(
     n_features: int,  # F: total features over the group
     exact: bool = True,  # False: the released code's local statistics
     eps: float = 1e-5,
+    sizes: list[int] | None = None,  # every rank's feature count (default: `split_sizes(n_features, q)`)
 ):
     "LayerNorm over a feature dimension split across `tensor`: exact (global statistics) or faithful (local)."
     if not exact or tensor.size == 1:
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-    mu = all_reduce(x.sum(-1, keepdim=True), tensor) / n_features
-    d = x - mu
-    var = all_reduce(d.square().sum(-1, keepdim=True), tensor) / n_features
-    return d * torch.rsqrt(var + eps) * w + b
+    mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
+    m_j = (x - mu_j).square().sum(-1, keepdim=True)
+    n = torch.tensor(sizes or split_sizes(n_features, tensor.size), dtype=x.dtype).view(-1, *[1] * x.dim())
+    st = all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), tensor, 0)  # (q, ..., 2): every rank's (mean, M)
+    mu = (n * st[..., :1]).sum(0) / n_features
+    var = (st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features
+    return (x - mu) * torch.rsqrt(var + eps) * w + b
 
 # %% ../nbs/05_partitioned_matmul.ipynb #c42b0932
 def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 4, batch: int = 1, exact: bool = True) -> int:
@@ -153,5 +157,5 @@ def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 
     Ti, Sj, Gi = T // p, S // q, G // p
     n = (e("all_gather", q, Ti * H, itemsize) + e("all_reduce", p, Sj * H, itemsize) + e("reduce_scatter", q, Ti * H, itemsize)
          + e("all_gather", p, T * (H // q), itemsize) + e("all_reduce", q, T * Gi, itemsize) + e("reduce_scatter", p, T * (H // q), itemsize))
-    if exact: n += 4 * e("all_reduce", q, Ti, itemsize)
+    if exact: n += 2 * e("all_gather", q, 2 * q * Ti, itemsize)
     return batch * n

@@ -365,14 +365,14 @@ class Trainer:
         c0, c1 = shard_range(cfg.n_out, self.grid.tensor, self.j)
         se = torch.zeros(cfg.n_out, dtype=torch.float64); loss = torch.zeros(1, dtype=torch.float64)
         lw = self.lat_w.to(torch.float64)[:, None]
-        for i in mine:
+        for i in mine:  # the n samples are dealt round-robin over the model groups: counts use n itself
             x, y = self.batch(ds, [i], 1)
             pred = m(x, k=1)
-            loss += loss_share(pred, y, self.lat_w, self.var_w, len(mine) * self.grid.dp * cfg.n_out * cfg.n_lat * cfg.n_lon).double().cpu()
+            loss += loss_share(pred, y, self.lat_w, self.var_w, n * cfg.n_out * cfg.n_lat * cfg.n_lon).double().cpu()
             err = (ds.denormalize(pred[0].cpu()) - ds.denormalize(y[0].cpu())).double()  # (V_j, lat, lon_i)
             se[c0:c1] += (err.square() * lw).sum((1, 2))
         tot = self.g["world"].all_reduce(torch.cat([loss, se]))
-        count = len(mine) * self.grid.dp * cfg.n_lat * cfg.n_lon
+        count = n * cfg.n_lat * cfg.n_lon
         rmse = (tot[1:] / count).sqrt()
         return {"val_loss": float(tot[0]), **{f"rmse_{c}": float(r) for c, r in zip(cfg.variables, rmse)}}
 
@@ -529,6 +529,8 @@ def install_abort_hook(world_comm=None):
         if world_comm is not None and world_comm.Get_size() > 1:
             time.sleep(1.0)  # let other ranks failing the same way print theirs before the job is torn down
             world_comm.Abort(1)
+        else:  # torchrun / srun without MPI: exit at once; the launcher ends the other ranks of the job
+            os._exit(1)
     sys.excepthook = hook
 
 

@@ -18,6 +18,7 @@ from jigsaw_ref.parallel import JigsawMixer, clip_grads, gather_state, loss_shar
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
+from nbdev.showdoc import show_doc
 
 # %% [markdown]
 # # The distributed trainer
@@ -456,14 +457,14 @@ class Trainer:
         c0, c1 = shard_range(cfg.n_out, self.grid.tensor, self.j)
         se = torch.zeros(cfg.n_out, dtype=torch.float64); loss = torch.zeros(1, dtype=torch.float64)
         lw = self.lat_w.to(torch.float64)[:, None]
-        for i in mine:
+        for i in mine:  # the n samples are dealt round-robin over the model groups: counts use n itself
             x, y = self.batch(ds, [i], 1)
             pred = m(x, k=1)
-            loss += loss_share(pred, y, self.lat_w, self.var_w, len(mine) * self.grid.dp * cfg.n_out * cfg.n_lat * cfg.n_lon).double().cpu()
+            loss += loss_share(pred, y, self.lat_w, self.var_w, n * cfg.n_out * cfg.n_lat * cfg.n_lon).double().cpu()
             err = (ds.denormalize(pred[0].cpu()) - ds.denormalize(y[0].cpu())).double()  # (V_j, lat, lon_i)
             se[c0:c1] += (err.square() * lw).sum((1, 2))
         tot = self.g["world"].all_reduce(torch.cat([loss, se]))
-        count = len(mine) * self.grid.dp * cfg.n_lat * cfg.n_lon
+        count = n * cfg.n_lat * cfg.n_lon
         rmse = (tot[1:] / count).sqrt()
         return {"val_loss": float(tot[0]), **{f"rmse_{c}": float(r) for c, r in zip(cfg.variables, rmse)}}
 
@@ -567,6 +568,24 @@ class Trainer:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 # %% [markdown]
+# The methods a user of the Python API calls:
+
+# %%
+show_doc(Trainer.fit)
+
+# %%
+show_doc(Trainer.train_step)
+
+# %%
+show_doc(Trainer.validate)
+
+# %%
+show_doc(Trainer.save)
+
+# %%
+show_doc(Trainer.load)
+
+# %% [markdown]
 # ## The command line
 #
 # `jigsaw-train` under any launcher: `mpiexec -n 4 jigsaw-train --way 4 --model small`, `srun -n 8 jigsaw-train
@@ -633,6 +652,8 @@ def install_abort_hook(world_comm=None):
         if world_comm is not None and world_comm.Get_size() > 1:
             time.sleep(1.0)  # let other ranks failing the same way print theirs before the job is torn down
             world_comm.Abort(1)
+        else:  # torchrun / srun without MPI: exit at once; the launcher ends the other ranks of the job
+            os._exit(1)
     sys.excepthook = hook
 
 

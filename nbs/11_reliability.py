@@ -61,6 +61,7 @@ class FakeWorld:
 world, saved, err = FakeWorld(), sys.excepthook, io.StringIO()
 os.environ["JIGSAW_FAULT"] = "forward@1:3"
 try:
+    sys.excepthook = sys.__excepthook__  # the plain interpreter's hook underneath, as in a script (not IPython's)
     install_abort_hook(world)
     fault_point("forward", 0, 3); fault_point("forward", 1, 2)  # another rank, another step: nothing happens
     try: fault_point("forward", 1, 3)
