@@ -442,3 +442,30 @@ for way in (2, 4):
 # %%
 _errs = sorted(((abs(e), n) for n, _, _, e, k in ROWS if k == "pred"), reverse=True)
 print("largest prediction errors:", ", ".join(f"{n} {e:.0%}" for e, n in _errs[:5]))
+
+# %% [markdown]
+# ## Scaling plots
+#
+# The paper's cells (markers) against the model (lines): strong scaling of the C3 model in FP32 and TF32, and
+# weak scaling of the C4 models with loading on. The gaps discussed above are visible: the 4-way strong-scaling
+# speedup, and the weak-scaling efficiencies beyond 16 GPUs, which the model keeps nearly flat.
+
+# %%
+import matplotlib; matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+for prec, col in (("fp32", "C0"), ("tf32", "C1")):
+    ways = [1, 2, 4]
+    a1.plot(ways, [1.0] + [speedup(c3_model(1), c3_model(w), *LAYOUTS[w], prec, CAL) for w in ways[1:]], "-", color=col, label=f"model {prec}")
+    a1.plot(ways, [1.0] + [PAPER["c3"][(prec, w)] for w in ways[1:]], "o", color=col, label=f"paper {prec}")
+a1.plot([1, 4], [1, 4], "k:", lw=1, label="ideal")
+a1.set(xlabel="GPUs (1-, 2-, 4-way)", ylabel="speedup over 1 GPU", title="C3 strong scaling (1.10 B), A100", xticks=[1, 2, 4]); a1.legend(fontsize=8)
+for w, col in ((1, "C0"), (2, "C1"), (4, "C2")):
+    a2.semilogx(C4_GPUS, [weak_efficiency(C4_MODELS[w], *LAYOUTS[w], n, "tf32", CAL) for n in C4_GPUS], "-", color=col, base=2, label=f"model {w}-way")
+    a2.semilogx(C4_GPUS, PAPER["c4"][w], "o", color=col, base=2, label=f"paper {w}-way")
+a2.set(xlabel="GPUs", ylabel="weak-scaling efficiency", title="C4 weak scaling, loading on", ylim=(0.4, 1.0)); a2.legend(fontsize=7, ncol=2)
+fig.tight_layout()
+import jigsaw_ref
+from pathlib import Path
+fig.savefig(Path(jigsaw_ref.__file__).parents[1] / "benchmarks" / "results" / "scaling_model.png", dpi=100)
+plt.show()

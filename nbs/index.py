@@ -94,3 +94,13 @@ for prec, s in r["steps"].items():
           f"{100 * s['fraction_of_measured_gemm_peak']:.0f}% of the {r['gemm_peak_tflops'][prec]:.0f} TFLOP/s GEMM peak measured")
 for prec, e in r["correctness_vs_cpu_float64"].items():
     print(f"  CUDA {prec:7s} vs CPU float64: output {e['output_rel_err']:.1e}, input gradient {e['input_grad_rel_err']:.1e}")
+
+# %% [markdown]
+# The trainer itself on the same GPU (`benchmarks/gpu_train.py`: `Trainer` on one CUDA device, the `demo` preset on the
+# default data for one minute each in TF32 and BF16, then `jigsaw-eval` on the GPU):
+
+# %%
+g = json.loads((Path(jigsaw_ref.__file__).parents[1] / "benchmarks/results/gpu_train_h200.json").read_text())
+for prec, run in g["runs"].items():
+    print(f"  {g['device']} {prec}: {run['steps']} steps, median {run['median_step_s'] * 1e3:.0f} ms/step, "
+          f"validation loss {run['val_loss']:.3f}, z500 6 h RMSE {run['rmse_z500_6h']:.0f} m2/s2")

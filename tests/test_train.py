@@ -121,3 +121,14 @@ def test_cli_world_size_mismatch_fails_on_every_rank_without_hanging():
     r = cli(2, ["--model", "tiny", "--way", "4", "--progress", "false"], timeout=120)
     assert r.returncode != 0
     assert "not a multiple of the model group size 2x2=4" in r.stderr
+
+
+def test_torch_distributed_backend_trains_like_mpi(tmp_path):
+    "--backend torch (gloo on CPU; NCCL on GPUs) gives the same training as the mpi4py backend, float64."
+    args = flags(**BASE, max_steps=3, way="2")
+    r1 = cli(2, args + ["--backend", "torch", "--out", str(tmp_path / "t")])
+    r2 = cli(2, args + ["--backend", "mpi", "--out", str(tmp_path / "m")])
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    a, b = load_checkpoint(tmp_path / "t" / "final.ckpt"), load_checkpoint(tmp_path / "m" / "final.ckpt")
+    _close(a["params"], b["params"])
+    assert abs(a["history"][-1]["loss"] - b["history"][-1]["loss"]) < 1e-10 * abs(b["history"][-1]["loss"])
