@@ -15,6 +15,10 @@ from jigsaw_ref.parallel import shard_spec
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
+import matplotlib; matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import jigsaw_ref
+from pathlib import Path
 
 # %% [markdown]
 # # Performance model
@@ -451,8 +455,6 @@ print("largest prediction errors:", ", ".join(f"{n} {e:.0%}" for e, n in _errs[:
 # speedup, and the weak-scaling efficiencies beyond 16 GPUs, which the model keeps nearly flat.
 
 # %%
-import matplotlib; matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
 for prec, col in (("fp32", "C0"), ("tf32", "C1")):
     ways = [1, 2, 4]
@@ -465,7 +467,5 @@ for w, col in ((1, "C0"), (2, "C1"), (4, "C2")):
     a2.semilogx(C4_GPUS, PAPER["c4"][w], "o", color=col, base=2, label=f"paper {w}-way")
 a2.set(xlabel="GPUs", ylabel="weak-scaling efficiency", title="C4 weak scaling, loading on", ylim=(0.4, 1.0)); a2.legend(fontsize=7, ncol=2)
 fig.tight_layout()
-import jigsaw_ref
-from pathlib import Path
 fig.savefig(Path(jigsaw_ref.__file__).parents[1] / "benchmarks" / "results" / "scaling_model.png", dpi=100)
 plt.show()
