@@ -360,7 +360,10 @@ class Trainer:
                 comm = comm or MPI.COMM_WORLD
                 world = comm.Get_size()
             else:
-                world = int(os.environ.get("WORLD_SIZE", "0")) or __import__("mpi4py.MPI", fromlist=["MPI"]).COMM_WORLD.Get_size()
+                world = int(os.environ.get("WORLD_SIZE", "0"))  # set by torchrun
+                if not world:  # launched by mpiexec/srun: the size comes from MPI
+                    from mpi4py import MPI
+                    world = MPI.COMM_WORLD.Get_size()
             self.cfg, self.grid = check_settings(tc, world)
             groups = make_groups(self.grid, tc.backend, tc.algo, comm)
         else:

@@ -1,5 +1,6 @@
 """The trainer: parallel training equals 1-way training, resume equals an uninterrupted run, checkpoints
 move between layouts exactly, and the command line rejects bad input clearly."""
+import os
 import subprocess
 import sys
 
@@ -17,8 +18,9 @@ BASE = dict(model="tiny", dtype="float64", lr=1e-3, lr_encdec=1e-3, warmup_steps
 
 def cli(n, args, timeout=600):
     cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.train", *args]
-    env = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "PATH": str(ROOT / ".venv/bin") + ":/usr/bin:/bin", "HOME": str(__import__("pathlib").Path.home())}
-    env = {**__import__("os").environ, **env}
+    # this Python's bin first, so the MPI wheel's mpiexec and the installed package are the ones used
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1",
+               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
