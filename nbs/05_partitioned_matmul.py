@@ -88,46 +88,41 @@ class _MatmulReduceScatter(torch.autograd.Function):
     overlapped with the GEMMs of `dA = W^T dY` and `dW = dY A^T`."""
     @staticmethod
     def forward(ctx, w, a, c, group, sizes):
-        from mpi4py import MPI
         ctx.save_for_backward(w, a); ctx.group, ctx.sizes = group, sizes
         n, r = group.size, group.rank
         cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
         blk = lambda k: torch.einsum("ts,bsh->bth", w, a[..., cuts[k]:cuts[k + 1]]) + c[:, None]
-        mine_shape = (a.shape[0], w.shape[0], sizes[r])
-        bufs = [torch.empty(mine_shape, dtype=a.dtype) for _ in range(n - 1)]
-        reqs = [group.comm.Irecv(b.numpy(), source=(r - d) % n, tag=21) for d, b in zip(range(1, n), bufs)]
-        keep = []
-        for d in range(1, n):  # partners' blocks first, each sent as soon as it exists
-            k = (r + d) % n
-            yk = blk(k).contiguous(); keep.append(yk)
-            reqs.append(group.comm.Isend(yk.numpy(), dest=k, tag=21)); group._count(yk.numel() * yk.element_size())
+        bufs = {(r - d) % n: a.new_empty((a.shape[0], w.shape[0], sizes[r])) for d in range(1, n)}
+        reqs = []
+        for d in range(1, n):  # step d: send partner r+d its block as soon as it exists, receive from r-d
+            # the request keeps each sent block alive until `wait`: do not reuse it before then
+            reqs += group.start(sends=[(blk((r + d) % n).contiguous(), (r + d) % n)], recvs=[(bufs[(r - d) % n], (r - d) % n)], tag=21)
         out = blk(r)  # my own block while the messages fly
-        MPI.Request.Waitall(reqs)
-        for b in bufs: out += b
+        group.wait(reqs)
+        for d in range(1, n): out += bufs[(r - d) % n]  # a fixed order of summation
         return out
 
     @staticmethod
     def backward(ctx, g):
-        from mpi4py import MPI
         w, a = ctx.saved_tensors
         group, sizes = ctx.group, ctx.sizes
         n, r = group.size, group.rank
         cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
         g = g.contiguous()
-        bufs = {(r - d) % n: torch.empty((g.shape[0], g.shape[1], sizes[(r - d) % n]), dtype=g.dtype) for d in range(1, n)}
-        reqs = [group.comm.Irecv(b.numpy(), source=k, tag=22) for k, b in bufs.items()]
+        bufs = {(r - d) % n: g.new_empty((g.shape[0], g.shape[1], sizes[(r - d) % n])) for d in range(1, n)}
+        reqs = []
         for d in range(1, n):
-            reqs.append(group.comm.Isend(g.numpy(), dest=(r + d) % n, tag=22)); group._count(g.numel() * g.element_size())
+            reqs += group.start(sends=[(g, (r + d) % n)], recvs=[(bufs[(r - d) % n], (r - d) % n)], tag=22)
         da = torch.empty_like(a)
         dw = torch.zeros_like(w)
-        dc = torch.zeros(w.shape[0], dtype=g.dtype)
+        dc = g.new_zeros(w.shape[0])
         def use(k, gk):  # contributions of channel block k
             ak = a[..., cuts[k]:cuts[k + 1]]
             da[..., cuts[k]:cuts[k + 1]] = torch.einsum("ts,bth->bsh", w, gk)
             dw.add_(torch.einsum("bth,bsh->ts", gk, ak)); dc.add_(gk.sum((0, 2)))
         use(r, g)  # my own block while the partners' arrive
-        MPI.Request.Waitall(reqs)
-        for k, b in bufs.items(): use(k, b)
+        group.wait(reqs)
+        for d in range(1, n): use((r - d) % n, bufs[(r - d) % n])
         return dw, da, dc, None, None
 
 
@@ -172,7 +167,7 @@ def token_mlp(
     a = F.dropout(F.gelu(a), dropout, training)
     if bias_after:
         y = reduce_scatter(torch.einsum("ts,bsh->bth", w2, a), tensor, 2, h_sizes) + b2[:, None]
-    elif tensor.size > 1 and tensor.algo == "p2p" and type(tensor) is Group:  # the paper's overlapped exchange
+    elif tensor.can_overlap:  # the paper's overlapped exchange (p2p groups of any backend)
         y = matmul_reduce_scatter(w2, a, _bias_full(b2, w2.shape[0], tensor), tensor, h_sizes)
     else:
         y = add_bias_shard(torch.einsum("ts,bsh->bth", w2, a), b2, 1, tensor)  # (B, T_i, H), partial over j

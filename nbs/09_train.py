@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from jigsaw_ref.config import ConfigError, MixerConfig, preset, shard_range, split_sizes
 from jigsaw_ref.grid import Grid
-from jigsaw_ref.comm import Group, TorchGroup
+from jigsaw_ref.comm import Group, TorchGroup, launcher, make_groups
 from jigsaw_ref.loss import lat_weights_cos, lat_weights_area, variable_weights
 from jigsaw_ref.parallel import JigsawMixer, clip_grads, gather_state, loss_share, scatter_state, sync_grads
 
@@ -87,70 +87,6 @@ class TrainConfig:
 # %%
 test_eq(TrainConfig(model="tiny", model_overrides=("hidden=16",)).model_config().hidden, 16)
 test_fail(lambda: TrainConfig(model_overrides=("widht=3",)).model_config(), contains="no field 'widht'")
-
-# %% [markdown]
-# ## Groups
-#
-# The MPI world comes from `mpiexec`/`srun` through mpi4py; `torchrun` sets `RANK`/`WORLD_SIZE` and the
-# `torch` backend initialises `torch.distributed` from them (or, under `mpiexec`, from the MPI rank with a
-# port broadcast by rank 0). Either way the five groups of `grid` come back as `Group`s, passed explicitly
-# to everything below.
-
-# %%
-#| export
-def launcher() -> str:
-    "Which launcher started this process: 'torchrun', 'srun', 'mpiexec' or 'single'."
-    e = os.environ
-    if "TORCHELASTIC_RUN_ID" in e or ("LOCAL_RANK" in e and "RANK" in e and "PMI_RANK" not in e): return "torchrun"
-    if "SLURM_PROCID" in e and "SLURM_STEP_ID" in e: return "srun"
-    if any(k in e for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")): return "mpiexec"
-    return "single"
-
-
-def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None) -> dict[str, Group]:
-    "The `world`, `model`, `tensor`, `domain` and `dp` groups of this rank (collective)."
-    if backend == "mpi":
-        from jigsaw_ref.grid import split_comms
-        if comm is None:
-            from mpi4py import MPI
-            comm = MPI.COMM_WORLD
-        c = split_comms(grid, comm)
-        return {k: Group(getattr(c, k), algo) for k in ("world", "model", "tensor", "domain", "dp")}
-    if backend != "torch": raise ConfigError(f"backend={backend!r}: choose 'mpi' or 'torch'")
-    import torch.distributed as dist
-    from jigsaw_ref.grid import groups
-    if not dist.is_initialized():
-        nccl = torch.cuda.is_available()
-        if launcher() == "torchrun":
-            dist.init_process_group("nccl" if nccl else "gloo")
-        else:  # under mpiexec: rank and size from MPI, a port from rank 0
-            from mpi4py import MPI
-            import socket
-            w = MPI.COMM_WORLD
-            port = None
-            if w.Get_rank() == 0:
-                s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-            port = w.bcast(port)
-            addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-            dist.init_process_group("nccl" if nccl else "gloo", init_method=f"tcp://{addr}:{port}",
-                                    rank=w.Get_rank(), world_size=w.Get_size())
-    grid.check(dist.get_world_size())
-    me, out = dist.get_rank(), {"world": TorchGroup(None)}
-    for kind, members in groups(grid).items():
-        for m in members:  # every rank creates every group, in the same order
-            pg = dist.new_group(m)
-            if me in m: out[kind] = TorchGroup(pg)
-    return out
-
-# %% [markdown]
-# ## Checkpoints
-#
-# A checkpoint holds the **full** model (the one-process state dict, whatever layout wrote it), the full Adam
-# moments, the scheduler, the step, the data position and the RNG states. It is one file:
-# an 8-byte magic, the SHA-256 of the payload in hex, then the `torch.save` payload. It is written to a
-# temporary file, flushed and fsynced, then renamed over the final name, so a crash (even `kill -9`) leaves
-# either the old file or the new one, never half of one; loading verifies the checksum and says what is
-# wrong if it does not match.
 
 # %%
 #| export

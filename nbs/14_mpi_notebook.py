@@ -46,7 +46,7 @@ from jigsaw_ref.config import preset, shard_range
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.mixer import WeatherMixer
 from jigsaw_ref.parallel import JigsawMixer, gather_state, token_sizes
-from jigsaw_ref.train import make_groups
+from jigsaw_ref.comm import make_groups
 torch.set_num_threads(1)
 world = MPI.COMM_WORLD
 cfg = preset("tiny", n_lon=40, hidden=30)  # 10 longitude patches, 19 outputs: uneven splits

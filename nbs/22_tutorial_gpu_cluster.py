@@ -40,7 +40,7 @@ ROOT = Path("..") if Path("../benchmarks").exists() else Path(".")
 # rendezvous. Under `srun`/`mpirun` they come from MPI (mpi4py must be able to start under that launcher, e.g.
 # built against the cluster's MPI, or `srun --mpi=pmi2` for an MPICH build); rank 0 picks a free port and
 # broadcasts it, and every rank connects to `MASTER_ADDR` (default `127.0.0.1`, so **set it** on more than one
-# node). `jigsaw_ref.train.launcher()` reports which of the three started the process, and rank 0 prints it in
+# node). `jigsaw_ref.comm.launcher()` reports which of the three started the process, and rank 0 prints it in
 # its first line.
 #
 # With `--backend torch` the exchanges inside a model group are NCCL collectives (`all_gather`,
