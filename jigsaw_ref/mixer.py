@@ -12,7 +12,8 @@ from .config import MixerConfig, preset
 
 # %% auto #0
 __all__ = ['token_mix', 'channel_mix', 'param_shapes', 'param_count', 'forward_flops', 'train_step_flops', 'patchify',
-           'unpatchify', 'WeatherMixer', 'full_params', 'init_params']
+           'unpatchify', 'dropout_key', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'full_params',
+           'init_params']
 
 # %% ../nbs/01_mixer.ipynb #e4c0fe02
 def token_mix(x, w, b=None):
@@ -79,6 +80,62 @@ def unpatchify(y, n_lat: int):
     return y.permute(0, 3, 2, 1, 4).reshape(B, C, n_lat, (T // n_lat) * P)
 
 # %% ../nbs/01_mixer.ipynb #18c1701e
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    "`(x * c) mod 2^32` for int64 tensors `x` in [0, 2^32) without int64 overflow."
+    return ((x * (c & 0xFFFF)) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    "A 32-bit integer mixer applied elementwise to int64 values in [0, 2^32)."
+    x = x ^ (x >> 16); x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15); x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_key(seed: int, step: int, site: int = 0) -> int:
+    "The key of dropout `site` at optimizer `step` of a run seeded `seed`: the same on every rank."
+    k = torch.tensor([(seed * 0x9E3779B1 + step) & _M32], dtype=torch.int64)
+    return int(_hash32(_hash32(k) ^ (site & _M32))[0])
+
+# %% ../nbs/01_mixer.ipynb #5f0a1b54
+def keep_mask(shape, p: float, key: int, starts, full, device=None):
+    "Keep-mask (bool) of the block `shape` at `starts` of a full tensor with extents `full`: the same bits on any layout."
+    idx = torch.zeros((), dtype=torch.int64, device=device)
+    for d, n in enumerate(shape):
+        ix = torch.arange(starts[d], starts[d] + n, dtype=torch.int64, device=device)
+        idx = idx * (full[d] if d else 1) + ix.view([n] + [1] * (len(shape) - d - 1))
+    u = _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32))
+    return u >= int(p * 2**32)
+
+# %% ../nbs/01_mixer.ipynb #66c7f223
+class _HashDropout(torch.autograd.Function):
+    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, recomputed (nothing saved)."
+    @staticmethod
+    def forward(ctx, x, p, key, starts, full):
+        ctx.args = (p, key, starts, full)
+        return x * keep_mask(x.shape, p, key, starts, full, x.device) / (1 - p)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, key, starts, full = ctx.args
+        return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
+
+
+def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
+    "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
+    if not training or p == 0: return x
+    starts = tuple(starts) if starts is not None else (0,) * x.dim()
+    return _HashDropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+
+# %% ../nbs/01_mixer.ipynb #5114695c
+def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int:
+    "The key of one dropout site of a forward pass whose key is `key`."
+    return int(_hash32(torch.tensor([key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)]))[0])
+
+# %% ../nbs/01_mixer.ipynb #afeef0e7
 def _ln(x, w, b, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
@@ -102,16 +159,19 @@ class WeatherMixer(nn.Module):
         p = self.state()
         return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
 
-    def block(self, x, i: int):
-        "Mixer block `i` on tokens (B, T, H)."
-        p, d = self.state(), self.cfg.dropout
+    def block(self, x, i: int, key: int = 0, sample0: int = 0, rollout: int = 0):
+        "Mixer block `i` on tokens (B, T, H); `key`, `sample0`, `rollout` place its dropout masks (see `dropout`)."
+        p, c = self.state(), self.cfg
         pre = f"blocks.{i}."
+        B, T, H = x.shape
+        def drop(t, which):
+            return dropout(t, c.dropout, self.training, site_key(key, rollout, i, which, c.blocks), (sample0, 0, 0), t.shape)
         u = _ln(x, p[pre + "ln1.w"], p[pre + "ln1.b"])
-        u = F.dropout(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), d, self.training)
-        x = x + F.dropout(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), d, self.training)
+        u = drop(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), 0)
+        x = x + drop(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), 1)
         u = _ln(x, p[pre + "ln2.w"], p[pre + "ln2.b"])
-        u = F.dropout(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), d, self.training)
-        return x + F.dropout(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), d, self.training)
+        u = drop(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), 2)
+        return x + drop(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), 3)
 
     def decode(self, x, z, inp):
         "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
@@ -124,11 +184,11 @@ class WeatherMixer(nn.Module):
         r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
         return r.permute(0, 3, 1, 2)
 
-    def forward(self, x, k: int = 1):
-        "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead, (B, V_out, n_lat, n_lon)."
+    def forward(self, x, k: int = 1, key: int = 0, sample0: int = 0):
+        "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead; `key`/`sample0` fix the dropout masks."
         z = h = self.encode(x)
-        for _ in range(k):
-            for i in range(self.cfg.blocks): h = self.block(h, i)
+        for r in range(k):
+            for i in range(self.cfg.blocks): h = self.block(h, i, key, sample0, r)
         return self.decode(h, z, x)
 
 # %% ../nbs/01_mixer.ipynb #0ea9604b

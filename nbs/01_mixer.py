@@ -194,6 +194,113 @@ test_eq(patchify(_img, 4)[0, 5, 1], _img[0, 1, 1, 4:8])  # token 5 = lon patch 1
 # channels, layer-normed again and mapped linearly to the output:
 # $\hat y = W^r\, \mathrm{LN}([\mathrm{LN}(y),\, x_{1..V}]) + b^r$.
 
+# %% [markdown]
+# ## Dropout that does not depend on the layout
+#
+# `torch.nn.functional.dropout` draws its mask from the process's random stream, so a model cut over four
+# ranks would drop different elements than the same model in one process, and a run resumed on another
+# layout would continue differently. Here the mask of every element is a pure function of the step's key,
+# the dropout site and the element's **global** index: element $e$ of site $s$ is kept when
+# $h(h(e \oplus k_s) \oplus \lfloor e / 2^{32} \rfloor) \ge p \cdot 2^{32}$, with $h$ a 32-bit integer
+# hash (a lowbias32-style mixer, products split so they fit in int64) and $k_s$ the key mixed with the site
+# number. A rank computes the mask of its block from the block's offsets alone, O(block) work and no
+# communication, and gets exactly the bits the one-process model gets for those elements. The mask is not
+# saved for the backward either: it is recomputed there from the same key, so dropout costs no activation
+# memory.
+
+# %%
+#| export
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    "`(x * c) mod 2^32` for int64 tensors `x` in [0, 2^32) without int64 overflow."
+    return ((x * (c & 0xFFFF)) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x):
+    "A 32-bit integer mixer applied elementwise to int64 values in [0, 2^32)."
+    x = x ^ (x >> 16); x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15); x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_key(seed: int, step: int, site: int = 0) -> int:
+    "The key of dropout `site` at optimizer `step` of a run seeded `seed`: the same on every rank."
+    k = torch.tensor([(seed * 0x9E3779B1 + step) & _M32], dtype=torch.int64)
+    return int(_hash32(_hash32(k) ^ (site & _M32))[0])
+
+# %%
+test_eq(dropout_key(0, 3), dropout_key(0, 3))
+assert len({dropout_key(0, s) for s in range(100)} | {dropout_key(1, s) for s in range(100)}) == 200
+
+# %% [markdown]
+# `keep_mask` gives the mask of a block from its offsets: `starts[d]` is where the block begins along dim
+# $d$ of the full tensor and `full[d]` the full extent (dim 0, the batch, needs no extent).
+
+# %%
+#| export
+def keep_mask(shape, p: float, key: int, starts, full, device=None):
+    "Keep-mask (bool) of the block `shape` at `starts` of a full tensor with extents `full`: the same bits on any layout."
+    idx = torch.zeros((), dtype=torch.int64, device=device)
+    for d, n in enumerate(shape):
+        ix = torch.arange(starts[d], starts[d] + n, dtype=torch.int64, device=device)
+        idx = idx * (full[d] if d else 1) + ix.view([n] + [1] * (len(shape) - d - 1))
+    u = _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32))
+    return u >= int(p * 2**32)
+
+# %%
+_full = keep_mask((3, 6, 5), 0.3, 7, (0, 0, 0), (3, 6, 5))
+test_eq(keep_mask((2, 4, 2), 0.3, 7, (1, 2, 3), (3, 6, 5)), _full[1:3, 2:6, 3:5])  # a block has the full mask's bits
+test_close(keep_mask((64, 64, 64), 0.3, 7, (0, 0, 0), (64, 64, 64)).double().mean(), 0.7, eps=0.01)
+
+# %% [markdown]
+# The autograd function: forward $y = x \odot m / (1-p)$, backward $\partial x = \partial y \odot m / (1-p)$
+# with $m$ recomputed, so nothing is saved.
+
+# %%
+#| export
+class _HashDropout(torch.autograd.Function):
+    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, recomputed (nothing saved)."
+    @staticmethod
+    def forward(ctx, x, p, key, starts, full):
+        ctx.args = (p, key, starts, full)
+        return x * keep_mask(x.shape, p, key, starts, full, x.device) / (1 - p)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, key, starts, full = ctx.args
+        return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
+
+
+def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
+    "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
+    if not training or p == 0: return x
+    starts = tuple(starts) if starts is not None else (0,) * x.dim()
+    return _HashDropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+
+# %%
+_x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+_y = dropout(_x, 0.5, True, key=11)
+_y.sum().backward()
+test_eq((_y == 0), (_x.grad == 0))  # dropped in the forward, zero gradient in the backward
+test_close(_y[_y != 0], 2 * _x[_y != 0])
+assert dropout(_x, 0.5, False, key=11) is _x  # evaluation: the identity
+test_eq(dropout(_x[:, 2:4].detach(), 0.5, True, key=11, starts=(0, 2, 0), full=(2, 6, 5)), _y[:, 2:4].detach())  # a block, alone
+
+# %% [markdown]
+# Sites: every dropout of a forward pass has its own number, `site = ((rollout step * blocks + block) * 4 + which)`,
+# `which` = 0 after the token GELU, 1 after the token MLP, 2 after the channel GELU, 3 after the channel MLP.
+# The key of a site is `dropout_key(seed, step, site)`; the batch offset `sample0` is the position of this
+# rank's first sample in the global batch, so data-parallel replicas drop what the one-process model drops
+# for the same samples.
+
+# %%
+#| export
+def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int:
+    "The key of one dropout site of a forward pass whose key is `key`."
+    return int(_hash32(torch.tensor([key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)]))[0])
+
 # %%
 #| export
 def _ln(x, w, b, eps=1e-5):
@@ -219,16 +326,19 @@ class WeatherMixer(nn.Module):
         p = self.state()
         return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
 
-    def block(self, x, i: int):
-        "Mixer block `i` on tokens (B, T, H)."
-        p, d = self.state(), self.cfg.dropout
+    def block(self, x, i: int, key: int = 0, sample0: int = 0, rollout: int = 0):
+        "Mixer block `i` on tokens (B, T, H); `key`, `sample0`, `rollout` place its dropout masks (see `dropout`)."
+        p, c = self.state(), self.cfg
         pre = f"blocks.{i}."
+        B, T, H = x.shape
+        def drop(t, which):
+            return dropout(t, c.dropout, self.training, site_key(key, rollout, i, which, c.blocks), (sample0, 0, 0), t.shape)
         u = _ln(x, p[pre + "ln1.w"], p[pre + "ln1.b"])
-        u = F.dropout(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), d, self.training)
-        x = x + F.dropout(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), d, self.training)
+        u = drop(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), 0)
+        x = x + drop(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), 1)
         u = _ln(x, p[pre + "ln2.w"], p[pre + "ln2.b"])
-        u = F.dropout(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), d, self.training)
-        return x + F.dropout(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), d, self.training)
+        u = drop(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), 2)
+        return x + drop(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), 3)
 
     def decode(self, x, z, inp):
         "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
@@ -241,11 +351,11 @@ class WeatherMixer(nn.Module):
         r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
         return r.permute(0, 3, 1, 2)
 
-    def forward(self, x, k: int = 1):
-        "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead, (B, V_out, n_lat, n_lon)."
+    def forward(self, x, k: int = 1, key: int = 0, sample0: int = 0):
+        "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead; `key`/`sample0` fix the dropout masks."
         z = h = self.encode(x)
-        for _ in range(k):
-            for i in range(self.cfg.blocks): h = self.block(h, i)
+        for r in range(k):
+            for i in range(self.cfg.blocks): h = self.block(h, i, key, sample0, r)
         return self.decode(h, z, x)
 
 # %% [markdown]

@@ -4,20 +4,23 @@
 # %%
 #| export
 from __future__ import annotations
+from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
-from jigsaw_ref.comm import Group, all_gather, all_reduce, reduce_scatter
+from jigsaw_ref.comm import Group, all_gather, all_reduce, expected_bytes, reduce_scatter
 from jigsaw_ref.config import shard_range, split_sizes
 
 # %%
 #| hide
-from fastcore.test import test_eq, test_close
-from jigsaw_ref.config import split_sizes
+from fastcore.test import test_eq, test_close, test_fail
+from jigsaw_ref.comm import make_groups
+from jigsaw_ref.grid import Grid
+from jigsaw_ref.ranks import run_ranks
 
 # %% [markdown]
 # # Partitioned linear algebra
 #
-# > Token mixing, channel mixing and LayerNorm on a $p \times q$ grid of ranks: the serial equation, the block equations, a one-process simulation, then the code that runs over MPI.
+# > Token mixing, channel mixing and LayerNorm on a p × q grid of ranks: the serial MLP, the 2-way sums, the 2x2 table and its picture, the backward, the general form, then the overlapped and faithful variants, all run here on thread ranks.
 
 # %% [markdown]
 # ## The layout
@@ -29,10 +32,53 @@ from jigsaw_ref.config import split_sizes
 #
 # The key observation: for **channel mixing** the token index is a batch index, and for **token mixing**
 # the channel index is. So each MLP is a one-dimensional tensor-parallel MLP over one axis of the grid,
-# with its batch axis gathered over the other axis. Both have the same three-step shape:
-# gather the batch axis, multiply by a block of the first weight and *sum partial products* over the
-# contracted axis, multiply by a block of the second weight and *reduce-scatter* back to the input
-# layout.
+# with its batch axis gathered over the other axis.
+#
+# Every check in this notebook runs the exported functions on **thread ranks** (`ranks.run_ranks`): each
+# rank is a thread with its own `comm.Group`s, exchanging real messages through the same code that runs over
+# MPI, and the results are compared in float64 with the one-process MLP.
+
+# %% [markdown]
+# ## The serial MLP
+#
+# One sample is $X \in \mathbb R^{T\times H}$. The token MLP mixes along tokens,
+#
+# $$Y = W_2\,\sigma(W_1 X + b_1) + b_2, \qquad W_1 \in \mathbb R^{S\times T},\; W_2 \in \mathbb R^{T\times S},$$
+#
+# a **left** product ($\texttt{'st,bth->bsh'}$) in which every channel column is an independent sample; the
+# channel MLP $Y = \sigma(X W_a + b_a) W_b + b_b$ is the **right** product ($\texttt{'bth,hg->btg'}$) in which every
+# token row is. A `Product` names the forward and the two gradients of each, and the dimension along which the
+# product can be cut into independent blocks (channels for a left product, tokens for a right one), which is
+# the dimension every exchange below cuts.
+
+# %%
+#| export
+class Product(NamedTuple):
+    "A product `fwd(w, a)` separable along `dim` of `a` and of the result, with its two gradients."
+    fwd: Callable  # (w, a) -> y
+    da: Callable  # (w, dy) -> da
+    dw: Callable  # (dy, a) -> dw
+    dim: int  # the free dimension of `a` that the result keeps: the one that can be cut and exchanged
+    bias_dim: int  # the dimension of the result that the bias runs along
+
+
+LEFT = Product(lambda w, a: torch.einsum("st,bth->bsh", w, a), lambda w, g: torch.einsum("st,bsh->bth", w, g),
+               lambda g, a: torch.einsum("bsh,bth->st", g, a), dim=2, bias_dim=1)  # token mixing W A
+RIGHT = Product(lambda w, a: a @ w, lambda w, g: g @ w.mT,
+                lambda g, a: torch.einsum("bth,btg->hg", a, g), dim=1, bias_dim=2)  # channel mixing A W
+
+# %% [markdown]
+# The gradients are the usual ones, and a block of the result needs only the same block of `a`:
+
+# %%
+_w, _a = torch.randn(5, 6, dtype=torch.float64, requires_grad=True), torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+_g = torch.randn(2, 5, 4, dtype=torch.float64)
+(LEFT.fwd(_w, _a) * _g).sum().backward()
+test_close(LEFT.da(_w, _g), _a.grad); test_close(LEFT.dw(_g, _a), _w.grad)
+test_close(LEFT.fwd(_w, _a[..., 1:3]), LEFT.fwd(_w, _a)[..., 1:3])
+_w2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+(RIGHT.fwd(_w2, _a.detach()[:, :5]) * torch.ones(2, 5, 3)).sum().backward()
+test_close(RIGHT.dw(torch.ones(2, 5, 3, dtype=torch.float64), _a.detach()[:, :5]), _w2.grad)
 
 # %% [markdown]
 # ## Biases on partial sums
@@ -45,17 +91,20 @@ from jigsaw_ref.config import split_sizes
 
 # %%
 #| export
+def bias_full(b, n: int, group: Group):
+    "This rank's bias shard `b` placed in a length-`n` vector of zeros, at shard `group.rank` of `group.size`."
+    a, e = shard_range(n, group.size, group.rank)
+    return torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
+
+
 def add_bias_shard(
     y,  # a Partial tensor, about to be summed over `group`
     b,  # this rank's shard of the bias along `dim` (shard `group.rank` of `group.size`, as `shard_range` cuts)
     dim: int, group: Group,
 ):
     "`y` plus this rank's bias shard at its place along `dim`: after the sum over `group`, plus the whole bias."
-    n = y.shape[dim]
-    a, e = shard_range(n, group.size, group.rank)
-    full = torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
-    shape = [1] * y.dim(); shape[dim] = n
-    return y + full.view(shape)
+    shape = [1] * y.dim(); shape[dim] = y.shape[dim]
+    return y + bias_full(b, y.shape[dim], group).view(shape)
 
 # %%
 _p = [torch.randn(2, 5, 3) for _ in range(3)]  # three ranks' partial products
@@ -64,115 +113,241 @@ _sum = sum(add_bias_shard(_p[r], _b[slice(*shard_range(5, 3, r))], 1, type("G", 
 test_close(_sum, sum(_p) + _b[:, None])
 
 # %% [markdown]
-# ## Overlapping the exchange with the GEMM
+# ## Token mixing, plain: the equation line by line
 #
-# The paper hides communication behind computation: a rank computes first the part of a partial product that
-# a partner needs, starts sending it, and computes the next part (finally its own) while the message is in
-# flight. For the token MLP's output, $Y = \mathrm{RS}_{\mathcal H}(W_2 A + c)$, the product is separable along
-# the channels $h$, so the block for partner $k$ is $W_2 A[:, \mathcal H_k] + c$: `matmul_reduce_scatter` sends
-# each partner's block with a non-blocking send as soon as it is computed. Its backward is the mirror: the
-# upstream gradient blocks are exchanged with non-blocking messages while the rank computes the contributions
-# of its own block to $\partial A$ and $\partial W_2$, then those of each partner's block as it arrives.
+# With $W_1$ cut into blocks $W_1[\mathcal S_j, \mathcal T_i]$ (hidden tokens over the $q$ axis, input tokens over
+# the $p$ axis) and $W_2[\mathcal T_i, \mathcal S_j]$:
+#
+# $$A[\mathcal S_j, :] = \sigma\Big(\sum_{i'} W_1[\mathcal S_j, \mathcal T_{i'}]\; X[\mathcal T_{i'}, :] + b_1[\mathcal S_j]\Big),
+# \qquad
+# Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{j'} W_2[\mathcal T_i, \mathcal S_{j'}]\, A[\mathcal S_{j'}, :]\Big]_{:, \mathcal H_j} + b_2[\mathcal T_i].$$
+#
+# Rank $(i,j)$ all-gathers $X[\mathcal T_i, :]$ from its tensor partners (all channels of its tokens), forms the
+# partial product $W_1[\mathcal S_j,\mathcal T_i] X[\mathcal T_i,:]$ and sums it over its domain partners
+# (all-reduce over $i$); then its partial product $W_2[\mathcal T_i, \mathcal S_j] A[\mathcal S_j, :]$ is summed over
+# the tensor partners and cut along channels (reduce-scatter over $j$). Each line below is one factor of the
+# equation. `drop(t, which, starts, full)` applies the model's dropout to a block at `starts` of a full tensor
+# of extents `full` (identity when not given); `t_sizes`, `h_sizes`, `s_sizes` are the block sizes of tokens
+# over the domain axis, and of channels and hidden tokens over the tensor axis.
 
 # %%
 #| export
-def _bias_full(b, n: int, group: Group):
-    "This rank's bias shard placed in a length-`n` vector of zeros (see `add_bias_shard`)."
-    a, e = shard_range(n, group.size, group.rank)
-    return torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
+def _off(sizes, k): return sum(sizes[:k])
+def _nodrop(t, which, starts, full): return t
 
 
-class _MatmulReduceScatter(torch.autograd.Function):
-    """Forward: `Y = RS_h(einsum('ts,bsh->bth', W, A) + c)` over `group`, each partner's channel block computed and
-    sent (non-blocking) before the next. Backward: the gradient blocks are all-gathered with non-blocking messages
-    overlapped with the GEMMs of `dA = W^T dY` and `dW = dY A^T`."""
-    @staticmethod
-    def forward(ctx, w, a, c, group, sizes):
-        ctx.save_for_backward(w, a); ctx.group, ctx.sizes = group, sizes
-        n, r = group.size, group.rank
-        cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
-        blk = lambda k: torch.einsum("ts,bsh->bth", w, a[..., cuts[k]:cuts[k + 1]]) + c[:, None]
-        bufs = {(r - d) % n: a.new_empty((a.shape[0], w.shape[0], sizes[r])) for d in range(1, n)}
-        reqs = []
-        for d in range(1, n):  # step d: send partner r+d its block as soon as it exists, receive from r-d
-            # the request keeps each sent block alive until `wait`: do not reuse it before then
-            reqs += group.start(sends=[(blk((r + d) % n).contiguous(), (r + d) % n)], recvs=[(bufs[(r - d) % n], (r - d) % n)], tag=21)
-        out = blk(r)  # my own block while the messages fly
-        group.wait(reqs)
-        for d in range(1, n): out += bufs[(r - d) % n]  # a fixed order of summation
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        w, a = ctx.saved_tensors
-        group, sizes = ctx.group, ctx.sizes
-        n, r = group.size, group.rank
-        cuts = torch.tensor([0] + sizes).cumsum(0).tolist()
-        g = g.contiguous()
-        bufs = {(r - d) % n: g.new_empty((g.shape[0], g.shape[1], sizes[(r - d) % n])) for d in range(1, n)}
-        reqs = []
-        for d in range(1, n):
-            reqs += group.start(sends=[(g, (r + d) % n)], recvs=[(bufs[(r - d) % n], (r - d) % n)], tag=22)
-        da = torch.empty_like(a)
-        dw = torch.zeros_like(w)
-        dc = g.new_zeros(w.shape[0])
-        def use(k, gk):  # contributions of channel block k
-            ak = a[..., cuts[k]:cuts[k + 1]]
-            da[..., cuts[k]:cuts[k + 1]] = torch.einsum("ts,bth->bsh", w, gk)
-            dw.add_(torch.einsum("bth,bsh->ts", gk, ak)); dc.add_(gk.sum((0, 2)))
-        use(r, g)  # my own block while the partners' arrive
-        group.wait(reqs)
-        for d in range(1, n): use((r - d) % n, bufs[(r - d) % n])
-        return dw, da, dc, None, None
-
-
-def matmul_reduce_scatter(w, a, c, group: Group, sizes: list[int]):
-    "`reduce_scatter(einsum('ts,bsh->bth', w, a) + c[:, None], group, 2, sizes)`, overlapped (MPI p2p groups)."
-    return _MatmulReduceScatter.apply(w, a, c, group, sizes)
-
-# %% [markdown]
-# ## Token mixing: $Y = W_2\, \sigma(W_1 X + b_1) + b_2$
-#
-# With $W_1 \in \mathbb R^{S\times T}$ cut into blocks $W_1[\mathcal S_j, \mathcal T_i]$ (hidden tokens over the
-# $q$ axis, input tokens over the $p$ axis) and $W_2[\mathcal T_i, \mathcal S_j]$:
-#
-# $$A[\mathcal S_j, :] = \sigma\Big(\sum_{i'} W_1[\mathcal S_j, \mathcal T_{i'}]\; X[\mathcal T_{i'}, :] + b_1[\mathcal S_j]\Big)$$
-#
-# Rank $(i,j)$ first all-gathers $X[\mathcal T_i, :]$ from its tensor partners (all channels of its tokens),
-# forms the partial product $W_1[\mathcal S_j,\mathcal T_i] X[\mathcal T_i,:]$ and sums it over its domain partners
-# (all-reduce over $i$). Then
-#
-# $$Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{j'} W_2[\mathcal T_i, \mathcal S_{j'}]\, A[\mathcal S_{j'}, :]\Big]_{:, \mathcal H_j} + b_2[\mathcal T_i]$$
-#
-# is a partial product over $j'$ reduce-scattered over the tensor partners along channels. For the paper's
-# 2-way layout ($p = 1$) the all-reduce vanishes: the pair swaps its channel halves, applies its row block
-# of $W_1$ and column block of $W_2$, and sends its partner the half it owns: the paper's exchange.
-
-# %%
-#| export
 def token_mlp(
     x,  # (B, T_i, H_j): this rank's activation block
     w1, b1,  # W1[S_j, T_i] (S_j, T_i); b1: shard i (of p) of b1[S_j]
     w2, b2,  # W2[T_i, S_j] (T_i, S_j); b2: shard j (of q) of b2[T_i]
     tensor: Group, domain: Group,  # the q ranks sharing my tokens; the p ranks sharing my channels
-    h_sizes: list[int],  # channel block sizes over the tensor axis
-    dropout: float = 0.0, training: bool = False,
-    bias_after: bool = False,  # biases are whole output blocks added after each sum (faithful 4-way), not shards
+    t_sizes: list[int], h_sizes: list[int], s_sizes: list[int],  # T over p, H over q, S over q
+    drop=_nodrop,
 ):
-    "Token-mixing MLP on a p x q grid: (B, T_i, H_j) -> (B, T_i, H_j)."
-    xg = all_gather(x, tensor, 2, h_sizes)  # (B, T_i, H): my tokens, every channel
-    a = torch.einsum("st,bth->bsh", w1, xg)  # (B, S_j, H), partial over i
-    if bias_after: a = all_reduce(a, domain) + b1[:, None]
-    else: a = all_reduce(add_bias_shard(a, b1, 1, domain), domain)  # summed over input-token blocks
-    a = F.dropout(F.gelu(a), dropout, training)
-    if bias_after:
-        y = reduce_scatter(torch.einsum("ts,bsh->bth", w2, a), tensor, 2, h_sizes) + b2[:, None]
-    elif tensor.can_overlap:  # the paper's overlapped exchange (p2p groups of any backend)
-        y = matmul_reduce_scatter(w2, a, _bias_full(b2, w2.shape[0], tensor), tensor, h_sizes)
-    else:
-        y = add_bias_shard(torch.einsum("ts,bsh->bth", w2, a), b2, 1, tensor)  # (B, T_i, H), partial over j
-        y = reduce_scatter(y, tensor, 2, h_sizes)
-    return F.dropout(y, dropout, training)  # (B, T_i, H_j)
+    "Token-mixing MLP on a p x q grid, the plain path: (B, T_i, H_j) -> (B, T_i, H_j)."
+    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
+    xg = all_gather(x, tensor, 2, h_sizes)  # X[T_i, :]  (B, T_i, H)
+    a = all_reduce(add_bias_shard(LEFT.fwd(w1, xg), b1, 1, domain), domain)  # sum_i W1[S_j,T_i] X[T_i,:] + b1  (B, S_j, H)
+    a = drop(F.gelu(a), 0, (_off(s_sizes, j), 0), (S, H))
+    y = reduce_scatter(add_bias_shard(LEFT.fwd(w2, a), b2, 1, tensor), tensor, 2, h_sizes)  # sum_j W2[T_i,S_j] A[S_j,H_j] + b2
+    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))  # (B, T_i, H_j)
+
+# %% [markdown]
+# A small harness for the checks: `on_grid(p, q, fn)` runs `fn(tensor, domain)` on the $pq$ thread ranks of a
+# $p \times q$ model group and returns the results in rank order $r = iq + j$; `cut` takes rank $(i,j)$'s block of a
+# full tensor, `close` compares to a relative tolerance, and `serial_token_mlp` is the one-process MLP.
+
+# %%
+def on_grid(p, q, fn, *args):
+    def rank(comm):
+        g = make_groups(Grid(1, p, q), comm=comm)
+        return fn(g["tensor"], g["domain"], *args)
+    return run_ranks(p * q, rank)
+
+
+def cut(t, *dims_parts_index):
+    "The block of `t`: for each (dim, parts, index), shard `index` of `parts` along `dim`."
+    for d, n, k in dims_parts_index:
+        a, e = shard_range(t.shape[d], n, k); t = t.narrow(d, a, e - a)
+    return t.detach().clone().requires_grad_(True)
+
+
+def close(a, b, eps=1e-12):
+    "`a` equals `b` to a relative `eps` (of the largest element of `b`)."
+    test_close(a, b, eps=eps * max(1.0, float(b.detach().abs().max())))
+
+
+def serial_token_mlp(x, w1, b1, w2, b2): return LEFT.fwd(w2, F.gelu(LEFT.fwd(w1, x) + b1[:, None])) + b2[:, None]
+
+# %% [markdown]
+# Uneven sizes everywhere: $T = 10$ tokens, $H = 7$ channels, $S = 5$ hidden tokens, batch 2.
+
+# %%
+_B, _T, _H, _S, _G = 2, 10, 7, 5, 9
+_gen = torch.Generator().manual_seed(0)
+_r = lambda *s: torch.randn(*s, generator=_gen, dtype=torch.float64)
+_X, _W1, _b1, _W2, _b2 = _r(_B, _T, _H), _r(_S, _T), _r(_S), _r(_T, _S), _r(_T)
+_dY = _r(_B, _T, _H)  # the upstream gradient
+_full = [t.clone().requires_grad_(True) for t in (_X, _W1, _b1, _W2, _b2)]
+_Y = serial_token_mlp(*_full); (_Y * _dY).sum().backward()
+
+# %% [markdown]
+# ## The 2-way case: two terms
+#
+# The paper's 2-way layout is $p = 1$, $q = 2$: each rank of the pair holds every token and half the channels,
+# $X = [\,X_0 \mid X_1\,]$ with $X_j = X[:, \mathcal H_j]$, the row half $W_1[\mathcal S_j, :]$ and the column half
+# $W_2[:, \mathcal S_j]$. Written as block matrices,
+#
+# $$W_1 X = \begin{bmatrix} W_1[\mathcal S_0, :] \\ W_1[\mathcal S_1, :] \end{bmatrix} \begin{bmatrix} X_0 & X_1 \end{bmatrix},
+# \qquad
+# Y = W_2\, A = W_2[:, \mathcal S_0]\, A_0 + W_2[:, \mathcal S_1]\, A_1 .$$
+#
+# 1. **Swap the halves** (all-gather over the pair): rank $j$ sends $X_j$ and receives $X_{1-j}$; it now has
+#    all of $X$ and computes its hidden rows $A_j = \sigma(W_1[\mathcal S_j,:]\,X + b_1[\mathcal S_j])$ completely:
+#    the sum over tokens runs inside one rank, since no rank splits the tokens.
+# 2. **Two terms, one per rank.** $Y$ is the sum of the two terms $P_j = W_2[:, \mathcal S_j] A_j$, each a full
+#    $T \times H$ matrix computed by rank $j$. Rank $j$ owns the channels $\mathcal H_j$ of the result:
+#
+#    $$Y[:, \mathcal H_0] = P_0[:, \mathcal H_0] + P_1[:, \mathcal H_0], \qquad Y[:, \mathcal H_1] = P_0[:, \mathcal H_1] + P_1[:, \mathcal H_1],$$
+#
+#    so rank $j$ **sends its partner the half it owns**, $P_j[:, \mathcal H_{1-j}]$, receives $P_{1-j}[:, \mathcal H_j]$
+#    and adds (a reduce-scatter in two messages).
+#
+# The channel MLP is the mirror image: $X W_a = X_0\, W_a[\mathcal H_0, :] + X_1\, W_a[\mathcal H_1, :]$, two terms
+# whose sum every rank needs (the pair swaps them: an all-reduce), then rank $j$ multiplies by its column half
+# $W_b[:, \mathcal H_j]$ and is done. On two thread ranks, with the uneven sizes above:
+
+# %%
+def _run_token(tensor, domain, fn=token_mlp):
+    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+    x = cut(_X, (1, p, i), (2, q, j))
+    w1, b1 = cut(_W1, (0, q, j), (1, p, i)), cut(_b1, (0, q, j), (0, p, i))  # bias shards: see above
+    w2, b2 = cut(_W2, (0, p, i), (1, q, j)), cut(_b2, (0, p, i), (0, q, j))
+    y = fn(x, w1, b1, w2, b2, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_S, q))
+    (y * cut(_dY, (1, p, i), (2, q, j))).sum().backward()
+    return y.detach(), x.grad, w1.grad, b1.grad, w2.grad, b2.grad, tensor.sent + domain.sent
+
+
+def _check_token(p, q, fn=token_mlp):
+    for r, (y, dx, dw1, db1, dw2, db2, _) in enumerate(on_grid(p, q, _run_token, fn)):
+        i, j = divmod(r, q)
+        test_close(y, _Y.detach()[:, slice(*shard_range(_T, p, i)), slice(*shard_range(_H, q, j))], eps=1e-12)
+        test_close(dx, cut(_full[0].grad, (1, p, i), (2, q, j)), eps=1e-12)
+        test_close(dw1, cut(_full[1].grad, (0, q, j), (1, p, i)), eps=1e-12)
+        test_close(dw2, cut(_full[3].grad, (0, p, i), (1, q, j)), eps=1e-12)
+        test_close(db1, cut(_full[2].grad, (0, q, j), (0, p, i)), eps=1e-12)
+        test_close(db2, cut(_full[4].grad, (0, p, i), (0, q, j)), eps=1e-12)
+
+_check_token(1, 2)  # 2-way: forward, input gradient, both weights and both biases, on two thread ranks
+
+# %% [markdown]
+# ## The 2x2 case: a table and a picture
+#
+# The paper's 4-way layout is $p = q = 2$: rank $r$ holds token half $r \div 2$ and channel half $r \bmod 2$.
+# `mlp_steps` lists, for every step of both MLPs, what rank $(i, j)$ holds, what it computes, which group it
+# sums or gathers over and whom it sends to; `print_steps` prints it for a layout.
+
+# %%
+#| export
+def mlp_steps(p: int, q: int, i: int, j: int) -> list[dict]:
+    "The steps of the token and channel MLPs on rank (i, j) of a p x q group: holds, computes, exchange, partners."
+    t, d = [(i, k) for k in range(q) if k != j], [(k, j) for k in range(p) if k != i]
+    return [
+        dict(mlp="token", holds=f"X[T{i},H{j}]", computes=f"gather X[T{i},:]", exchange="all-gather over tensor", partners=t),
+        dict(mlp="token", holds=f"W1[S{j},T{i}]", computes=f"W1[S{j},T{i}] X[T{i},:] (partial over i)", exchange="all-reduce over domain", partners=d),
+        dict(mlp="token", holds=f"W2[T{i},S{j}]", computes=f"W2[T{i},S{j}] A[S{j},:] (partial over j)", exchange="reduce-scatter over tensor", partners=t),
+        dict(mlp="channel", holds=f"X[T{i},H{j}]", computes=f"gather X[:,H{j}]", exchange="all-gather over domain", partners=d),
+        dict(mlp="channel", holds=f"Wa[H{j},G{i}]", computes=f"X[:,H{j}] Wa[H{j},G{i}] (partial over j)", exchange="all-reduce over tensor", partners=t),
+        dict(mlp="channel", holds=f"Wb[G{i},H{j}]", computes=f"A[:,G{i}] Wb[G{i},H{j}] (partial over i)", exchange="reduce-scatter over domain", partners=d),
+    ]
+
+
+def print_steps(p: int, q: int):
+    "Print `mlp_steps` for every rank of a p x q group."
+    print(f"{'rank':>4} {'(i,j)':>6}  {'MLP':<8}{'holds':<14}{'computes':<40}{'exchange':<28}partners")
+    for r in range(p * q):
+        i, j = divmod(r, q)
+        for s in mlp_steps(p, q, i, j):
+            print(f"{r:>4} {str((i, j)):>6}  {s['mlp']:<8}{s['holds']:<14}{s['computes']:<40}{s['exchange']:<28}"
+                  + ", ".join(f"rank {a * q + b}" for a, b in s["partners"]))
+
+# %%
+print_steps(2, 2)
+
+# %% [markdown]
+# The same steps drawn: one panel per step, each rank's block coloured by its owner, an arrow for every
+# message. Rows are token blocks $i$, columns channel blocks $j$. The token MLP talks along rows (tensor
+# partners) for its gather and output, and down columns (domain partners) for its hidden sum; the channel MLP
+# the other way round.
+
+# %%
+#| export
+def plot_exchanges(p: int = 2, q: int = 2, ax_size: float = 2.6):
+    "A figure of the MLP steps on a p x q group: blocks coloured by owner, an arrow per message (matplotlib)."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(3 * ax_size * max(1, q / 2), 2.1 * ax_size * max(1, p / 2)))
+    colours = plt.cm.tab10.colors
+    centre = lambda i, j: (j + 0.46, p - 0.54 - i)
+    for k, ax in enumerate(axes.flat):
+        for i in range(p):
+            for j in range(q):
+                s = mlp_steps(p, q, i, j)[k]
+                ax.add_patch(plt.Rectangle((j, p - 1 - i), 0.92, 0.92, color=colours[(i * q + j) % 10], alpha=0.5))
+                ax.text(*centre(i, j), f"rank {i * q + j}\n{s['holds']}", ha="center", va="center", fontsize=7)
+                for a, b in s["partners"]:  # one arrow per message, curved so the two directions stay apart
+                    ax.annotate("", xy=centre(a, b), xytext=centre(i, j), arrowprops=dict(
+                        arrowstyle="-|>", lw=1.3, color=colours[(i * q + j) % 10], shrinkA=14, shrinkB=14,
+                        connectionstyle="arc3,rad=0.25"))
+        s = mlp_steps(p, q, 0, 0)[k]
+        ax.set_xlim(-0.1, q); ax.set_ylim(-0.1, p); ax.set_aspect("equal"); ax.axis("off")
+        ax.set_title(f"{s['mlp']} MLP, step {k % 3 + 1}\n{s['exchange']}", fontsize=8)
+    fig.suptitle(f"The messages of one mixer block on a {p}x{q} model group\n(rows: token blocks i; columns: channel blocks j; "
+                 f"an arrow's colour is its sender)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %%
+#| fig-alt: The 2x2 layout: six panels, one per exchange of the token and channel MLPs, ranks as coloured blocks, arrows for messages.
+plot_exchanges(2, 2);
+
+# %% [markdown]
+# And the exported function on four thread ranks, with the uneven sizes above (tokens 5+5, channels 4+3,
+# hidden tokens 3+2):
+
+# %%
+_check_token(2, 2)
+
+# %% [markdown]
+# ## The backward, derived
+#
+# Each rank back-propagates its own share of the loss (see `comm`), so for every exchange the backward is the
+# exchange's adjoint, found by writing the forward as a linear map and transposing it:
+#
+# - **all-gather** $x_j \mapsto [x_0, \dots, x_{q-1}]$ is the stacking map $E$, $E(x)_k = x_k$. Its transpose sends
+#   the gradient $g$ of the stacked tensor, one share $g^{(r)}$ per rank, to $\sum_r g^{(r)}_j$ on rank $j$: the
+#   shares are summed and each rank keeps its block, a **reduce-scatter**.
+# - **reduce-scatter** $\{y^{(r)}\} \mapsto (\sum_r y^{(r)})_j$ is the transpose of that: each rank's summand
+#   $y^{(r)}$ receives the whole upstream gradient, whose blocks are spread over the ranks: an **all-gather**.
+# - **all-reduce** $\{y^{(r)}\} \mapsto \sum_r y^{(r)}$ on every rank: the summand $y^{(r)}$ influences every
+#   rank's copy, so its gradient is $\sum_{r'} g^{(r')}$, the sum of every rank's *share* of the upstream
+#   gradient: again an **all-reduce**.
+#
+# Megatron-LM pairs them differently: its `f` is the identity forward and an all-reduce backward, its `g`
+# an all-reduce forward and the identity backward. The difference is the convention, not the mathematics:
+# Megatron replicates the loss on every rank of its tensor group, so the gradient arriving at a replicated
+# tensor is already the full gradient on every rank and summing it again would count it $q$ times; here each
+# rank holds only its share $L_r$, the gradient at a replicated tensor is a `Partial`, and making it whole
+# is a sum. Applied to the token MLP (plain path), the backward runs the forward's exchanges in reverse:
+#
+# | forward | backward |
+# |---|---|
+# | $\tilde X = \mathrm{AG}_{\text{tensor}}(X_{ij})$ | $\partial X_{ij} = \mathrm{RS}_{\text{tensor}}\big(W_1[\mathcal S_j, \mathcal T_i]^\top\, \partial \tilde A\big)$ |
+# | $\tilde A = \mathrm{AR}_{\text{domain}}(W_1 \tilde X + b_1)$ | $\partial \tilde A = \mathrm{AR}_{\text{domain}}(\sigma' \odot \partial A)$, $\partial W_1 = \partial \tilde A\, \tilde X^\top$ (complete: no sync) |
+# | $Y = \mathrm{RS}_{\text{tensor}}(W_2 A + b_2)$ | $\partial P = \mathrm{AG}_{\text{tensor}}(\partial Y)$, $\partial W_2 = \partial P\, A^\top$, $\partial A = W_2^\top \partial P$ |
+#
+# Every weight gradient is complete where it is computed: the backward's exchanges already summed over
+# every rank that uses the weight, which is why Jigsaw needs no all-reduce of tensor-parallel weights. The
+# checks above compared exactly these gradients with the one-process model.
 
 # %% [markdown]
 # ## Channel mixing: $Y = \sigma(X W_a + b_a) W_b + b_b$
@@ -183,9 +358,6 @@ def token_mlp(
 # $$A[:, \mathcal G_i] = \sigma\Big(\sum_{j'} X[:, \mathcal H_{j'}]\, W_a[\mathcal H_{j'}, \mathcal G_i] + b_a[\mathcal G_i]\Big) \quad\text{(all-reduce over } j'),$$
 #
 # $$Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{i'} A[:, \mathcal G_{i'}]\, W_b[\mathcal G_{i'}, \mathcal H_j]\Big]_{\mathcal T_i, :} + b_b[\mathcal H_j] \quad\text{(reduce-scatter over } i' \text{ along tokens)}.$$
-#
-# Every GEMM is cut $pq$ ways with no redundant FLOP; the only redundant work is the GELU on the
-# replicated hidden block.
 
 # %%
 #| export
@@ -194,18 +366,48 @@ def channel_mlp(
     wa, ba,  # Wa[H_j, G_i] (H_j, G_i); ba: shard j (of q) of ba[G_i]
     wb, bb,  # Wb[G_i, H_j] (G_i, H_j); bb: shard i (of p) of bb[H_j]
     tensor: Group, domain: Group,
-    t_sizes: list[int],  # token block sizes over the domain axis
-    dropout: float = 0.0, training: bool = False,
-    bias_after: bool = False,  # biases are whole output blocks added after each sum (faithful 4-way), not shards
+    t_sizes: list[int], h_sizes: list[int], g_sizes: list[int],  # T over p, H over q, G over p
+    drop=_nodrop,
 ):
-    "Channel-mixing MLP on a p x q grid: (B, T_i, H_j) -> (B, T_i, H_j)."
-    xg = all_gather(x, domain, 1, t_sizes)  # (B, T, H_j): every token, my channels
-    if bias_after: a = all_reduce(xg @ wa, tensor) + ba
-    else: a = all_reduce(add_bias_shard(xg @ wa, ba, 2, tensor), tensor)  # (B, T, G_i): summed over input-channel blocks
-    a = F.dropout(F.gelu(a), dropout, training)
-    if bias_after: y = reduce_scatter(a @ wb, domain, 1, t_sizes) + bb
-    else: y = reduce_scatter(add_bias_shard(a @ wb, bb, 2, domain), domain, 1, t_sizes)  # (B, T_i, H_j)
-    return F.dropout(y, dropout, training)
+    "Channel-mixing MLP on a p x q grid, the plain path: (B, T_i, H_j) -> (B, T_i, H_j)."
+    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
+    xg = all_gather(x, domain, 1, t_sizes)  # X[:, H_j]  (B, T, H_j)
+    a = all_reduce(add_bias_shard(RIGHT.fwd(wa, xg), ba, 2, tensor), tensor)  # sum_j X[:,H_j] Wa[H_j,G_i] + ba  (B, T, G_i)
+    a = drop(F.gelu(a), 2, (0, _off(g_sizes, i)), (T, G))
+    y = reduce_scatter(add_bias_shard(RIGHT.fwd(wb, a), bb, 2, domain), domain, 1, t_sizes)  # sum_i A[T_i,G_i] Wb[G_i,H_j] + bb
+    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))  # (B, T_i, H_j)
+
+# %% [markdown]
+# Checked like the token MLP, on 1x2, 2x1 and 2x2 thread grids (hidden channels $G = 9$: 5 + 4 over $p = 2$):
+
+# %%
+_Wa, _ba, _Wb, _bb = _r(_H, _G), _r(_G), _r(_G, _H), _r(_H)
+_cfull = [t.clone().requires_grad_(True) for t in (_X, _Wa, _ba, _Wb, _bb)]
+_Yc = RIGHT.fwd(_cfull[3], F.gelu(RIGHT.fwd(_cfull[1], _cfull[0]) + _cfull[2])) + _cfull[4]
+(_Yc * _dY).sum().backward()
+
+
+def _run_channel(tensor, domain, fn=channel_mlp):
+    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+    x = cut(_X, (1, p, i), (2, q, j))
+    wa, ba = cut(_Wa, (0, q, j), (1, p, i)), cut(_ba, (0, p, i), (0, q, j))
+    wb, bb = cut(_Wb, (0, p, i), (1, q, j)), cut(_bb, (0, q, j), (0, p, i))
+    y = fn(x, wa, ba, wb, bb, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_G, p))
+    (y * cut(_dY, (1, p, i), (2, q, j))).sum().backward()
+    return y.detach(), x.grad, wa.grad, ba.grad, wb.grad, bb.grad, tensor.sent + domain.sent
+
+
+def _check_channel(p, q, fn=channel_mlp):
+    for r, (y, dx, dwa, dba, dwb, dbb, _) in enumerate(on_grid(p, q, _run_channel, fn)):
+        i, j = divmod(r, q)
+        test_close(y, _Yc.detach()[:, slice(*shard_range(_T, p, i)), slice(*shard_range(_H, q, j))], eps=1e-12)
+        test_close(dx, cut(_cfull[0].grad, (1, p, i), (2, q, j)), eps=1e-12)
+        test_close(dwa, cut(_cfull[1].grad, (0, q, j), (1, p, i)), eps=1e-12)
+        test_close(dwb, cut(_cfull[3].grad, (0, p, i), (1, q, j)), eps=1e-12)
+        test_close(dba, cut(_cfull[2].grad, (0, p, i), (0, q, j)), eps=1e-12)
+        test_close(dbb, cut(_cfull[4].grad, (0, q, j), (0, p, i)), eps=1e-12)
+
+for _pq in ((1, 2), (2, 1), (2, 2)): _check_channel(*_pq)
 
 # %% [markdown]
 # ## LayerNorm over sharded channels
@@ -217,9 +419,9 @@ def channel_mlp(
 #
 # $$\mu = \frac{1}{H}\sum_{j} n_j \mu_j, \qquad \sigma^2 = \frac1H \sum_{j} \big(M_j + n_j (\mu_j - \mu)^2\big).$$
 #
-# **Faithful** mode is what the
-# released code does: statistics over the local block only, $\mu_j = \frac{1}{|\mathcal H_j|}\sum_{h \in \mathcal H_j} x_h$:
-# a different function from the 1-way model whenever $q > 1$.
+# **Faithful** mode is what the released code does: statistics over the local block only,
+# $\mu_j = \frac{1}{|\mathcal H_j|}\sum_{h \in \mathcal H_j} x_h$: a different function from the 1-way model
+# whenever $q > 1$.
 
 # %%
 #| export
@@ -237,81 +439,417 @@ def layer_norm(
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
     mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
     m_j = (x - mu_j).square().sum(-1, keepdim=True)
-    n = torch.tensor(sizes or split_sizes(n_features, tensor.size), dtype=x.dtype).view(-1, *[1] * x.dim())
-    st = all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), tensor, 0)  # (q, ..., 2): every rank's (mean, M)
+    n = torch.tensor(sizes or split_sizes(n_features, tensor.size), dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
+    st = all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), tensor, 0, [1] * tensor.size)  # (q, ..., 2): every (mean, M)
     mu = (n * st[..., :1]).sum(0) / n_features
     var = (st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features
     return (x - mu) * torch.rsqrt(var + eps) * w + b
 
 # %% [markdown]
-# ## One-process simulation
-#
-# Before any MPI, the block equations are checked in float64 by looping over the ranks of a $2\times2$ grid
-# with uneven blocks: each "rank" computes its partial products from its blocks, and the sums play the part of
-# the collectives.
+# On three thread ranks holding 3 + 2 + 2 of 7 features, with its gradients, and in faithful mode different:
 
 # %%
-def _sim_token_mlp(X, W1, b1, W2, b2, p, q):
-    T, H = X.shape; S = W1.shape[0]
-    Ts, Hs, Ss = (torch.tensor([0] + split_sizes(n, k)).cumsum(0) for n, k in ((T, p), (H, q), (S, q)))
-    rng = lambda c, k: slice(int(c[k]), int(c[k + 1]))
-    Y = torch.zeros_like(X)
-    for j in range(q):  # A[S_j, :] = sum_i W1[S_j, T_i] X[T_i, :]  (all-reduce over domain partners)
-        A = F.gelu(sum(W1[rng(Ss, j), rng(Ts, i)] @ X[rng(Ts, i)] for i in range(p)) + b1[rng(Ss, j), None])
-        for i in range(p):  # rank (i, j)'s partial product, reduce-scattered over j along channels
-            Y[rng(Ts, i)] += W2[rng(Ts, i), rng(Ss, j)] @ A
-    return Y + b2[:, None]
+_lw, _lb = 1 + _r(_H).abs(), _r(_H)  # LayerNorm weight and bias
+_xl = _X.clone().requires_grad_(True)
+_yl = F.layer_norm(_xl, (_H,), _lw, _lb); (_yl * _dY).sum().backward()
 
-_X = torch.randn(10, 7, dtype=torch.float64)
-_W1, _b1, _W2, _b2 = (torch.randn(*s, dtype=torch.float64) for s in ((5, 10), (5,), (10, 5), (10,)))
-_serial = _W2 @ F.gelu(_W1 @ _X + _b1[:, None]) + _b2[:, None]
-test_close(_sim_token_mlp(_X, _W1, _b1, _W2, _b2, p=2, q=2), _serial, eps=1e-12)
-test_close(_sim_token_mlp(_X, _W1, _b1, _W2, _b2, p=3, q=2), _serial, eps=1e-12)
+
+def _ln3(tensor, domain, exact):
+    k = tensor.rank
+    x, w, b = cut(_X, (2, 3, k)), cut(_lw, (0, 3, k)), cut(_lb, (0, 3, k))
+    y = layer_norm(x, w, b, tensor, _H, exact)
+    (y * cut(_dY, (2, 3, k))).sum().backward()
+    return y.detach(), x.grad
+
+for _k, (_y, _dx) in enumerate(on_grid(1, 3, _ln3, True)):
+    test_close(_y, cut(_yl, (2, 3, _k)), eps=1e-12); test_close(_dx, cut(_xl.grad, (2, 3, _k)), eps=1e-12)
+assert (on_grid(1, 3, _ln3, False)[0][0] - cut(_yl, (2, 3, 0))).abs().max() > 1e-3  # local statistics: another function
 
 # %% [markdown]
-# In one process (groups of one) the exported functions reduce to the serial MLPs:
+# ## The general $p \times q$ form
+#
+# Nothing above used $p, q \le 2$. On any grid, rank $(i, j)$ holds $W_1[\mathcal S_j, \mathcal T_i]$,
+# $W_2[\mathcal T_i, \mathcal S_j]$, $W_a[\mathcal H_j, \mathcal G_i]$, $W_b[\mathcal G_i, \mathcal H_j]$, and each MLP is
+#
+# $$\text{gather the batch axis} \;\to\; \text{partial product} \;\to\; \textstyle\sum \text{over the contracted axis} \;\to\; \sigma \;\to\; \text{partial product} \;\to\; \text{reduce-scatter back},$$
+#
+# with the token MLP gathering over the tensor axis and summing over the domain axis, the channel MLP the
+# other way round. Every GEMM is cut $pq$ ways with no redundant FLOP. Three ranks by two, uneven everywhere:
 
 # %%
-_one = Group()
-_x = torch.randn(2, 10, 7, dtype=torch.float64)
-test_close(token_mlp(_x, _W1, _b1, _W2, _b2, _one, _one, [7]),
-           torch.stack([_W2 @ F.gelu(_W1 @ xb + _b1[:, None]) + _b2[:, None] for xb in _x]), eps=1e-12)
-_wa, _ba, _wb, _bb = (torch.randn(*s, dtype=torch.float64) for s in ((7, 9), (9,), (9, 7), (7,)))
-test_close(channel_mlp(_x, _wa, _ba, _wb, _bb, _one, _one, [10]), F.gelu(_x @ _wa + _ba) @ _wb + _bb, eps=1e-12)
-test_close(layer_norm(_x, torch.ones(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64), _one, 7), F.layer_norm(_x, (7,)), eps=1e-12)
+_check_token(3, 2); _check_channel(3, 2); _check_token(2, 3)
 
 # %% [markdown]
-# The same functions on 2, 4 and 8 MPI ranks, against these serial results with gradients, are in
-# `tests/mpi/test_layers.py`; the notebook `12_mpi_notebook` runs them interactively.
+# ## Refinement 1: overlap every exchange with its GEMM, and keep only 1/n of the activations
 #
-# ## Communication volume
+# The plain path has two costs the paper avoids. Its exchanges **wait**: a rank sends its block and sits idle
+# until the partners' arrive. And autograd **keeps the gathered blocks**: the all-gathered $\tilde X$ (all
+# channels of my tokens) and the all-reduced hidden block are saved for the backward, $q$ and $p$ times larger
+# than a rank's share.
 #
-# Per mixer block and sample, with $b$ bytes per element, rank $(i,j)$ sends (forward; the backward sends the
-# same amounts again, each collective's adjoint being the other):
+# Both are fixed by cutting each product along its separable dimension (`Product.dim`) into the blocks the
+# exchange moves:
 #
-# | step | collective | group | elements (full size) |
-# |---|---|---|---|
-# | token MLP gather | all-gather | tensor ($q$) | $\lvert\mathcal T_i\rvert H$ |
-# | token MLP hidden | all-reduce | domain ($p$) | $\lvert\mathcal S_j\rvert H$ |
-# | token MLP output | reduce-scatter | tensor | $\lvert\mathcal T_i\rvert H$ |
-# | channel MLP gather | all-gather | domain | $T \lvert\mathcal H_j\rvert$ |
-# | channel MLP hidden | all-reduce | tensor | $T \lvert\mathcal G_i\rvert$ |
-# | channel MLP output | reduce-scatter | domain | $T \lvert\mathcal H_j\rvert$ |
-# | 2 exact LayerNorms | 1 all-gather each | tensor | $2 \cdot 2 q \lvert\mathcal T_i\rvert$ (2 numbers per token and rank) |
+# - **gather, then multiply** (`gather_matmul`): $Y = f(\mathrm{AG}(x))$ with $f$ separable, so
+#   $Y[\mathcal B_k] = f(x_k)$. A rank posts its block to every partner, multiplies its own block while the
+#   messages fly, then each partner's block as it arrives. Only its own block $x_r$ is saved; the backward
+#   gathers the blocks again (as sequence parallelism does), overlapping that with the GEMMs of its own block,
+#   and sends each partner the input gradient of that partner's block as soon as it is computed
+#   (the reduce-scatter that is the all-gather's adjoint).
+# - **multiply, then reduce-scatter** (`matmul_reduce_scatter`): $Y_r = \sum_{r'} f_{r'}(a)[\mathcal B_r]$. A rank
+#   computes first the block a partner needs, sends it, and computes the next, its own last; the backward
+#   all-gathers the upstream gradient blocks while it computes the contributions of its own.
 #
-# with the per-rank bytes of `comm.expected_bytes` for each. `block_bytes` adds them up; the MPI test checks
-# it against the bytes the `Group`s counted.
+# The hidden sums become a reduce-scatter (along the batch-like axis) followed by a gather: the same bytes as
+# the all-reduce, and the hidden block is stored once, cut $pq$ ways. The messages go in rounds: in round $d$
+# rank $r$ sends to $r + d$ and receives from $r - d$ (mod $n$), so every pair's messages match in the same round
+# on every backend, NCCL's grouped point-to-point included. A group that cannot post non-blocking messages
+# (`algo="coll"`) runs the same functions with the library's collectives: the same memory, no overlap.
 
 # %%
 #| export
-def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 4, batch: int = 1, exact: bool = True) -> int:
-    "Analytic bytes one rank sends in one mixer block forward (even splits)."
-    from jigsaw_ref.comm import expected_bytes as e
-    Ti, Sj, Gi = T // p, S // q, G // p
-    n = (e("all_gather", q, Ti * H, itemsize) + e("all_reduce", p, Sj * H, itemsize) + e("reduce_scatter", q, Ti * H, itemsize)
-         + e("all_gather", p, T * (H // q), itemsize) + e("all_reduce", q, T * Gi, itemsize) + e("reduce_scatter", p, T * (H // q), itemsize))
-    if exact: n += 2 * e("all_gather", q, 2 * q * Ti, itemsize)
-    return batch * n
+def _rounds(n: int, r: int):
+    "Round d = 1..n-1: (partner I send to, partner I receive from)."
+    return [((r + d) % n, (r - d) % n) for d in range(1, n)]
+
+
+def _with(t, dim: int, n: int):
+    "The shape of `t` with extent `n` along `dim`."
+    s = list(t.shape); s[dim] = n
+    return s
+
+
+def _cuts(sizes): return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+# %% [markdown]
+# `gather_matmul`: forward and backward, as one autograd function.
 
 # %%
-test_eq(block_bytes(8, 4, 4, 4, 1, 1), 0)
+#| export
+class _GatherMatmul(torch.autograd.Function):
+    """Forward: `prod.fwd(w, AG(x))` over `group` along `prod.dim`, each partner's block multiplied as it arrives.
+    Backward: the input blocks are gathered again (only `x` was saved); `dx = RS(prod.da(w, dy))` with each
+    partner's block sent as soon as it is computed; `dw` accumulated block by block."""
+    @staticmethod
+    def forward(ctx, w, x, prod, group, sizes):
+        ctx.save_for_backward(w, x); ctx.prod, ctx.group, ctx.sizes = prod, group, sizes
+        n, r, d, c = group.size, group.rank, prod.dim, _cuts(sizes)
+        if not group.can_overlap: return prod.fwd(w, group.all_gather(x, d, sizes))
+        xs = x.contiguous()
+        bufs = {k: x.new_empty(_with(x, d, sizes[k])) for k in range(n) if k != r}
+        reqs = [group.start(sends=[(xs, to)], recvs=[(bufs[fr], fr)], tag=31) for to, fr in _rounds(n, r)]
+        y_r = prod.fwd(w, xs)  # my own block while the partners' blocks arrive
+        out = y_r.new_empty(_with(y_r, d, c[-1]))
+        out.narrow(d, c[r], sizes[r]).copy_(y_r)
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq)
+            out.narrow(d, c[fr], sizes[fr]).copy_(prod.fwd(w, bufs[fr]))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        w, x = ctx.saved_tensors
+        prod, group, sizes = ctx.prod, ctx.group, ctx.sizes
+        n, r, d, c = group.size, group.rank, prod.dim, _cuts(sizes)
+        blk = lambda t, k: t.narrow(d, c[k], sizes[k])
+        if not group.can_overlap:
+            xg = group.all_gather(x, d, sizes)
+            return prod.dw(g, xg), group.reduce_scatter(prod.da(w, g), d, sizes), None, None, None
+        xs = x.contiguous()
+        xb = {k: x.new_empty(_with(x, d, sizes[k])) for k in range(n) if k != r}
+        gather = [group.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=32) for to, fr in _rounds(n, r)]
+        dxb = {k: x.new_empty(_with(x, d, sizes[r])) for k in range(n) if k != r}
+        scatter = [group.start(sends=[(prod.da(w, blk(g, to)).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=33)
+                   for to, fr in _rounds(n, r)]  # each partner's input gradient, sent as soon as it exists
+        dx = prod.da(w, blk(g, r))  # mine, and my weight-gradient block, while the messages fly
+        dw = prod.dw(blk(g, r), xs)
+        for (to, fr), rq in zip(_rounds(n, r), gather):
+            group.wait(rq); dw = dw + prod.dw(blk(g, fr), xb[fr])
+        for (to, fr), rq in zip(_rounds(n, r), scatter):
+            group.wait(rq); dx = dx + dxb[fr]  # a fixed order of summation: the rounds
+        return dw, dx, None, None, None
+
+
+def gather_matmul(prod: Product, w, x, group: Group, sizes: list[int]):
+    "`prod.fwd(w, all_gather(x, group, prod.dim, sizes))`, overlapped, saving only `x`."
+    return prod.fwd(w, x) if group.size == 1 else _GatherMatmul.apply(w, x, prod, group, list(sizes))
+
+# %% [markdown]
+# `matmul_reduce_scatter`, its mirror:
+
+# %%
+#| export
+class _MatmulReduceScatter(torch.autograd.Function):
+    """Forward: `RS(prod.fwd(w, a) + c)` over `group` along `prod.dim`, each partner's block computed and sent
+    (non-blocking) before the next, mine last. Backward: the upstream gradient blocks are all-gathered with
+    non-blocking messages overlapped with the GEMMs of `da` and `dw` of my own block."""
+    @staticmethod
+    def forward(ctx, w, a, c, prod, group, sizes):
+        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes = prod, group, sizes
+        n, r, d, cu = group.size, group.rank, prod.dim, _cuts(sizes)
+        shape = [1] * a.dim(); shape[prod.bias_dim] = -1
+        blk = lambda k: prod.fwd(w, a.narrow(d, cu[k], sizes[k])) + c.view(shape)
+        if not group.can_overlap: return group.reduce_scatter(prod.fwd(w, a) + c.view(shape), d, sizes)
+        bufs, reqs = {}, []
+        for to, fr in _rounds(n, r):  # each sent block stays referenced by its request until `wait`
+            y_to = blk(to).contiguous()
+            bufs[fr] = y_to.new_empty(_with(y_to, d, sizes[r]))
+            reqs += group.start(sends=[(y_to, to)], recvs=[(bufs[fr], fr)], tag=21)
+        out = blk(r)  # my own block while the messages fly
+        group.wait(reqs)
+        for to, fr in _rounds(n, r): out = out + bufs[fr]  # a fixed order of summation
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        w, a = ctx.saved_tensors
+        prod, group, sizes = ctx.prod, ctx.group, ctx.sizes
+        n, r, d, cu = group.size, group.rank, prod.dim, _cuts(sizes)
+        other = [k for k in range(g.dim()) if k != prod.bias_dim]
+        if not group.can_overlap:
+            gg = group.all_gather(g, d, sizes)
+            return prod.dw(gg, a), prod.da(w, gg), gg.sum(other), None, None, None
+        g = g.contiguous()
+        bufs = {fr: g.new_empty(_with(g, d, sizes[fr])) for _, fr in _rounds(n, r)}
+        reqs = [group.start(sends=[(g, to)], recvs=[(bufs[fr], fr)], tag=22) for to, fr in _rounds(n, r)]
+        da = torch.empty_like(a)
+        def use(k, gk):  # the contributions of block k
+            da.narrow(d, cu[k], sizes[k]).copy_(prod.da(w, gk))
+            return prod.dw(gk, a.narrow(d, cu[k], sizes[k])), gk.sum(other)
+        dw, dc = use(r, g)  # my own block while the partners' arrive
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); gw, gc = use(fr, bufs[fr]); dw = dw + gw; dc = dc + gc
+        return dw, da, dc, None, None, None
+
+
+def matmul_reduce_scatter(prod: Product, w, a, c, group: Group, sizes: list[int]):
+    "`reduce_scatter(prod.fwd(w, a) + c, group, prod.dim, sizes)` (`c` along `prod.bias_dim`), overlapped."
+    return _MatmulReduceScatter.apply(w, a, c, prod, group, list(sizes))
+
+# %% [markdown]
+# Both against their plain compositions, on three thread ranks with uneven blocks (4 + 3 + 3 channels), forward
+# and backward:
+
+# %%
+def _leaf(t): return t.detach().clone().requires_grad_(True)
+
+
+def _fused(tensor, domain, prod, w_full, a_full, c_full):
+    "Outputs and gradients of (gather_matmul, its plain form, matmul_reduce_scatter, its plain form) on this rank."
+    k, n = tensor.rank, tensor.size
+    sz = split_sizes(a_full.shape[prod.dim], n)
+    shape = [1] * a_full.dim(); shape[prod.bias_dim] = -1
+    runs = {"gather_matmul": lambda w, a, c: gather_matmul(prod, w, a, tensor, sz),
+            "plain gather": lambda w, a, c: prod.fwd(w, all_gather(a, tensor, prod.dim, sz)),
+            "matmul_reduce_scatter": lambda w, a, c: matmul_reduce_scatter(prod, w, a, c, tensor, sz),
+            "plain scatter": lambda w, a, c: reduce_scatter(prod.fwd(w, a) + c.view(shape), tensor, prod.dim, sz)}
+    out = {}
+    for name, f in runs.items():
+        w, c = _leaf(w_full), _leaf(c_full)
+        a = cut(a_full, (prod.dim, n, k)) if "gather" in name else _leaf(a_full * (k + 1))  # a block, or a summand
+        y = f(w, a, c)
+        (y * (k + 1)).square().sum().backward()  # each rank its own upstream gradient
+        out[name] = (y.detach(), w.grad, a.grad, c.grad)
+    return out
+
+for _prod, _wf, _af, _cf in ((LEFT, _W1, _X, _b1), (RIGHT, _Wa, _X, _ba)):
+    for _res in on_grid(1, 3, _fused, _prod, _wf, _af, _cf):
+        for _u, _v in zip(_res["gather_matmul"][:3], _res["plain gather"][:3]): close(_u, _v)
+        for _u, _v in zip(_res["matmul_reduce_scatter"], _res["plain scatter"]): close(_u, _v)
+        assert all(t is not None for t in _res["gather_matmul"][1:3] + _res["matmul_reduce_scatter"][1:])
+
+# %% [markdown]
+# Each MLP is then two *stages*, $Y = \mathrm{RS}_{\text{scatter}}\big(f(w, \mathrm{AG}_{\text{gather}}(x)) + b\big)$, one per
+# linear. When there is nothing to gather the stage is a fused `matmul_reduce_scatter`; otherwise a
+# `gather_matmul` followed by the reduce-scatter. (In the 2-way layout every stage is one of the two fused
+# functions, so every exchange is overlapped; on a 2x2 grid the gathers are, the reduce-scatters between
+# two gathers are not.)
+
+# %%
+#| export
+def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter: Group, s_sizes: list[int]):
+    "`RS_scatter(prod.fwd(w, AG_gather(x)) + b)` along `prod.dim`, `b` this rank's bias shard over `scatter`, overlapped."
+    if gather.size == 1 and scatter.size > 1:
+        n = w.shape[0] if prod is LEFT else w.shape[1]
+        return matmul_reduce_scatter(prod, w, x, bias_full(b, n, scatter), scatter, s_sizes)
+    y = gather_matmul(prod, w, x, gather, g_sizes)
+    return reduce_scatter(add_bias_shard(y, b, prod.bias_dim, scatter), scatter, prod.dim, s_sizes)
+
+# %% [markdown]
+# The overlapped token MLP: the hidden block $A[\mathcal S_j, \mathcal H'_i]$ is cut along channels over the domain
+# axis ($\mathcal H'_i$: block $i$ of $p$ of all channels), and gathered again by the second stage:
+#
+# $$A[\mathcal S_j, \mathcal H'_i] = \sigma\Big(\mathrm{RS}_{\text{domain}}\big(W_1[\mathcal S_j, \mathcal T_i]\,\mathrm{AG}_{\text{tensor}}(X_{ij})\big) + b_1\Big),
+# \qquad Y_{ij} = \mathrm{RS}_{\text{tensor}}\big(W_2[\mathcal T_i, \mathcal S_j]\, \mathrm{AG}_{\text{domain}}(A[\mathcal S_j, \mathcal H'_i])\big) + b_2 .$$
+
+# %%
+#| export
+def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
+    "The token MLP with every exchange overlapped and 1/n of its activations saved (arguments as `token_mlp`)."
+    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
+    hd = split_sizes(H, domain.size)  # the hidden block's channels, cut over the domain axis
+    a = mm_stage(LEFT, w1, x, b1, tensor, h_sizes, domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
+    a = drop(F.gelu(a), 0, (_off(s_sizes, j), _off(hd, i)), (S, H))
+    y = mm_stage(LEFT, w2, a, b2, domain, hd, tensor, h_sizes)  # Y[T_i, H_j]
+    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% [markdown]
+# The overlapped channel MLP, its hidden block $A[\mathcal T'_j, \mathcal G_i]$ cut along tokens over the tensor axis:
+
+# %%
+#| export
+def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
+    "The channel MLP with every exchange overlapped and 1/n of its activations saved (arguments as `channel_mlp`)."
+    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
+    tt = split_sizes(T, tensor.size)  # the hidden block's tokens, cut over the tensor axis
+    a = mm_stage(RIGHT, wa, x, ba, domain, t_sizes, tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
+    a = drop(F.gelu(a), 2, (_off(tt, j), _off(g_sizes, i)), (T, G))
+    y = mm_stage(RIGHT, wb, a, bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
+    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% [markdown]
+# The same checks as the plain path, on 1x2, 2x1, 2x2 and 3x2 thread grids with uneven sizes:
+
+# %%
+for _pq in ((1, 2), (2, 1), (2, 2), (3, 2)):
+    _check_token(*_pq, fn=token_mlp_overlap); _check_channel(*_pq, fn=channel_mlp_overlap)
+
+# %% [markdown]
+# And the memory: `saved_bytes` counts the distinct storages autograd keeps for the backward. Per rank, the
+# plain path keeps the gathered blocks; the overlapped one stays at $1/n$ of the one-process MLP (plus the
+# weights, which are $1/n$ too):
+
+# %%
+#| export
+class saved_bytes:
+    "Context manager: `.bytes` of the distinct storages autograd saves for the backward inside it."
+    def __enter__(self):
+        self.seen, self.bytes = set(), 0
+        def pack(t):
+            try: key = t.untyped_storage().data_ptr()
+            except RuntimeError: key = id(t)
+            if key not in self.seen: self.seen.add(key); self.bytes += t.untyped_storage().nbytes()
+            return t
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__(); return self
+
+    def __exit__(self, *a): self._ctx.__exit__(*a)
+
+# %%
+def _memory(tensor, domain, fn, B=2, T=24, H=16, S=12):
+    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+    x = torch.randn(B, split_sizes(T, p)[i], split_sizes(H, q)[j], dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(split_sizes(S, q)[j], split_sizes(T, p)[i], dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(split_sizes(T, p)[i], split_sizes(S, q)[j], dtype=torch.float64, requires_grad=True)
+    b1 = torch.zeros(split_sizes(split_sizes(S, q)[j], p)[i], dtype=torch.float64, requires_grad=True)  # shard i of b1[S_j]
+    b2 = torch.zeros(split_sizes(split_sizes(T, p)[i], q)[j], dtype=torch.float64, requires_grad=True)  # shard j of b2[T_i]
+    with saved_bytes() as m:
+        fn(x, w1, b1, w2, b2, tensor, domain, split_sizes(T, p), split_sizes(H, q), split_sizes(S, q))
+    return m.bytes
+
+_one = _memory(Group(), Group(), token_mlp)  # the one-process MLP's saved bytes
+for _pq in ((1, 2), (2, 2)):
+    _plain, _lean = max(on_grid(*_pq, _memory, token_mlp)), max(on_grid(*_pq, _memory, token_mlp_overlap))
+    print(f"{_pq}: plain {_plain / (_one / (_pq[0] * _pq[1])):.2f} x 1/n of one process, overlapped {_lean / (_one / (_pq[0] * _pq[1])):.2f} x")
+    assert _lean <= 1.15 * _one / (_pq[0] * _pq[1]) < _plain
+
+# %% [markdown]
+# ## Communication volume
+#
+# Per mixer block and sample, with $b$ bytes per element, rank $(i,j)$ sends in the forward:
+#
+# | step | plain | overlapped | group | elements (full size) |
+# |---|---|---|---|---|
+# | token MLP gather | all-gather | gather-matmul | tensor ($q$) | $\lvert\mathcal T_i\rvert H$ |
+# | token MLP hidden | all-reduce | reduce-scatter + gather-matmul | domain ($p$) | $\lvert\mathcal S_j\rvert H$ |
+# | token MLP output | reduce-scatter | matmul-reduce-scatter | tensor | $\lvert\mathcal T_i\rvert H$ |
+# | channel MLP gather | all-gather | gather-matmul | domain | $T \lvert\mathcal H_j\rvert$ |
+# | channel MLP hidden | all-reduce | reduce-scatter + gather-matmul | tensor | $T \lvert\mathcal G_i\rvert$ |
+# | channel MLP output | reduce-scatter | matmul-reduce-scatter | domain | $T \lvert\mathcal H_j\rvert$ |
+# | 2 exact LayerNorms | all-gather | all-gather | tensor | $2 \cdot 2 q \lvert\mathcal T_i\rvert$ (2 numbers per token and rank) |
+#
+# with the per-rank bytes of `comm.expected_bytes` for each. The backward of the plain path sends the same
+# amounts again (each exchange's adjoint moves as many bytes); the overlapped path's backward also gathers
+# again every block it did not keep (one more all-gather per `gather_matmul`): the price of storing $1/n$.
+
+# %%
+#| export
+def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 4, batch: int = 1, exact: bool = True,
+                schedule: str = "plain", backward: bool = False) -> int:
+    "Analytic bytes one rank sends in one mixer block, forward (or forward + `backward`), for even splits."
+    e, b = expected_bytes, itemsize
+    Ti, Sj, Gi, Hj = T // p, S // q, G // p, H // q
+    fwd = (e("all_gather", q, Ti * H, b) + e("all_reduce", p, Sj * H, b) + e("reduce_scatter", q, Ti * H, b)
+           + e("all_gather", p, T * Hj, b) + e("all_reduce", q, T * Gi, b) + e("reduce_scatter", p, T * Hj, b))
+    if exact: fwd += 2 * e("all_gather", q, 2 * q * Ti, b)
+    regather = (e("all_gather", q, Ti * H, b) + e("all_gather", p, Sj * H, b) + e("all_gather", p, T * Hj, b)
+                + e("all_gather", q, T * Gi, b)) if schedule == "overlap" else 0
+    return batch * (fwd + (fwd + regather if backward else 0))
+
+# %% [markdown]
+# Checked against the bytes the groups count, on thread ranks with even sizes, for both paths, forward and
+# forward + backward (a token MLP, a channel MLP and two exact LayerNorms make a block):
+
+# %%
+def _block_sent(tensor, domain, overlap, backward, B=2, T=8, H=4, S=4, G=8):
+    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+    tok, ch = (token_mlp_overlap, channel_mlp_overlap) if overlap else (token_mlp, channel_mlp)
+    R = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    x = R(B, T // p, H // q)
+    y = x + tok(layer_norm(x, R(H // q), R(H // q), tensor, H), R(S // q, T // p), R(S // q // p), R(T // p, S // q),
+                R(T // p // q), tensor, domain, [T // p] * p, [H // q] * q, [S // q] * q)
+    y = y + ch(layer_norm(y, R(H // q), R(H // q), tensor, H), R(H // q, G // p), R(G // p // q), R(G // p, H // q),
+               R(H // q // p), tensor, domain, [T // p] * p, [H // q] * q, [G // p] * p)
+    if backward: y.sum().backward()
+    return tensor.sent + domain.sent
+
+for _pq in ((1, 2), (2, 2)):
+    for _ov in (False, True):
+        for _bw in (False, True):
+            _want = block_bytes(8, 4, 4, 8, *_pq, itemsize=8, batch=2, schedule="overlap" if _ov else "plain", backward=_bw)
+            test_eq(set(on_grid(*_pq, _block_sent, _ov, _bw)), {_want})
+test_eq(block_bytes(8, 4, 4, 4, 1, 1), 0)  # one rank sends nothing
+test_eq(block_bytes(8, 4, 4, 4, 1, 2), 4 * (8 * 2) * 4 + 2 * (2 * 2 * 8) * 4 // 2)  # 2-way: 4 half-blocks of 8 x 2, 2 LN stats
+
+# %% [markdown]
+# ## Faithful mode: the released code's biases, as a diff from exact
+#
+# The released research code does not tie the bias copies of ranks that share an output block: on a grid with
+# domain shards ($p > 1$) each rank keeps a whole bias vector for the output block it computes, never summed or
+# synchronised with its partners'. Faithful mode reproduces that; with $p = 1$ the released 2-way code's biases
+# are sharded as ours are, so the faithful and exact MLPs coincide. The difference, line by line against the
+# plain path: the bias is added **after** each sum, by every rank, as its own copy.
+
+# %%
+#| export
+def token_mlp_faithful(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
+    "The released code's token MLP on a p x q grid: per-rank bias copies `b1` (S_j,) and `b2` (T_i,) added after the sums."
+    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
+    xg = all_gather(x, tensor, 2, h_sizes)
+    a = all_reduce(LEFT.fwd(w1, xg), domain) + b1[:, None]  # exact: add_bias_shard before the sum
+    a = drop(F.gelu(a), 0, (_off(s_sizes, j), 0), (S, H))
+    y = reduce_scatter(LEFT.fwd(w2, a), tensor, 2, h_sizes) + b2[:, None]  # exact: add_bias_shard before the sum
+    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+
+def channel_mlp_faithful(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
+    "The released code's channel MLP on a p x q grid: per-rank bias copies `ba` (G_i,) and `bb` (H_j,) added after the sums."
+    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
+    xg = all_gather(x, domain, 1, t_sizes)
+    a = drop(F.gelu(all_reduce(RIGHT.fwd(wa, xg), tensor) + ba), 2, (0, _off(g_sizes, i)), (T, G))
+    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, t_sizes) + bb
+    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% [markdown]
+# With every copy equal to the one-process bias, faithful MLPs are the exact ones:
+
+# %%
+def _faithful_tied(tensor, domain):
+    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+    x = cut(_X, (1, p, i), (2, q, j))
+    w1, w2 = cut(_W1, (0, q, j), (1, p, i)), cut(_W2, (0, p, i), (1, q, j))
+    b1, b2 = cut(_b1, (0, q, j)), cut(_b2, (0, p, i))  # whole output blocks
+    return token_mlp_faithful(x, w1, b1, w2, b2, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_S, q)).detach()
+
+for _r_, _y in enumerate(on_grid(2, 2, _faithful_tied)):
+    close(_y, _Y.detach()[:, slice(*shard_range(_T, 2, _r_ // 2)), slice(*shard_range(_H, 2, _r_ % 2))])
