@@ -17,9 +17,9 @@ from torch.utils.checkpoint import checkpoint
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'token_sizes', 'residual_inputs', 'shard_spec', 'bias_copies', 'take', 'layout_param_count',
-           'JigsawMixer', 'scatter_state', 'gather_state', 'block_of', 'loss_share', 'sync_grads', 'grad_norm',
-           'clip_grads']
+__all__ = ['SCHEDULES', 'token_sizes', 'residual_inputs', 'shard_spec', 'bias_copies', 'take', 'shard_table',
+           'layout_param_count', 'JigsawMixer', 'scatter_state', 'gather_state', 'block_of', 'loss_share', 'sync_grads',
+           'grad_norm', 'clip_grads']
 
 # %% ../nbs/06_parallel.ipynb #7b8f1f01
 def _r(n, parts, k):
@@ -82,6 +82,31 @@ def take(t, idx):
     "The block of `t` at index lists `idx` (one per dim)."
     for d, ix in enumerate(idx): t = t.index_select(d, torch.tensor(ix, dtype=torch.long))
     return t
+
+# %% ../nbs/06_parallel.ipynb #ef5d9870
+def _ranges(ix: list) -> str:
+    "An index list as contiguous ranges, `a:b+c:d`."
+    out, k = [], 0
+    while k < len(ix):
+        e = k
+        while e + 1 < len(ix) and ix[e + 1] == ix[e] + 1: e += 1
+        out.append(f"{ix[k]}:{ix[e] + 1}"); k = e + 1
+    return "+".join(out) or "-"
+
+
+def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None) -> str:
+    "A printable table of which block of every parameter (`names`, default those of block 0 and the rest) each rank holds."
+    shapes = param_shapes(c)
+    names = names or [n for n in shapes if not n.startswith("blocks.") or n.startswith("blocks.0.")]
+    rows = [f"{'parameter':<18}{'full shape':<16}" + "".join(f"{f'rank {i*q+j} ({i},{j})':<26}" for i in range(p) for j in range(q))]
+    for n in names:
+        cells = []
+        for i in range(p):
+            for j in range(q):
+                idx, rep, _ = shard_spec(c, p, q, i, j, mode)[n]
+                cells.append(f"{'[' + ', '.join(_ranges(ix) for ix in idx) + ']' + ('*' if rep else ''):<26}")
+        rows.append(f"{n:<18}{str(tuple(shapes[n])):<16}" + "".join(cells))
+    return "\n".join(rows) + "\n(* replicated over the " + "domain or tensor partners, summed in exact mode)"
 
 # %% ../nbs/06_parallel.ipynb #576bc119
 def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact") -> int:

@@ -114,6 +114,47 @@ def take(t, idx):
     return t
 
 # %% [markdown]
+# `shard_table` prints it: for every rank of a layout, the index ranges of each parameter it holds (one range
+# per dimension, `a:b`; a `+` joins the pieces of a list that is not contiguous), beside `grid.group_table`,
+# which says who its partners are.
+
+# %%
+#| export
+def _ranges(ix: list) -> str:
+    "An index list as contiguous ranges, `a:b+c:d`."
+    out, k = [], 0
+    while k < len(ix):
+        e = k
+        while e + 1 < len(ix) and ix[e + 1] == ix[e] + 1: e += 1
+        out.append(f"{ix[k]}:{ix[e] + 1}"); k = e + 1
+    return "+".join(out) or "-"
+
+
+def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None) -> str:
+    "A printable table of which block of every parameter (`names`, default those of block 0 and the rest) each rank holds."
+    shapes = param_shapes(c)
+    names = names or [n for n in shapes if not n.startswith("blocks.") or n.startswith("blocks.0.")]
+    rows = [f"{'parameter':<18}{'full shape':<16}" + "".join(f"{f'rank {i*q+j} ({i},{j})':<26}" for i in range(p) for j in range(q))]
+    for n in names:
+        cells = []
+        for i in range(p):
+            for j in range(q):
+                idx, rep, _ = shard_spec(c, p, q, i, j, mode)[n]
+                cells.append(f"{'[' + ', '.join(_ranges(ix) for ix in idx) + ']' + ('*' if rep else ''):<26}")
+        rows.append(f"{n:<18}{str(tuple(shapes[n])):<16}" + "".join(cells))
+    return "\n".join(rows) + "\n(* replicated over the " + "domain or tensor partners, summed in exact mode)"
+
+# %% [markdown]
+# The paper's 4-way layout of the `tiny` preset (16 x 32 grid, 128 tokens, $H = 32$):
+
+# %%
+print(shard_table(preset("tiny"), 2, 2))
+
+# %%
+test_eq(_ranges([0, 1, 2, 5, 6]), "0:3+5:7")
+assert "blocks.0.tok1.w" in shard_table(preset("tiny"), 2, 2) and "[0:32, 0:64]" in shard_table(preset("tiny"), 2, 2)
+
+# %% [markdown]
 # Every element of every parameter is held by some rank, and each large weight exactly once:
 
 # %%
@@ -456,6 +497,29 @@ for _p, _q in ((1, 2), (2, 2), (3, 2)):
             test_close(_y, block_of(_cfg, _yr.detach(), _p, _q, _i, _j), eps=1e-11)
             test_close(_gx, block_of(_cfg, _xr.grad, _p, _q, _i, _j), eps=1e-11)
             for _n, _t in _ref.state().items(): test_close(_grads[_n], _t.grad, eps=1e-10 * max(1, float(_t.grad.abs().max())))
+
+# %% [markdown]
+# **Recomputation.** With `recompute=True` a block keeps only its input; its activations are recomputed in the
+# backward (exchanges and dropout masks included). The gradients are the same to rounding, and the saved
+# bytes drop to the block inputs:
+
+# %%
+def _saved(comm, recompute):
+    from jigsaw_ref.comm import make_groups
+    from jigsaw_ref.grid import Grid
+    from jigsaw_ref.pmatmul import saved_bytes
+    g = make_groups(Grid(1, 1, 2), comm=comm)
+    m = JigsawMixer(_cfg, g["tensor"], g["domain"], dtype=torch.float64, recompute=recompute).train()
+    x = block_of(_cfg, _x, 1, 2, 0, m.j)
+    with saved_bytes() as sb: y = m(x, k=2, key=99)
+    (y * block_of(_cfg, _dy, 1, 2, 0, m.j)).sum().backward()
+    return sb.bytes, m.state()["blocks.1.tok1.w"].grad
+
+(_b0, _g0), _ = run_ranks(2, _saved, False)
+(_b1, _g1), _ = run_ranks(2, _saved, True)
+test_close(_g1, _g0, eps=1e-12)
+print(f"saved for the backward on rank 0: {_b0:,} B without recomputation, {_b1:,} B with")
+assert _b1 < _b0 / 2
 
 # %% [markdown]
 # ## Loss shares, gradient sums, clipping
