@@ -4,22 +4,22 @@
 
 # %% ../nbs/06_parallel.ipynb #e7080229
 from __future__ import annotations
-import math
+import functools, math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import MixerConfig, shard_range, split_sizes
 from .mixer import dropout, full_params, param_shapes, patchify, site_key, unpatchify
 from .comm import Group, all_gather, all_reduce, reduce_scatter
-from .pmatmul import (channel_mlp, channel_mlp_faithful, channel_mlp_overlap, layer_norm, token_mlp,
-                                token_mlp_faithful, token_mlp_overlap)
+from .pmatmul import (channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa, layer_norm,
+                                token_mlp, token_mlp_faithful, token_mlp_overlap, token_mlp_summa)
 from torch.utils.checkpoint import checkpoint
 from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'token_sizes', 'residual_inputs', 'shard_spec', 'bias_copies', 'take', 'shard_table',
            'layout_param_count', 'JigsawMixer', 'scatter_state', 'gather_state', 'block_of', 'loss_share', 'sync_grads',
-           'grad_norm', 'clip_grads']
+           'grad_norm', 'clip_grads', 'average_layernorm_grads', 'complete_grads', 'loss_count']
 
 # %% ../nbs/06_parallel.ipynb #7b8f1f01
 def _r(n, parts, k):
@@ -43,7 +43,7 @@ def _sub(ix: list, parts: int, k: int) -> list:
     return ix[a:b]
 
 
-def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact") -> dict:
+def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact", schedule: str = "overlap") -> dict:
     "name -> (index lists per dim, replica axis or None, gather dim over the domain axis or None)."
     H, S, G, Vo, V, T = c.hidden, c.token_hidden, c.channel_hidden, c.n_out, c.n_vars, c.tokens
     t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
@@ -58,7 +58,14 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exac
                  n + "ln2.w": ([Hj], "domain", None), n + "ln2.b": ([Hj], "domain", None),
                  n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([_sub(Gi, q, j)], None, None),
                  n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([_sub(Hj, p, i)], None, None)}
-    if bias_copies(mode, p):  # the released 4-way code: a bias per rank for its whole output block, untied
+    if schedule == "summa":  # W1 and Wa cut the other way round; biases whole blocks, kept by a row or a column
+        Si, Tj, Hi, Gj = _r(S, p, i), list(range(sum(token_sizes(c, p)[:j]), sum(token_sizes(c, p)[:j + 1]))), _r(H, p, i), _r(G, q, j)
+        for b in range(c.blocks):
+            n = f"blocks.{b}."
+            spec |= {n + "tok1.w": ([Si, Tj], None, None), n + "tok1.b": ([Si], "tensor", None),
+                     n + "tok2.b": ([Ti], "tensor", None), n + "ch1.w": ([Hi, Gj], None, None),
+                     n + "ch1.b": ([Gj], "domain", None), n + "ch2.b": ([Hj], "domain", None)}
+    elif bias_copies(mode, p):  # the released 4-way code: a bias per rank for its whole output block, untied
         for b in range(c.blocks):
             n = f"blocks.{b}."
             spec |= {n + "tok1.b": ([Sj], "domain", None), n + "tok2.b": ([Ti], "tensor", None),
@@ -94,7 +101,7 @@ def _ranges(ix: list) -> str:
     return "+".join(out) or "-"
 
 
-def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None) -> str:
+def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None, schedule: str = "overlap") -> str:
     "A printable table of which block of every parameter (`names`, default those of block 0 and the rest) each rank holds."
     shapes = param_shapes(c)
     names = names or [n for n in shapes if not n.startswith("blocks.") or n.startswith("blocks.0.")]
@@ -103,19 +110,20 @@ def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None)
         cells = []
         for i in range(p):
             for j in range(q):
-                idx, rep, _ = shard_spec(c, p, q, i, j, mode)[n]
+                idx, rep, _ = shard_spec(c, p, q, i, j, mode, schedule)[n]
                 cells.append(f"{'[' + ', '.join(_ranges(ix) for ix in idx) + ']' + ('*' if rep else ''):<26}")
         rows.append(f"{n:<18}{str(tuple(shapes[n])):<16}" + "".join(cells))
     return "\n".join(rows) + "\n(* replicated over the " + "domain or tensor partners, summed in exact mode)"
 
 # %% ../nbs/06_parallel.ipynb #576bc119
-def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact") -> int:
+def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact", schedule: str = "overlap") -> int:
     "Parameters stored over all ranks of a p x q model group (replicas counted on every rank that holds one)."
     return sum(math.prod(len(ix) for ix in idx) for i in range(p) for j in range(q)
-               for idx, _, _ in shard_spec(c, p, q, i, j, mode).values())
+               for idx, _, _ in shard_spec(c, p, q, i, j, mode, schedule).values())
 
 # %% ../nbs/06_parallel.ipynb #37151f7d
-SCHEDULES = {"plain": (token_mlp, channel_mlp), "overlap": (token_mlp_overlap, channel_mlp_overlap)}
+SCHEDULES = {"plain": (token_mlp, channel_mlp), "overlap": (token_mlp_overlap, channel_mlp_overlap),
+             "summa": (token_mlp_summa, channel_mlp_summa)}
 
 
 class JigsawMixer(nn.Module):
@@ -124,13 +132,13 @@ class JigsawMixer(nn.Module):
                  mode: str = "exact",  # 'exact' (the one-process function) or 'faithful' (the released code)
                  dtype=torch.float32, device=None, seed: int | None = 0,
                  init: bool = True,  # slice the one-process initial weights (False: leave them uninitialised)
-                 schedule: str = "overlap",  # the MLPs' exchanges: 'overlap' (overlapped, 1/n activations) or 'plain'
+                 schedule: str = "overlap",  # the MLPs' exchanges: 'overlap' (overlapped, 1/n activations), 'plain' or 'summa'
                  recompute: bool = False):  # recompute each mixer block in the backward instead of saving its activations
         super().__init__()
         _check_layout(cfg, tensor, domain, mode, schedule)
         self.cfg, self.tensor, self.domain, self.mode, self.schedule, self.recompute = cfg, tensor, domain, mode, schedule, recompute
         self.p, self.q, self.i, self.j = domain.size, tensor.size, domain.rank, tensor.rank
-        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j, mode)
+        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j, mode, schedule)
         self.spec_mode, self.bias_after = mode, bias_copies(mode, self.p)
         self._names = list(self.spec)
         self.params = nn.ParameterDict({
@@ -138,10 +146,18 @@ class JigsawMixer(nn.Module):
             for n in self._names})
         self.t_sizes, self.h_sizes = token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q)
         self.s_sizes, self.g_sizes = split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p)
-        self.mlps = (token_mlp_faithful, channel_mlp_faithful) if self.bias_after else SCHEDULES[schedule]
+        self.mlps = _mlps(schedule, self.bias_after)
         if init:
             with torch.no_grad():  # slice the one-process initial weights: every layout starts identical
                 for name, full in full_params(cfg, seed): self.state()[name].copy_(take(full, self.spec[name][0]))
+
+# %% ../nbs/06_parallel.ipynb #4e83032b
+def _mlps(schedule: str, copies: bool):
+    "(token MLP, channel MLP) functions of `schedule`, with per-rank bias `copies` or sharded biases."
+    if not copies: return SCHEDULES[schedule]
+    if schedule == "plain": return token_mlp_faithful, channel_mlp_faithful
+    tok, ch = SCHEDULES[schedule]
+    return functools.partial(tok, faithful=True), functools.partial(ch, faithful=True)
 
 # %% ../nbs/06_parallel.ipynb #d37a8d72
 def _check_layout(cfg, tensor, domain, mode, schedule):
@@ -149,6 +165,9 @@ def _check_layout(cfg, tensor, domain, mode, schedule):
     if mode not in ("exact", "faithful"):
         raise ValueError(f"mode={mode!r}: choose 'exact' (equals the 1-way model) or 'faithful' (released code)")
     if schedule not in SCHEDULES: raise ValueError(f"schedule={schedule!r}: choose one of {sorted(SCHEDULES)}")
+    if schedule == "summa" and domain.size != tensor.size:
+        raise ValueError(f"schedule='summa' needs a square model group, not {domain.size}x{tensor.size}: use way 4 (2x2), "
+                         f"another n x n layout, or schedule 'overlap'")
     if cfg.n_lon_patches < domain.size:
         raise ValueError(f"{cfg.n_lon_patches} longitude patches cannot be split over {domain.size} domain ranks: "
                          f"use fewer domain shards or a smaller patch")
@@ -271,7 +290,7 @@ def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = 
     for n, shape in param_shapes(cfg).items():
         out = torch.zeros(shape, dtype=mine[n].dtype)
         for (i, j), b in zip(specs, blocks):
-            idx = shard_spec(cfg, model.p, model.q, i, j, model.spec_mode)[n][0]
+            idx = shard_spec(cfg, model.p, model.q, i, j, model.spec_mode, model.schedule)[n][0]
             out[torch.meshgrid(*[torch.tensor(ix, dtype=torch.long) for ix in idx], indexing="ij")] = b[n]
         full[n] = out
     return full
@@ -319,3 +338,43 @@ def clip_grads(model: JigsawMixer, model_group: Group, max_norm: float) -> float
     for t in model.parameters():
         if t.grad is not None: t.grad.mul_(scale.to(t.grad.dtype))
     return float(norm)
+
+# %% ../nbs/06_parallel.ipynb #5f025419
+def average_layernorm_grads(model: JigsawMixer):
+    "Faithful mode: mean of every LayerNorm parameter's gradient over the domain partners (the released 4-way script)."
+    g = model.domain
+    ps = [t for n, t in model.state().items() if ".ln" in n or n.startswith(("dec.ln", "res.ln")) if t.grad is not None]
+    if g.size == 1 or not ps: return
+    flat = g.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps])) / g.size
+    for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
+# %% ../nbs/06_parallel.ipynb #bc0a9071
+def complete_grads(model: JigsawMixer, groups: dict, clip: float = 0.0) -> float:
+    "Complete this rank's gradients for the optimizer step (replicas, data parallelism, clipping, faithful LayerNorms); the norm or nan."
+    sync_grads(model, groups["dp"])
+    norm = clip_grads(model, groups["model"], clip) if clip else float("nan")
+    if model.mode == "faithful": average_layernorm_grads(model)
+    model._complete = True
+    return norm
+
+
+def loss_count(model: JigsawMixer, batch: int, dp: int) -> int:
+    "The denominator of this rank's `loss_share` for `batch` samples per model group and `dp` replicas."
+    c = model.cfg
+    if model.mode == "exact": return batch * dp * c.n_out * c.n_lat * c.n_lon
+    v_j, lon_i = len(model.spec["res.b"][0][0]), model.t_sizes[model.i] // c.n_lat * c.patch  # my block's channels, longitudes
+    return batch * dp * v_j * c.n_lat * lon_i
+
+# %% ../nbs/06_parallel.ipynb #8d13679b
+@patch
+def guard(self: JigsawMixer, optimizer):
+    "Make `optimizer.step()` raise unless `complete_grads(self, ...)` ran after the last backward; returns the optimizer."
+    def incomplete(_):
+        self._complete = False
+    for t in self.parameters(): t.register_post_accumulate_grad_hook(incomplete)
+    def check(opt, args, kwargs):
+        if not getattr(self, "_complete", True):
+            raise RuntimeError("optimizer.step() before the gradients were completed: call "
+                               "jigsaw_ref.parallel.complete_grads(model, groups, clip) after backward()")
+    optimizer.register_step_pre_hook(check)
+    return optimizer

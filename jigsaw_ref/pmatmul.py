@@ -13,7 +13,8 @@ from .config import shard_range, split_sizes
 # %% auto #0
 __all__ = ['LEFT', 'RIGHT', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp', 'mlp_steps', 'print_steps', 'plot_exchanges',
            'channel_mlp', 'layer_norm', 'gather_matmul', 'matmul_reduce_scatter', 'mm_stage', 'token_mlp_overlap',
-           'channel_mlp_overlap', 'saved_bytes', 'block_bytes', 'token_mlp_faithful', 'channel_mlp_faithful']
+           'channel_mlp_overlap', 'saved_bytes', 'block_bytes', 'token_mlp_faithful', 'channel_mlp_faithful', 'summa',
+           'token_mlp_summa', 'channel_mlp_summa']
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d7b0a429
 class Product(NamedTuple):
@@ -133,6 +134,31 @@ def channel_mlp(
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))  # (B, T_i, H_j)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d8e62227
+class _LayerNorm(torch.autograd.Function):
+    """Forward: LayerNorm of `x` over features split across `tensor`, with exact statistics (one all-gather of two
+    numbers per token). Backward: the analytic gradient, one all-reduce of two numbers per token; saves x, mu, 1/sigma."""
+    @staticmethod
+    def forward(ctx, x, w, b, tensor, n_features, eps, sizes):
+        mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
+        m_j = (x - mu_j).square().sum(-1, keepdim=True)
+        n = torch.tensor(sizes, dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
+        st = tensor.all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), 0, [1] * tensor.size)  # (q, ..., 2): every (mean, M)
+        mu = (n * st[..., :1]).sum(0) / n_features
+        rstd = torch.rsqrt((st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features + eps)
+        ctx.save_for_backward(x, mu, rstd, w); ctx.tensor, ctx.n = tensor, n_features
+        return (x - mu) * rstd * w + b
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mu, rstd, w = ctx.saved_tensors
+        xhat = (x - mu) * rstd
+        g = dy * w
+        s = ctx.tensor.all_reduce(torch.cat([g.sum(-1, keepdim=True), (g * xhat).sum(-1, keepdim=True)], -1))
+        dx = rstd * (g - s[..., :1] / ctx.n - xhat * s[..., 1:] / ctx.n)
+        red = tuple(range(dy.dim() - 1))
+        return dx, (dy * xhat).sum(red), dy.sum(red), None, None, None, None
+
+# %% ../nbs/05_partitioned_matmul.ipynb #248a26a8
 def layer_norm(
     x,  # (..., F_j): this rank's block of the feature dimension
     w, b,  # (F_j,): LayerNorm weight and bias for my features
@@ -145,13 +171,7 @@ def layer_norm(
     "LayerNorm over a feature dimension split across `tensor`: exact (global statistics) or faithful (local)."
     if not exact or tensor.size == 1:
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-    mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
-    m_j = (x - mu_j).square().sum(-1, keepdim=True)
-    n = torch.tensor(sizes or split_sizes(n_features, tensor.size), dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
-    st = all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), tensor, 0, [1] * tensor.size)  # (q, ..., 2): every (mean, M)
-    mu = (n * st[..., :1]).sum(0) / n_features
-    var = (st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features
-    return (x - mu) * torch.rsqrt(var + eps) * w + b
+    return _LayerNorm.apply(x, w, b, tensor, n_features, eps, list(sizes or split_sizes(n_features, tensor.size)))
 
 # %% ../nbs/05_partitioned_matmul.ipynb #c42b0932
 def _rounds(n: int, r: int):
@@ -266,31 +286,39 @@ def matmul_reduce_scatter(prod: Product, w, a, c, group: Group, sizes: list[int]
 
 # %% ../nbs/05_partitioned_matmul.ipynb #6400e24f
 def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter: Group, s_sizes: list[int]):
-    "`RS_scatter(prod.fwd(w, AG_gather(x)) + b)` along `prod.dim`, `b` this rank's bias shard over `scatter`, overlapped."
+    "`RS_scatter(prod.fwd(w, AG_gather(x)) + b)` along `prod.dim`, `b` this rank's bias shard over `scatter` (or None), overlapped."
+    n = w.shape[0] if prod is LEFT else w.shape[1]  # the length of the output's bias dimension
     if gather.size == 1 and scatter.size > 1:
-        n = w.shape[0] if prod is LEFT else w.shape[1]
-        return matmul_reduce_scatter(prod, w, x, bias_full(b, n, scatter), scatter, s_sizes)
+        c = bias_full(b, n, scatter) if b is not None else w.new_zeros(n)
+        return matmul_reduce_scatter(prod, w, x, c, scatter, s_sizes)
     y = gather_matmul(prod, w, x, gather, g_sizes)
-    return reduce_scatter(add_bias_shard(y, b, prod.bias_dim, scatter), scatter, prod.dim, s_sizes)
+    if b is not None: y = add_bias_shard(y, b, prod.bias_dim, scatter)
+    return reduce_scatter(y, scatter, prod.dim, s_sizes)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #2df387fd
-def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
+def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop,
+                      faithful: bool = False):  # True: b1, b2 are the released code's per-rank copies, added to my blocks
     "The token MLP with every exchange overlapped and 1/n of its activations saved (arguments as `token_mlp`)."
     i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
     hd = split_sizes(H, domain.size)  # the hidden block's channels, cut over the domain axis
-    a = mm_stage(LEFT, w1, x, b1, tensor, h_sizes, domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
+    a = mm_stage(LEFT, w1, x, None if faithful else b1, tensor, h_sizes, domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
+    if faithful: a = a + b1[:, None]
     a = drop(F.gelu(a), 0, (_off(s_sizes, j), _off(hd, i)), (S, H))
-    y = mm_stage(LEFT, w2, a, b2, domain, hd, tensor, h_sizes)  # Y[T_i, H_j]
+    y = mm_stage(LEFT, w2, a, None if faithful else b2, domain, hd, tensor, h_sizes)  # Y[T_i, H_j]
+    if faithful: y = y + b2[:, None]
     return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 # %% ../nbs/05_partitioned_matmul.ipynb #7ccf755c
-def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
+def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop,
+                        faithful: bool = False):  # True: ba, bb are the released code's per-rank copies, added to my blocks
     "The channel MLP with every exchange overlapped and 1/n of its activations saved (arguments as `channel_mlp`)."
     i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
     tt = split_sizes(T, tensor.size)  # the hidden block's tokens, cut over the tensor axis
-    a = mm_stage(RIGHT, wa, x, ba, domain, t_sizes, tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
+    a = mm_stage(RIGHT, wa, x, None if faithful else ba, domain, t_sizes, tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
+    if faithful: a = a + ba
     a = drop(F.gelu(a), 2, (_off(tt, j), _off(g_sizes, i)), (T, G))
-    y = mm_stage(RIGHT, wb, a, bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
+    y = mm_stage(RIGHT, wb, a, None if faithful else bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
+    if faithful: y = y + bb
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 # %% ../nbs/05_partitioned_matmul.ipynb #9233bd22
@@ -314,28 +342,118 @@ def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 
     "Analytic bytes one rank sends in one mixer block, forward (or forward + `backward`), for even splits."
     e, b = expected_bytes, itemsize
     Ti, Sj, Gi, Hj = T // p, S // q, G // p, H // q
+    ln = 2 * e("all_gather", q, 2 * q * Ti, b) if exact else 0  # LayerNorm statistics: 2 numbers per token and rank
+    ln_bwd = 2 * e("all_reduce", q, 2 * Ti, b) if exact else 0  # LayerNorm backward: an all-reduce of 2 per token
+    if schedule == "summa":  # every rank sends its A block along the row and its B block down the column
+        n, blk = p, lambda r, c: (r // p) * (c // p) * b
+        mlp = (n - 1) * (batch * (2 * blk(T, H) + blk(S, H) + blk(T, G)) + blk(S, T) + blk(T, S) + blk(H, G) + blk(G, H))
+        return batch * ln + mlp + ((2 * mlp + batch * ln_bwd) if backward else 0)  # backward: blocks again, then partials
     fwd = (e("all_gather", q, Ti * H, b) + e("all_reduce", p, Sj * H, b) + e("reduce_scatter", q, Ti * H, b)
            + e("all_gather", p, T * Hj, b) + e("all_reduce", q, T * Gi, b) + e("reduce_scatter", p, T * Hj, b))
-    if exact: fwd += 2 * e("all_gather", q, 2 * q * Ti, b)
     regather = (e("all_gather", q, Ti * H, b) + e("all_gather", p, Sj * H, b) + e("all_gather", p, T * Hj, b)
                 + e("all_gather", q, T * Gi, b)) if schedule == "overlap" else 0
-    return batch * (fwd + (fwd + regather if backward else 0))
+    return batch * (fwd + ln + ((fwd + regather + ln_bwd) if backward else 0))
 
 # %% ../nbs/05_partitioned_matmul.ipynb #5eebb06b
+def _on_block(y, b, dim: int, bdim: int, sizes, k):
+    "`y` plus the bias copy `b` (along `bdim`) on block `k` of `sizes` along `dim`, zeros elsewhere."
+    shape = [1] * y.dim(); shape[bdim] = -1
+    mask = torch.zeros(y.shape[dim], dtype=y.dtype, device=y.device); mask[_off(sizes, k): _off(sizes, k + 1)] = 1
+    mshape = [1] * y.dim(); mshape[dim] = -1
+    return y + b.view(shape) * mask.view(mshape)
+
+
 def token_mlp_faithful(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
-    "The released code's token MLP on a p x q grid: per-rank bias copies `b1` (S_j,) and `b2` (T_i,) added after the sums."
+    "The released code's token MLP: per-rank bias copies `b1` (S_j,) on hidden block (S_j, H'_i), `b2` (T_i,) on Y_ij."
     i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
     xg = all_gather(x, tensor, 2, h_sizes)
-    a = all_reduce(LEFT.fwd(w1, xg), domain) + b1[:, None]  # exact: add_bias_shard before the sum
+    a = all_reduce(_on_block(LEFT.fwd(w1, xg), b1, 2, 1, split_sizes(H, domain.size), i), domain)  # exact: add_bias_shard
     a = drop(F.gelu(a), 0, (_off(s_sizes, j), 0), (S, H))
     y = reduce_scatter(LEFT.fwd(w2, a), tensor, 2, h_sizes) + b2[:, None]  # exact: add_bias_shard before the sum
     return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 
 def channel_mlp_faithful(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
-    "The released code's channel MLP on a p x q grid: per-rank bias copies `ba` (G_i,) and `bb` (H_j,) added after the sums."
+    "The released code's channel MLP: per-rank bias copies `ba` (G_i,) on hidden block (T'_j, G_i), `bb` (H_j,) on Y_ij."
     i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
     xg = all_gather(x, domain, 1, t_sizes)
-    a = drop(F.gelu(all_reduce(RIGHT.fwd(wa, xg), tensor) + ba), 2, (0, _off(g_sizes, i)), (T, G))
-    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, t_sizes) + bb
+    a = all_reduce(_on_block(RIGHT.fwd(wa, xg), ba, 1, 2, split_sizes(T, tensor.size), j), tensor)  # exact: add_bias_shard
+    a = drop(F.gelu(a), 2, (0, _off(g_sizes, i)), (T, G))
+    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, t_sizes) + bb  # exact: add_bias_shard before the sum
+    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% ../nbs/05_partitioned_matmul.ipynb #35fde8bc
+def _mm_grad(x, like):
+    "`x` summed over the leading batch dimensions it has and `like` lacks (a weight's gradient from batched products)."
+    return x.sum(tuple(range(x.dim() - like.dim()))) if x.dim() > like.dim() else x
+
+
+class _Summa(torch.autograd.Function):
+    """Forward: `C[i,j] = sum_k A[i,k] @ B[k,j]` on an n x n grid: A blocks travel along the row (`row` group, my index j),
+    B blocks down the column (`col`, my index i), each product taken as its blocks arrive, in a fixed order. Backward:
+    the blocks are gathered again; the partials of dA are reduce-scattered along the row, those of dB down the column."""
+    @staticmethod
+    def forward(ctx, a, b, row, col, ks):
+        ctx.save_for_backward(a, b); ctx.row, ctx.col, ctx.ks = row, col, ks
+        n, i, j = row.size, col.rank, row.rank
+        a, b = a.contiguous(), b.contiguous()
+        abuf = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # A[i, fr]
+        bbuf = {fr: b.new_empty(_with(b, b.dim() - 2, ks[fr])) for _, fr in _rounds(n, i)}  # B[fr, j]
+        ra = {fr: row.start(sends=[(a, to)], recvs=[(abuf[fr], fr)], tag=41) for to, fr in _rounds(n, j)}
+        rb = {fr: col.start(sends=[(b, to)], recvs=[(bbuf[fr], fr)], tag=42) for to, fr in _rounds(n, i)}
+        c = None
+        for k in [i] + [(i + d) % n for d in range(1, n)]:  # a fixed order: the diagonal term first
+            if k != j: row.wait(ra[k])
+            if k != i: col.wait(rb[k])
+            t = (a if k == j else abuf[k]) @ (b if k == i else bbuf[k])
+            c = t if c is None else c + t
+        return c
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        row, col, ks = ctx.row, ctx.col, ctx.ks
+        n, i, j = row.size, col.rank, row.rank
+        dc, a, b = dc.contiguous(), a.contiguous(), b.contiguous()
+        bcol = {fr: b.new_empty(_with(b, b.dim() - 2, ks[fr])) for _, fr in _rounds(n, i)}  # my column of B, again
+        arow = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # my row of A, again
+        rb = {fr: col.start(sends=[(b, to)], recvs=[(bcol[fr], fr)], tag=43) for to, fr in _rounds(n, i)}
+        ra = {fr: row.start(sends=[(a, to)], recvs=[(arow[fr], fr)], tag=44) for to, fr in _rounds(n, j)}
+        B_ = lambda k: b if k == i else (col.wait(rb[k]), bcol[k])[1]
+        A_ = lambda k: a if k == j else (row.wait(ra[k]), arow[k])[1]
+        pa = lambda t: _mm_grad(dc @ B_(t).mT, a).contiguous()  # my partial of dA[i, t]
+        pb = lambda t: _mm_grad(A_(t).mT @ dc, b).contiguous()  # my partial of dB[t, j]
+        da_in = {fr: a.new_empty(a.shape) for _, fr in _rounds(n, j)}
+        db_in = {fr: b.new_empty(b.shape) for _, fr in _rounds(n, i)}
+        reqs = [row.start(sends=[(pa(to), to)], recvs=[(da_in[fr], fr)], tag=45) for to, fr in _rounds(n, j)]
+        reqs += [col.start(sends=[(pb(to), to)], recvs=[(db_in[fr], fr)], tag=46) for to, fr in _rounds(n, i)]
+        da, db = pa(j), pb(i)  # my own partials while the partners' arrive
+        for r in reqs[: n - 1]: row.wait(r)
+        for r in reqs[n - 1:]: col.wait(r)
+        for _, fr in _rounds(n, j): da = da + da_in[fr]  # a fixed order of summation
+        for _, fr in _rounds(n, i): db = db + db_in[fr]
+        return da, db, None, None, None
+
+
+def summa(a, b, row: Group, col: Group, ks: list[int]):
+    "`C[i,j] = sum_k A[i,k] @ B[k,j]` on a square grid (`row`: my tensor partners, `col`: my domain partners); `ks`: the contraction blocks."
+    if row.size != col.size: raise ValueError(f"SUMMA needs a square grid, not {col.size} x {row.size}: use p == q")
+    return a @ b if row.size == 1 else _Summa.apply(a, b, row, col, list(ks))
+
+# %% ../nbs/05_partitioned_matmul.ipynb #ecf9fedb
+def token_mlp_summa(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop, faithful=False):
+    "The token MLP as two SUMMA products: W1[S_i, T_j] (S_i, T_j), b1 (S_i,), W2[T_i, S_j], b2 (T_i,); square grids."
+    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
+    a = summa(w1, x, tensor, domain, t_sizes) + b1[:, None]  # A[S_i, H_j] = sum_k W1[S_i, T_k] X[T_k, H_j] + b1
+    a = drop(F.gelu(a), 0, (_off(s_sizes, i), _off(h_sizes, j)), (S, H))
+    y = summa(w2, a, tensor, domain, s_sizes) + b2[:, None]  # Y[T_i, H_j] = sum_k W2[T_i, S_k] A[S_k, H_j] + b2
+    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+
+def channel_mlp_summa(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop, faithful=False):
+    "The channel MLP as two SUMMA products: Wa[H_i, G_j] (H_i, G_j), ba (G_j,), Wb[G_i, H_j], bb (H_j,); square grids."
+    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
+    a = summa(x, wa, tensor, domain, h_sizes) + ba  # A[T_i, G_j] = sum_k X[T_i, H_k] Wa[H_k, G_j] + ba
+    a = drop(F.gelu(a), 2, (_off(t_sizes, i), _off(g_sizes, j)), (T, G))
+    y = summa(a, wb, tensor, domain, g_sizes) + bb  # Y[T_i, H_j] = sum_k A[T_i, G_k] Wb[G_k, H_j] + bb
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))

@@ -423,6 +423,43 @@ for _pq in ((1, 2), (2, 1), (2, 2)): _check_channel(*_pq)
 # $\mu_j = \frac{1}{|\mathcal H_j|}\sum_{h \in \mathcal H_j} x_h$: a different function from the 1-way model
 # whenever $q > 1$.
 
+# %% [markdown]
+# Autograd would keep several full-size intermediates of that formula (the centred input, its square, the
+# normalised block). `_LayerNorm` keeps only what `torch.nn.functional.layer_norm` keeps, the input and the
+# per-token mean and $1/\sigma$, and writes the backward out: with $\hat x = (x-\mu)/\sigma$ and $g = \partial y \odot w$,
+#
+# $$\partial x = \frac{1}{\sigma}\Big(g - \frac1F \sum_h g_h - \hat x\, \frac1F \sum_h g_h \hat x_h\Big),$$
+#
+# where the two sums run over all $F$ features: each rank sums over its own and the tensor partners all-reduce
+# the two numbers per token. $\partial w = \sum_{t} \partial y\, \hat x$ and $\partial b = \sum_t \partial y$ are this rank's
+# share for its features (the data of the other domain blocks add theirs: see `parallel.sync_replicated_grads`).
+
+# %%
+#| export
+class _LayerNorm(torch.autograd.Function):
+    """Forward: LayerNorm of `x` over features split across `tensor`, with exact statistics (one all-gather of two
+    numbers per token). Backward: the analytic gradient, one all-reduce of two numbers per token; saves x, mu, 1/sigma."""
+    @staticmethod
+    def forward(ctx, x, w, b, tensor, n_features, eps, sizes):
+        mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
+        m_j = (x - mu_j).square().sum(-1, keepdim=True)
+        n = torch.tensor(sizes, dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
+        st = tensor.all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), 0, [1] * tensor.size)  # (q, ..., 2): every (mean, M)
+        mu = (n * st[..., :1]).sum(0) / n_features
+        rstd = torch.rsqrt((st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features + eps)
+        ctx.save_for_backward(x, mu, rstd, w); ctx.tensor, ctx.n = tensor, n_features
+        return (x - mu) * rstd * w + b
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mu, rstd, w = ctx.saved_tensors
+        xhat = (x - mu) * rstd
+        g = dy * w
+        s = ctx.tensor.all_reduce(torch.cat([g.sum(-1, keepdim=True), (g * xhat).sum(-1, keepdim=True)], -1))
+        dx = rstd * (g - s[..., :1] / ctx.n - xhat * s[..., 1:] / ctx.n)
+        red = tuple(range(dy.dim() - 1))
+        return dx, (dy * xhat).sum(red), dy.sum(red), None, None, None, None
+
 # %%
 #| export
 def layer_norm(
@@ -437,21 +474,17 @@ def layer_norm(
     "LayerNorm over a feature dimension split across `tensor`: exact (global statistics) or faithful (local)."
     if not exact or tensor.size == 1:
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-    mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
-    m_j = (x - mu_j).square().sum(-1, keepdim=True)
-    n = torch.tensor(sizes or split_sizes(n_features, tensor.size), dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
-    st = all_gather(torch.cat([mu_j, m_j], -1).unsqueeze(0), tensor, 0, [1] * tensor.size)  # (q, ..., 2): every (mean, M)
-    mu = (n * st[..., :1]).sum(0) / n_features
-    var = (st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features
-    return (x - mu) * torch.rsqrt(var + eps) * w + b
+    return _LayerNorm.apply(x, w, b, tensor, n_features, eps, list(sizes or split_sizes(n_features, tensor.size)))
 
 # %% [markdown]
-# On three thread ranks holding 3 + 2 + 2 of 7 features, with its gradients, and in faithful mode different:
+# On three thread ranks holding 3 + 2 + 2 of 7 features, with the gradients of the input, the weight and the bias;
+# in faithful mode a different function:
 
 # %%
 _lw, _lb = 1 + _r(_H).abs(), _r(_H)  # LayerNorm weight and bias
 _xl = _X.clone().requires_grad_(True)
-_yl = F.layer_norm(_xl, (_H,), _lw, _lb); (_yl * _dY).sum().backward()
+_lwr, _lbr = _lw.clone().requires_grad_(True), _lb.clone().requires_grad_(True)
+_yl = F.layer_norm(_xl, (_H,), _lwr, _lbr); (_yl * _dY).sum().backward()
 
 
 def _ln3(tensor, domain, exact):
@@ -459,10 +492,11 @@ def _ln3(tensor, domain, exact):
     x, w, b = cut(_X, (2, 3, k)), cut(_lw, (0, 3, k)), cut(_lb, (0, 3, k))
     y = layer_norm(x, w, b, tensor, _H, exact)
     (y * cut(_dY, (2, 3, k))).sum().backward()
-    return y.detach(), x.grad
+    return y.detach(), x.grad, w.grad, b.grad
 
-for _k, (_y, _dx) in enumerate(on_grid(1, 3, _ln3, True)):
-    test_close(_y, cut(_yl, (2, 3, _k)), eps=1e-12); test_close(_dx, cut(_xl.grad, (2, 3, _k)), eps=1e-12)
+for _k, (_y, _dx, _dw, _db) in enumerate(on_grid(1, 3, _ln3, True)):
+    close(_y, cut(_yl, (2, 3, _k))); close(_dx, cut(_xl.grad, (2, 3, _k)))
+    close(_dw, cut(_lwr.grad, (0, 3, _k))); close(_db, cut(_lbr.grad, (0, 3, _k)))
 assert (on_grid(1, 3, _ln3, False)[0][0] - cut(_yl, (2, 3, 0))).abs().max() > 1e-3  # local statistics: another function
 
 # %% [markdown]
@@ -668,12 +702,14 @@ for _prod, _wf, _af, _cf in ((LEFT, _W1, _X, _b1), (RIGHT, _Wa, _X, _ba)):
 # %%
 #| export
 def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter: Group, s_sizes: list[int]):
-    "`RS_scatter(prod.fwd(w, AG_gather(x)) + b)` along `prod.dim`, `b` this rank's bias shard over `scatter`, overlapped."
+    "`RS_scatter(prod.fwd(w, AG_gather(x)) + b)` along `prod.dim`, `b` this rank's bias shard over `scatter` (or None), overlapped."
+    n = w.shape[0] if prod is LEFT else w.shape[1]  # the length of the output's bias dimension
     if gather.size == 1 and scatter.size > 1:
-        n = w.shape[0] if prod is LEFT else w.shape[1]
-        return matmul_reduce_scatter(prod, w, x, bias_full(b, n, scatter), scatter, s_sizes)
+        c = bias_full(b, n, scatter) if b is not None else w.new_zeros(n)
+        return matmul_reduce_scatter(prod, w, x, c, scatter, s_sizes)
     y = gather_matmul(prod, w, x, gather, g_sizes)
-    return reduce_scatter(add_bias_shard(y, b, prod.bias_dim, scatter), scatter, prod.dim, s_sizes)
+    if b is not None: y = add_bias_shard(y, b, prod.bias_dim, scatter)
+    return reduce_scatter(y, scatter, prod.dim, s_sizes)
 
 # %% [markdown]
 # The overlapped token MLP: the hidden block $A[\mathcal S_j, \mathcal H'_i]$ is cut along channels over the domain
@@ -684,13 +720,16 @@ def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter:
 
 # %%
 #| export
-def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
+def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop,
+                      faithful: bool = False):  # True: b1, b2 are the released code's per-rank copies, added to my blocks
     "The token MLP with every exchange overlapped and 1/n of its activations saved (arguments as `token_mlp`)."
     i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
     hd = split_sizes(H, domain.size)  # the hidden block's channels, cut over the domain axis
-    a = mm_stage(LEFT, w1, x, b1, tensor, h_sizes, domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
+    a = mm_stage(LEFT, w1, x, None if faithful else b1, tensor, h_sizes, domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
+    if faithful: a = a + b1[:, None]
     a = drop(F.gelu(a), 0, (_off(s_sizes, j), _off(hd, i)), (S, H))
-    y = mm_stage(LEFT, w2, a, b2, domain, hd, tensor, h_sizes)  # Y[T_i, H_j]
+    y = mm_stage(LEFT, w2, a, None if faithful else b2, domain, hd, tensor, h_sizes)  # Y[T_i, H_j]
+    if faithful: y = y + b2[:, None]
     return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 # %% [markdown]
@@ -698,13 +737,16 @@ def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, 
 
 # %%
 #| export
-def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
+def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop,
+                        faithful: bool = False):  # True: ba, bb are the released code's per-rank copies, added to my blocks
     "The channel MLP with every exchange overlapped and 1/n of its activations saved (arguments as `channel_mlp`)."
     i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
     tt = split_sizes(T, tensor.size)  # the hidden block's tokens, cut over the tensor axis
-    a = mm_stage(RIGHT, wa, x, ba, domain, t_sizes, tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
+    a = mm_stage(RIGHT, wa, x, None if faithful else ba, domain, t_sizes, tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
+    if faithful: a = a + ba
     a = drop(F.gelu(a), 2, (_off(tt, j), _off(g_sizes, i)), (T, G))
-    y = mm_stage(RIGHT, wb, a, bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
+    y = mm_stage(RIGHT, wb, a, None if faithful else bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
+    if faithful: y = y + bb
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 # %% [markdown]
@@ -779,77 +821,299 @@ def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 
     "Analytic bytes one rank sends in one mixer block, forward (or forward + `backward`), for even splits."
     e, b = expected_bytes, itemsize
     Ti, Sj, Gi, Hj = T // p, S // q, G // p, H // q
+    ln = 2 * e("all_gather", q, 2 * q * Ti, b) if exact else 0  # LayerNorm statistics: 2 numbers per token and rank
+    ln_bwd = 2 * e("all_reduce", q, 2 * Ti, b) if exact else 0  # LayerNorm backward: an all-reduce of 2 per token
+    if schedule == "summa":  # every rank sends its A block along the row and its B block down the column
+        n, blk = p, lambda r, c: (r // p) * (c // p) * b
+        mlp = (n - 1) * (batch * (2 * blk(T, H) + blk(S, H) + blk(T, G)) + blk(S, T) + blk(T, S) + blk(H, G) + blk(G, H))
+        return batch * ln + mlp + ((2 * mlp + batch * ln_bwd) if backward else 0)  # backward: blocks again, then partials
     fwd = (e("all_gather", q, Ti * H, b) + e("all_reduce", p, Sj * H, b) + e("reduce_scatter", q, Ti * H, b)
            + e("all_gather", p, T * Hj, b) + e("all_reduce", q, T * Gi, b) + e("reduce_scatter", p, T * Hj, b))
-    if exact: fwd += 2 * e("all_gather", q, 2 * q * Ti, b)
     regather = (e("all_gather", q, Ti * H, b) + e("all_gather", p, Sj * H, b) + e("all_gather", p, T * Hj, b)
                 + e("all_gather", q, T * Gi, b)) if schedule == "overlap" else 0
-    return batch * (fwd + (fwd + regather if backward else 0))
+    return batch * (fwd + ln + ((fwd + regather + ln_bwd) if backward else 0))
 
 # %% [markdown]
 # Checked against the bytes the groups count, on thread ranks with even sizes, for both paths, forward and
 # forward + backward (a token MLP, a channel MLP and two exact LayerNorms make a block):
 
 # %%
-def _block_sent(tensor, domain, overlap, backward, B=2, T=8, H=4, S=4, G=8):
+def _block_sent(tensor, domain, schedule, backward, B=2, T=8, H=4, S=4, G=8):
     p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
-    tok, ch = (token_mlp_overlap, channel_mlp_overlap) if overlap else (token_mlp, channel_mlp)
+    tok, ch = {"plain": (token_mlp, channel_mlp), "overlap": (token_mlp_overlap, channel_mlp_overlap)}.get(
+        schedule, (token_mlp_summa, channel_mlp_summa) if schedule == "summa" else None)
     R = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    whole = schedule == "summa"  # SUMMA's biases are whole blocks; the others' are shards of the summing group
+    b1, b2 = (R(S // p), R(T // p)) if whole else (R(S // q // p), R(T // p // q))
+    ba, bb = (R(G // q), R(H // q)) if whole else (R(G // p // q), R(H // q // p))
     x = R(B, T // p, H // q)
-    y = x + tok(layer_norm(x, R(H // q), R(H // q), tensor, H), R(S // q, T // p), R(S // q // p), R(T // p, S // q),
-                R(T // p // q), tensor, domain, [T // p] * p, [H // q] * q, [S // q] * q)
-    y = y + ch(layer_norm(y, R(H // q), R(H // q), tensor, H), R(H // q, G // p), R(G // p // q), R(G // p, H // q),
-               R(H // q // p), tensor, domain, [T // p] * p, [H // q] * q, [G // p] * p)
+    y = x + tok(layer_norm(x, R(H // q), R(H // q), tensor, H), R(S // q, T // p), b1, R(T // p, S // q), b2,
+                tensor, domain, [T // p] * p, [H // q] * q, [S // q] * q)
+    y = y + ch(layer_norm(y, R(H // q), R(H // q), tensor, H), R(H // q, G // p), ba, R(G // p, H // q), bb,
+               tensor, domain, [T // p] * p, [H // q] * q, [G // p] * p)
     if backward: y.sum().backward()
     return tensor.sent + domain.sent
 
 for _pq in ((1, 2), (2, 2)):
-    for _ov in (False, True):
+    for _sched in ("plain", "overlap"):
         for _bw in (False, True):
-            _want = block_bytes(8, 4, 4, 8, *_pq, itemsize=8, batch=2, schedule="overlap" if _ov else "plain", backward=_bw)
-            test_eq(set(on_grid(*_pq, _block_sent, _ov, _bw)), {_want})
+            test_eq(set(on_grid(*_pq, _block_sent, _sched, _bw)), {block_bytes(8, 4, 4, 8, *_pq, itemsize=8, batch=2, schedule=_sched, backward=_bw)})
 test_eq(block_bytes(8, 4, 4, 4, 1, 1), 0)  # one rank sends nothing
 test_eq(block_bytes(8, 4, 4, 4, 1, 2), 4 * (8 * 2) * 4 + 2 * (2 * 2 * 8) * 4 // 2)  # 2-way: 4 half-blocks of 8 x 2, 2 LN stats
 
 # %% [markdown]
 # ## Faithful mode: the released code's biases, as a diff from exact
 #
-# The released research code does not tie the bias copies of ranks that share an output block: on a grid with
-# domain shards ($p > 1$) each rank keeps a whole bias vector for the output block it computes, never summed or
-# synchronised with its partners'. Faithful mode reproduces that; with $p = 1$ the released 2-way code's biases
-# are sharded as ours are, so the faithful and exact MLPs coincide. The difference, line by line against the
-# plain path: the bias is added **after** each sum, by every rank, as its own copy.
+# The released research code does not tie the bias copies of ranks that share an output block. On a grid with
+# domain shards ($p > 1$) each rank keeps a whole bias vector for an output block and adds it, on its own, to
+# the block **it computes itself**, never summed or synchronised with its partners' (`Linear.py`,
+# `XTW_fourway.forward` and friends: `product.add(b)` on every rank, after that product's exchanges). Read in
+# jigsaw_ref's arrangement:
+#
+# | bias | rank $(i,j)$ keeps | the released code adds it to | exact mode instead |
+# |---|---|---|---|
+# | $b_1$ (token hidden) | a copy of $b_1[\mathcal S_j]$ | the hidden block $A[\mathcal S_j, \mathcal H'_i]$ (channels cut over the domain axis) | a shard, before the domain sum |
+# | $b_2$ (token output) | a copy of $b_2[\mathcal T_i]$ | the output block $Y[\mathcal T_i, \mathcal H_j]$ | a shard, before the tensor sum |
+# | $b_a$ (channel hidden) | a copy of $b_a[\mathcal G_i]$ | the hidden block $A[\mathcal T'_j, \mathcal G_i]$ (tokens cut over the tensor axis) | a shard, before the tensor sum |
+# | $b_b$ (channel output) | a copy of $b_b[\mathcal H_j]$ | the output block $Y[\mathcal T_i, \mathcal H_j]$ | a shard, before the domain sum |
+#
+# So the released model's hidden biases are in effect **matrices**, one independent copy per hidden block.
+# In the overlapped schedule those blocks are exactly what each rank holds after its reduce-scatter, so
+# faithful mode adds each copy there; the plain path adds it to the matching columns (token MLP) or rows
+# (channel MLP) of its partial product before the sum, which lands it on the same block. With $p = 1$ the
+# released 2-way code's biases are unique halves, as ours are, and the faithful MLPs are the exact ones. The
+# LayerNorms differ too (local statistics, `layer_norm(exact=False)`), and training averages every LayerNorm
+# gradient over the domain partners (see `parallel.complete_grads`).
 
 # %%
 #| export
+def _on_block(y, b, dim: int, bdim: int, sizes, k):
+    "`y` plus the bias copy `b` (along `bdim`) on block `k` of `sizes` along `dim`, zeros elsewhere."
+    shape = [1] * y.dim(); shape[bdim] = -1
+    mask = torch.zeros(y.shape[dim], dtype=y.dtype, device=y.device); mask[_off(sizes, k): _off(sizes, k + 1)] = 1
+    mshape = [1] * y.dim(); mshape[dim] = -1
+    return y + b.view(shape) * mask.view(mshape)
+
+
 def token_mlp_faithful(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
-    "The released code's token MLP on a p x q grid: per-rank bias copies `b1` (S_j,) and `b2` (T_i,) added after the sums."
+    "The released code's token MLP: per-rank bias copies `b1` (S_j,) on hidden block (S_j, H'_i), `b2` (T_i,) on Y_ij."
     i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
     xg = all_gather(x, tensor, 2, h_sizes)
-    a = all_reduce(LEFT.fwd(w1, xg), domain) + b1[:, None]  # exact: add_bias_shard before the sum
+    a = all_reduce(_on_block(LEFT.fwd(w1, xg), b1, 2, 1, split_sizes(H, domain.size), i), domain)  # exact: add_bias_shard
     a = drop(F.gelu(a), 0, (_off(s_sizes, j), 0), (S, H))
     y = reduce_scatter(LEFT.fwd(w2, a), tensor, 2, h_sizes) + b2[:, None]  # exact: add_bias_shard before the sum
     return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 
 def channel_mlp_faithful(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
-    "The released code's channel MLP on a p x q grid: per-rank bias copies `ba` (G_i,) and `bb` (H_j,) added after the sums."
+    "The released code's channel MLP: per-rank bias copies `ba` (G_i,) on hidden block (T'_j, G_i), `bb` (H_j,) on Y_ij."
     i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
     xg = all_gather(x, domain, 1, t_sizes)
-    a = drop(F.gelu(all_reduce(RIGHT.fwd(wa, xg), tensor) + ba), 2, (0, _off(g_sizes, i)), (T, G))
-    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, t_sizes) + bb
+    a = all_reduce(_on_block(RIGHT.fwd(wa, xg), ba, 1, 2, split_sizes(T, tensor.size), j), tensor)  # exact: add_bias_shard
+    a = drop(F.gelu(a), 2, (0, _off(g_sizes, i)), (T, G))
+    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, t_sizes) + bb  # exact: add_bias_shard before the sum
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 # %% [markdown]
-# With every copy equal to the one-process bias, faithful MLPs are the exact ones:
+# The overlapped MLPs take the same copies with `faithful=True`: each stage runs without a bias (`b=None`), and
+# the rank adds its copy to the block the stage leaves it.
 
 # %%
-def _faithful_tied(tensor, domain):
-    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
-    x = cut(_X, (1, p, i), (2, q, j))
-    w1, w2 = cut(_W1, (0, q, j), (1, p, i)), cut(_W2, (0, p, i), (1, q, j))
-    b1, b2 = cut(_b1, (0, q, j)), cut(_b2, (0, p, i))  # whole output blocks
-    return token_mlp_faithful(x, w1, b1, w2, b2, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_S, q)).detach()
+def _faithful_check(p, q, overlap):
+    "Faithful MLPs with every copy equal to the one-process bias are the exact ones (tied copies)."
+    def run(tensor, domain):
+        i, j = domain.rank, tensor.rank
+        x = cut(_X, (1, p, i), (2, q, j))
+        w1, w2 = cut(_W1, (0, q, j), (1, p, i)), cut(_W2, (0, p, i), (1, q, j))
+        b1, b2 = cut(_b1, (0, q, j)), cut(_b2, (0, p, i))  # whole blocks: every copy the one-process bias
+        f = (lambda *a: token_mlp_overlap(*a, faithful=True)) if overlap else token_mlp_faithful
+        return f(x, w1, b1, w2, b2, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_S, q)).detach()
+    for r, y in enumerate(on_grid(p, q, run)):
+        close(y, _Y.detach()[:, slice(*shard_range(_T, p, r // q)), slice(*shard_range(_H, q, r % q))])
 
-for _r_, _y in enumerate(on_grid(2, 2, _faithful_tied)):
-    close(_y, _Y.detach()[:, slice(*shard_range(_T, 2, _r_ // 2)), slice(*shard_range(_H, 2, _r_ % 2))])
+for _ov in (False, True): _faithful_check(2, 2, _ov); _faithful_check(3, 2, _ov)
+
+# %% [markdown]
+# ## Refinement 2: the paper's schedule, SUMMA on a square grid
+#
+# The paper's 4-way products move **weights** as well as activations. On an $n \times n$ grid where every rank
+# holds one block of each operand, SUMMA computes
+#
+# $$C[i, j] = \sum_k A[i, k]\, B[k, j]:$$
+#
+# rank $(i, j)$ receives the blocks $A[i, k]$ from its row (its tensor partners) and $B[k, j]$ from its column (its
+# domain partners) and adds the $n$ products, each as soon as its two blocks are there. In jigsaw_ref's
+# orientation the whole block is four such products with no transposes, if $W_1$ and $W_a$ are cut the other way
+# round from the activation-moving schedules ($W_1[\mathcal S_i, \mathcal T_j]$, $W_a[\mathcal H_i, \mathcal G_j]$):
+#
+# | product | $A$ (sent along the row) | $B$ (sent down the column) | result on $(i,j)$ |
+# |---|---|---|---|
+# | token 1 | $W_1[\mathcal S_i, \mathcal T_k]$, a weight block | $X[\mathcal T_k, \mathcal H_j]$, activations | hidden $A[\mathcal S_i, \mathcal H_j]$ |
+# | token 2 | $W_2[\mathcal T_i, \mathcal S_k]$, a weight block | hidden $A[\mathcal S_k, \mathcal H_j]$ | $Y[\mathcal T_i, \mathcal H_j]$ |
+# | channel 1 | $X[\mathcal T_i, \mathcal H_k]$, activations | $W_a[\mathcal H_k, \mathcal G_j]$, a weight block | hidden $A[\mathcal T_i, \mathcal G_j]$ |
+# | channel 2 | hidden $A[\mathcal T_i, \mathcal G_k]$ | $W_b[\mathcal G_k, \mathcal H_j]$, a weight block | $Y[\mathcal T_i, \mathcal H_j]$ |
+#
+# Every result is complete where it is computed, so nothing is summed over ranks afterwards and every hidden
+# block is held once. For 2x2: rank 0 $=(0,0)$ sends its $A$ block to rank 1 and its $B$ block to rank 2, and
+# computes $A_{00}B_{00}$ at once (both local), then $A_{01}B_{10}$ when the two blocks arrive; the off-diagonal
+# ranks have no product with only local operands, so they wait for the first block. The biases act on complete
+# blocks and are kept whole for their block on the ranks that need them (replicated over a row or a column;
+# exact mode sums their gradient shares).
+#
+# The backward of $C = AB$ is two products of the same kind, each *partial*:
+# $\partial A[i, k] = \sum_m \partial C[i, m]\, B[k, m]^\top$ is summed along row $i$, and
+# $\partial B[k, m] = \sum_i A[i, k]^\top\, \partial C[i, m]$ down column $m$. Rank $(i, j)$ gathers its column of $B$
+# and its row of $A$ again (only its own blocks were saved), computes the partial for each partner and sends it as
+# soon as it is ready: the "transposed products send partial products" of the paper.
+
+# %%
+#| export
+def _mm_grad(x, like):
+    "`x` summed over the leading batch dimensions it has and `like` lacks (a weight's gradient from batched products)."
+    return x.sum(tuple(range(x.dim() - like.dim()))) if x.dim() > like.dim() else x
+
+
+class _Summa(torch.autograd.Function):
+    """Forward: `C[i,j] = sum_k A[i,k] @ B[k,j]` on an n x n grid: A blocks travel along the row (`row` group, my index j),
+    B blocks down the column (`col`, my index i), each product taken as its blocks arrive, in a fixed order. Backward:
+    the blocks are gathered again; the partials of dA are reduce-scattered along the row, those of dB down the column."""
+    @staticmethod
+    def forward(ctx, a, b, row, col, ks):
+        ctx.save_for_backward(a, b); ctx.row, ctx.col, ctx.ks = row, col, ks
+        n, i, j = row.size, col.rank, row.rank
+        a, b = a.contiguous(), b.contiguous()
+        abuf = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # A[i, fr]
+        bbuf = {fr: b.new_empty(_with(b, b.dim() - 2, ks[fr])) for _, fr in _rounds(n, i)}  # B[fr, j]
+        ra = {fr: row.start(sends=[(a, to)], recvs=[(abuf[fr], fr)], tag=41) for to, fr in _rounds(n, j)}
+        rb = {fr: col.start(sends=[(b, to)], recvs=[(bbuf[fr], fr)], tag=42) for to, fr in _rounds(n, i)}
+        c = None
+        for k in [i] + [(i + d) % n for d in range(1, n)]:  # a fixed order: the diagonal term first
+            if k != j: row.wait(ra[k])
+            if k != i: col.wait(rb[k])
+            t = (a if k == j else abuf[k]) @ (b if k == i else bbuf[k])
+            c = t if c is None else c + t
+        return c
+
+    @staticmethod
+    def backward(ctx, dc):
+        a, b = ctx.saved_tensors
+        row, col, ks = ctx.row, ctx.col, ctx.ks
+        n, i, j = row.size, col.rank, row.rank
+        dc, a, b = dc.contiguous(), a.contiguous(), b.contiguous()
+        bcol = {fr: b.new_empty(_with(b, b.dim() - 2, ks[fr])) for _, fr in _rounds(n, i)}  # my column of B, again
+        arow = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # my row of A, again
+        rb = {fr: col.start(sends=[(b, to)], recvs=[(bcol[fr], fr)], tag=43) for to, fr in _rounds(n, i)}
+        ra = {fr: row.start(sends=[(a, to)], recvs=[(arow[fr], fr)], tag=44) for to, fr in _rounds(n, j)}
+        B_ = lambda k: b if k == i else (col.wait(rb[k]), bcol[k])[1]
+        A_ = lambda k: a if k == j else (row.wait(ra[k]), arow[k])[1]
+        pa = lambda t: _mm_grad(dc @ B_(t).mT, a).contiguous()  # my partial of dA[i, t]
+        pb = lambda t: _mm_grad(A_(t).mT @ dc, b).contiguous()  # my partial of dB[t, j]
+        da_in = {fr: a.new_empty(a.shape) for _, fr in _rounds(n, j)}
+        db_in = {fr: b.new_empty(b.shape) for _, fr in _rounds(n, i)}
+        reqs = [row.start(sends=[(pa(to), to)], recvs=[(da_in[fr], fr)], tag=45) for to, fr in _rounds(n, j)]
+        reqs += [col.start(sends=[(pb(to), to)], recvs=[(db_in[fr], fr)], tag=46) for to, fr in _rounds(n, i)]
+        da, db = pa(j), pb(i)  # my own partials while the partners' arrive
+        for r in reqs[: n - 1]: row.wait(r)
+        for r in reqs[n - 1:]: col.wait(r)
+        for _, fr in _rounds(n, j): da = da + da_in[fr]  # a fixed order of summation
+        for _, fr in _rounds(n, i): db = db + db_in[fr]
+        return da, db, None, None, None
+
+
+def summa(a, b, row: Group, col: Group, ks: list[int]):
+    "`C[i,j] = sum_k A[i,k] @ B[k,j]` on a square grid (`row`: my tensor partners, `col`: my domain partners); `ks`: the contraction blocks."
+    if row.size != col.size: raise ValueError(f"SUMMA needs a square grid, not {col.size} x {row.size}: use p == q")
+    return a @ b if row.size == 1 else _Summa.apply(a, b, row, col, list(ks))
+
+# %% [markdown]
+# `summa` against the one-process product on 2x2 and 3x3 thread grids with uneven blocks, a weight on the left and
+# activations on the right (as in the token MLP) and the other way round (the channel MLP), forward and backward:
+
+# %%
+def _summa_check(n, left):
+    M, K, N = 7, 8, 5
+    A, Bm = (_r(M, K), _r(_B, K, N)) if left else (_r(_B, M, K), _r(K, N))
+    dC = _r(_B, M, N)
+    Af, Bf = A.clone().requires_grad_(True), Bm.clone().requires_grad_(True)
+    ((Af @ Bf) * dC).sum().backward()
+    ad, bd = A.dim(), Bm.dim()
+    def run(tensor, domain):
+        i, j = domain.rank, tensor.rank
+        a, b = cut(A, (ad - 2, n, i), (ad - 1, n, j)), cut(Bm, (bd - 2, n, i), (bd - 1, n, j))
+        c = summa(a, b, tensor, domain, split_sizes(K, n))
+        (c * cut(dC, (1, n, i), (2, n, j))).sum().backward()
+        return c.detach(), a.grad, b.grad
+    for r, (c, da, db) in enumerate(on_grid(n, n, run)):
+        i, j = divmod(r, n)
+        close(c, cut(Af @ Bf, (1, n, i), (2, n, j))); close(da, cut(Af.grad, (ad - 2, n, i), (ad - 1, n, j)))
+        close(db, cut(Bf.grad, (bd - 2, n, i), (bd - 1, n, j)))
+
+for _n in (2, 3):
+    for _left in (True, False): _summa_check(_n, _left)
+test_fail(lambda: summa(_W1, _X, type("G", (), {"size": 2})(), type("G", (), {"size": 1})(), [5, 5]), contains="square grid")
+
+# %% [markdown]
+# The two MLPs with SUMMA products. The weights $W_1[\mathcal S_i, \mathcal T_j]$ and $W_a[\mathcal H_i, \mathcal G_j]$ are
+# cut as the table says; $W_2$, $W_b$ as before; the biases are whole blocks: $b_1[\mathcal S_i]$, $b_2[\mathcal T_i]$ (kept
+# by the row), $b_a[\mathcal G_j]$, $b_b[\mathcal H_j]$ (kept by the column). In faithful mode they are the per-rank copies.
+
+# %%
+#| export
+def token_mlp_summa(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop, faithful=False):
+    "The token MLP as two SUMMA products: W1[S_i, T_j] (S_i, T_j), b1 (S_i,), W2[T_i, S_j], b2 (T_i,); square grids."
+    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
+    a = summa(w1, x, tensor, domain, t_sizes) + b1[:, None]  # A[S_i, H_j] = sum_k W1[S_i, T_k] X[T_k, H_j] + b1
+    a = drop(F.gelu(a), 0, (_off(s_sizes, i), _off(h_sizes, j)), (S, H))
+    y = summa(w2, a, tensor, domain, s_sizes) + b2[:, None]  # Y[T_i, H_j] = sum_k W2[T_i, S_k] A[S_k, H_j] + b2
+    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+
+def channel_mlp_summa(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop, faithful=False):
+    "The channel MLP as two SUMMA products: Wa[H_i, G_j] (H_i, G_j), ba (G_j,), Wb[G_i, H_j], bb (H_j,); square grids."
+    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
+    a = summa(x, wa, tensor, domain, h_sizes) + ba  # A[T_i, G_j] = sum_k X[T_i, H_k] Wa[H_k, G_j] + ba
+    a = drop(F.gelu(a), 2, (_off(t_sizes, i), _off(g_sizes, j)), (T, G))
+    y = summa(a, wb, tensor, domain, g_sizes) + bb  # Y[T_i, H_j] = sum_k A[T_i, G_k] Wb[G_k, H_j] + bb
+    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% [markdown]
+# On 2x2 and 3x3 thread grids with uneven sizes, with the weights and biases cut as the table says, against the
+# one-process MLPs (the harness `_run_token`/`_run_channel` cuts them the activation-moving way, so these checks cut
+# their own):
+
+# %%
+def _summa_mlps(tensor, domain):
+    n, i, j = tensor.size, domain.rank, tensor.rank
+    x = cut(_X, (1, n, i), (2, n, j))
+    w1, b1, w2, b2 = cut(_W1, (0, n, i), (1, n, j)), cut(_b1, (0, n, i)), cut(_W2, (0, n, i), (1, n, j)), cut(_b2, (0, n, i))
+    wa, ba, wb, bb = cut(_Wa, (0, n, i), (1, n, j)), cut(_ba, (0, n, j)), cut(_Wb, (0, n, i), (1, n, j)), cut(_bb, (0, n, j))
+    sz = lambda N: split_sizes(N, n)
+    yt = token_mlp_summa(x, w1, b1, w2, b2, tensor, domain, sz(_T), sz(_H), sz(_S))
+    yc = channel_mlp_summa(x, wa, ba, wb, bb, tensor, domain, sz(_T), sz(_H), sz(_G))
+    ((yt + yc) * cut(_dY, (1, n, i), (2, n, j))).sum().backward()
+    return yt.detach(), yc.detach(), x.grad, w1.grad, w2.grad, wa.grad, wb.grad, b1.grad, ba.grad
+
+
+_tfull = [t.clone().requires_grad_(True) for t in (_X, _W1, _b1, _W2, _b2, _Wa, _ba, _Wb, _bb)]
+_yt = serial_token_mlp(*_tfull[:5])
+_yc = RIGHT.fwd(_tfull[7], F.gelu(RIGHT.fwd(_tfull[5], _tfull[0]) + _tfull[6])) + _tfull[8]
+((_yt + _yc) * _dY).sum().backward()
+for _n in (2, 3):
+    _res = on_grid(_n, _n, _summa_mlps)
+    for _r_, (_a, _c, _dx, _d1, _d2, _da, _db, _db1, _dba) in enumerate(_res):
+        _i, _j = divmod(_r_, _n)
+        close(_a, cut(_yt, (1, _n, _i), (2, _n, _j))); close(_c, cut(_yc, (1, _n, _i), (2, _n, _j)))
+        close(_dx, cut(_tfull[0].grad, (1, _n, _i), (2, _n, _j)))
+        for _got, _k in ((_d1, 1), (_d2, 3), (_da, 5), (_db, 7)): close(_got, cut(_tfull[_k].grad, (0, _n, _i), (1, _n, _j)))
+    for _k in range(_n):  # a replicated bias gets its share from its own block: the row (b1) or the column (ba) sums to it
+        close(sum(_res[_k * _n + _j][7] for _j in range(_n)), cut(_tfull[2].grad, (0, _n, _k)))
+        close(sum(_res[_i * _n + _k][8] for _i in range(_n)), cut(_tfull[6].grad, (0, _n, _k)))
+
+# %% [markdown]
+# SUMMA's bytes against `block_bytes`, counted on 2x2 and 3x3 thread grids, forward and forward + backward:
+
+# %%
+for _n in (2, 3):
+    for _bw in (False, True):
+        _got = on_grid(_n, _n, _block_sent, "summa", _bw, 2, 6 * _n, 2 * _n, 3 * _n, 4 * _n)
+        test_eq(set(_got), {block_bytes(6 * _n, 2 * _n, 3 * _n, 4 * _n, _n, _n, itemsize=8, batch=2, schedule="summa", backward=_bw)})

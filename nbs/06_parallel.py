@@ -4,15 +4,15 @@
 # %%
 #| export
 from __future__ import annotations
-import math
+import functools, math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jigsaw_ref.config import MixerConfig, shard_range, split_sizes
 from jigsaw_ref.mixer import dropout, full_params, param_shapes, patchify, site_key, unpatchify
 from jigsaw_ref.comm import Group, all_gather, all_reduce, reduce_scatter
-from jigsaw_ref.pmatmul import (channel_mlp, channel_mlp_faithful, channel_mlp_overlap, layer_norm, token_mlp,
-                                token_mlp_faithful, token_mlp_overlap)
+from jigsaw_ref.pmatmul import (channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa, layer_norm,
+                                token_mlp, token_mlp_faithful, token_mlp_overlap, token_mlp_summa)
 from torch.utils.checkpoint import checkpoint
 from fastcore.basics import patch
 
@@ -23,6 +23,9 @@ from jigsaw_ref.config import preset
 from jigsaw_ref.mixer import WeatherMixer, param_count
 from nbdev.showdoc import show_doc
 from jigsaw_ref.ranks import run_ranks
+from jigsaw_ref.comm import make_groups
+from jigsaw_ref.grid import Grid
+from jigsaw_ref.pmatmul import saved_bytes
 
 # %% [markdown]
 # # The parallel WeatherMixer
@@ -73,7 +76,7 @@ def _sub(ix: list, parts: int, k: int) -> list:
     return ix[a:b]
 
 
-def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact") -> dict:
+def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact", schedule: str = "overlap") -> dict:
     "name -> (index lists per dim, replica axis or None, gather dim over the domain axis or None)."
     H, S, G, Vo, V, T = c.hidden, c.token_hidden, c.channel_hidden, c.n_out, c.n_vars, c.tokens
     t0 = sum(token_sizes(c, p)[:i]); Ti = list(range(t0, t0 + token_sizes(c, p)[i]))
@@ -88,7 +91,14 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exac
                  n + "ln2.w": ([Hj], "domain", None), n + "ln2.b": ([Hj], "domain", None),
                  n + "ch1.w": ([Hj, Gi], None, None), n + "ch1.b": ([_sub(Gi, q, j)], None, None),
                  n + "ch2.w": ([Gi, Hj], None, None), n + "ch2.b": ([_sub(Hj, p, i)], None, None)}
-    if bias_copies(mode, p):  # the released 4-way code: a bias per rank for its whole output block, untied
+    if schedule == "summa":  # W1 and Wa cut the other way round; biases whole blocks, kept by a row or a column
+        Si, Tj, Hi, Gj = _r(S, p, i), list(range(sum(token_sizes(c, p)[:j]), sum(token_sizes(c, p)[:j + 1]))), _r(H, p, i), _r(G, q, j)
+        for b in range(c.blocks):
+            n = f"blocks.{b}."
+            spec |= {n + "tok1.w": ([Si, Tj], None, None), n + "tok1.b": ([Si], "tensor", None),
+                     n + "tok2.b": ([Ti], "tensor", None), n + "ch1.w": ([Hi, Gj], None, None),
+                     n + "ch1.b": ([Gj], "domain", None), n + "ch2.b": ([Hj], "domain", None)}
+    elif bias_copies(mode, p):  # the released 4-way code: a bias per rank for its whole output block, untied
         for b in range(c.blocks):
             n = f"blocks.{b}."
             spec |= {n + "tok1.b": ([Sj], "domain", None), n + "tok2.b": ([Ti], "tensor", None),
@@ -130,7 +140,7 @@ def _ranges(ix: list) -> str:
     return "+".join(out) or "-"
 
 
-def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None) -> str:
+def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None, schedule: str = "overlap") -> str:
     "A printable table of which block of every parameter (`names`, default those of block 0 and the rest) each rank holds."
     shapes = param_shapes(c)
     names = names or [n for n in shapes if not n.startswith("blocks.") or n.startswith("blocks.0.")]
@@ -139,7 +149,7 @@ def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None)
         cells = []
         for i in range(p):
             for j in range(q):
-                idx, rep, _ = shard_spec(c, p, q, i, j, mode)[n]
+                idx, rep, _ = shard_spec(c, p, q, i, j, mode, schedule)[n]
                 cells.append(f"{'[' + ', '.join(_ranges(ix) for ix in idx) + ']' + ('*' if rep else ''):<26}")
         rows.append(f"{n:<18}{str(tuple(shapes[n])):<16}" + "".join(cells))
     return "\n".join(rows) + "\n(* replicated over the " + "domain or tensor partners, summed in exact mode)"
@@ -177,10 +187,10 @@ for p, q in ((1, 2), (2, 2), (3, 2), (2, 3)):
 
 # %%
 #| export
-def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact") -> int:
+def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact", schedule: str = "overlap") -> int:
     "Parameters stored over all ranks of a p x q model group (replicas counted on every rank that holds one)."
     return sum(math.prod(len(ix) for ix in idx) for i in range(p) for j in range(q)
-               for idx, _, _ in shard_spec(c, p, q, i, j, mode).values())
+               for idx, _, _ in shard_spec(c, p, q, i, j, mode, schedule).values())
 
 # %%
 _rel = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
@@ -217,7 +227,8 @@ for (H, fs, fc), n in {(4896, 0.5, 1): 1_103_268_024, (8192, 0.5, 1): 1_404_881_
 
 # %%
 #| export
-SCHEDULES = {"plain": (token_mlp, channel_mlp), "overlap": (token_mlp_overlap, channel_mlp_overlap)}
+SCHEDULES = {"plain": (token_mlp, channel_mlp), "overlap": (token_mlp_overlap, channel_mlp_overlap),
+             "summa": (token_mlp_summa, channel_mlp_summa)}
 
 
 class JigsawMixer(nn.Module):
@@ -226,13 +237,13 @@ class JigsawMixer(nn.Module):
                  mode: str = "exact",  # 'exact' (the one-process function) or 'faithful' (the released code)
                  dtype=torch.float32, device=None, seed: int | None = 0,
                  init: bool = True,  # slice the one-process initial weights (False: leave them uninitialised)
-                 schedule: str = "overlap",  # the MLPs' exchanges: 'overlap' (overlapped, 1/n activations) or 'plain'
+                 schedule: str = "overlap",  # the MLPs' exchanges: 'overlap' (overlapped, 1/n activations), 'plain' or 'summa'
                  recompute: bool = False):  # recompute each mixer block in the backward instead of saving its activations
         super().__init__()
         _check_layout(cfg, tensor, domain, mode, schedule)
         self.cfg, self.tensor, self.domain, self.mode, self.schedule, self.recompute = cfg, tensor, domain, mode, schedule, recompute
         self.p, self.q, self.i, self.j = domain.size, tensor.size, domain.rank, tensor.rank
-        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j, mode)
+        self.spec = shard_spec(cfg, self.p, self.q, self.i, self.j, mode, schedule)
         self.spec_mode, self.bias_after = mode, bias_copies(mode, self.p)
         self._names = list(self.spec)
         self.params = nn.ParameterDict({
@@ -240,10 +251,23 @@ class JigsawMixer(nn.Module):
             for n in self._names})
         self.t_sizes, self.h_sizes = token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q)
         self.s_sizes, self.g_sizes = split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p)
-        self.mlps = (token_mlp_faithful, channel_mlp_faithful) if self.bias_after else SCHEDULES[schedule]
+        self.mlps = _mlps(schedule, self.bias_after)
         if init:
             with torch.no_grad():  # slice the one-process initial weights: every layout starts identical
                 for name, full in full_params(cfg, seed): self.state()[name].copy_(take(full, self.spec[name][0]))
+
+# %% [markdown]
+# The MLPs a schedule runs; with the released code's per-rank bias copies (faithful mode, $p > 1$) the same
+# schedule with the copies placed as the released code places them (`pmatmul`, faithful mode as a diff):
+
+# %%
+#| export
+def _mlps(schedule: str, copies: bool):
+    "(token MLP, channel MLP) functions of `schedule`, with per-rank bias `copies` or sharded biases."
+    if not copies: return SCHEDULES[schedule]
+    if schedule == "plain": return token_mlp_faithful, channel_mlp_faithful
+    tok, ch = SCHEDULES[schedule]
+    return functools.partial(tok, faithful=True), functools.partial(ch, faithful=True)
 
 # %% [markdown]
 # The layout is checked before anything is allocated, with a message that names the fix:
@@ -255,6 +279,9 @@ def _check_layout(cfg, tensor, domain, mode, schedule):
     if mode not in ("exact", "faithful"):
         raise ValueError(f"mode={mode!r}: choose 'exact' (equals the 1-way model) or 'faithful' (released code)")
     if schedule not in SCHEDULES: raise ValueError(f"schedule={schedule!r}: choose one of {sorted(SCHEDULES)}")
+    if schedule == "summa" and domain.size != tensor.size:
+        raise ValueError(f"schedule='summa' needs a square model group, not {domain.size}x{tensor.size}: use way 4 (2x2), "
+                         f"another n x n layout, or schedule 'overlap'")
     if cfg.n_lon_patches < domain.size:
         raise ValueError(f"{cfg.n_lon_patches} longitude patches cannot be split over {domain.size} domain ranks: "
                          f"use fewer domain shards or a smaller patch")
@@ -443,7 +470,7 @@ def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = 
     for n, shape in param_shapes(cfg).items():
         out = torch.zeros(shape, dtype=mine[n].dtype)
         for (i, j), b in zip(specs, blocks):
-            idx = shard_spec(cfg, model.p, model.q, i, j, model.spec_mode)[n][0]
+            idx = shard_spec(cfg, model.p, model.q, i, j, model.spec_mode, model.schedule)[n][0]
             out[torch.meshgrid(*[torch.tensor(ix, dtype=torch.long) for ix in idx], indexing="ij")] = b[n]
         full[n] = out
     return full
@@ -465,8 +492,8 @@ def block_of(cfg: MixerConfig, t, p: int, q: int, i: int, j: int):
 # %% [markdown]
 # The model on 1x2, 2x2 and 3x2 grids of thread ranks, on a configuration with uneven splits everywhere,
 # dropout on and latent rollout $k = 2$, against the one-process model in float64: the output blocks, the
-# input gradients, and every parameter's complete gradient (after the replicated shares are summed), for both
-# schedules. The same key gives the same dropout masks on every layout.
+# input gradients, and every parameter's complete gradient (after the replicated shares are summed), for every
+# schedule (SUMMA on the square grid). The same key gives the same dropout masks on every layout.
 
 # %%
 _cfg = preset("tiny", n_lon=48, hidden=20, dropout=0.1, out_pad=1)  # 12 patches, 19 input and 20 output channels
@@ -479,8 +506,6 @@ _yr = _ref(_xr, k=2, key=99); (_yr * _dy).sum().backward()
 
 
 def _model_on(comm, p, q, schedule):
-    from jigsaw_ref.comm import make_groups
-    from jigsaw_ref.grid import Grid
     g = make_groups(Grid(1, p, q), comm=comm)
     m = JigsawMixer(_cfg, g["tensor"], g["domain"], dtype=torch.float64, schedule=schedule).train()
     i, j = m.i, m.j
@@ -491,12 +516,11 @@ def _model_on(comm, p, q, schedule):
     grads = gather_state(m, g["model"], {n: t.grad for n, t in m.state().items()})
     return i, j, y.detach(), x.grad, grads
 
-for _p, _q in ((1, 2), (2, 2), (3, 2)):
-    for _sched in ("plain", "overlap"):
-        for _i, _j, _y, _gx, _grads in run_ranks(_p * _q, _model_on, _p, _q, _sched):
-            test_close(_y, block_of(_cfg, _yr.detach(), _p, _q, _i, _j), eps=1e-11)
-            test_close(_gx, block_of(_cfg, _xr.grad, _p, _q, _i, _j), eps=1e-11)
-            for _n, _t in _ref.state().items(): test_close(_grads[_n], _t.grad, eps=1e-10 * max(1, float(_t.grad.abs().max())))
+for _p, _q, _sched in [(p, q, s) for p, q in ((1, 2), (2, 2), (3, 2)) for s in ("plain", "overlap")] + [(2, 2, "summa")]:
+    for _i, _j, _y, _gx, _grads in run_ranks(_p * _q, _model_on, _p, _q, _sched):
+        test_close(_y, block_of(_cfg, _yr.detach(), _p, _q, _i, _j), eps=1e-11)
+        test_close(_gx, block_of(_cfg, _xr.grad, _p, _q, _i, _j), eps=1e-11)
+        for _n, _t in _ref.state().items(): test_close(_grads[_n], _t.grad, eps=1e-10 * max(1, float(_t.grad.abs().max())))
 
 # %% [markdown]
 # **Recomputation.** With `recompute=True` a block keeps only its input; its activations are recomputed in the
@@ -505,9 +529,6 @@ for _p, _q in ((1, 2), (2, 2), (3, 2)):
 
 # %%
 def _saved(comm, recompute):
-    from jigsaw_ref.comm import make_groups
-    from jigsaw_ref.grid import Grid
-    from jigsaw_ref.pmatmul import saved_bytes
     g = make_groups(Grid(1, 1, 2), comm=comm)
     m = JigsawMixer(_cfg, g["tensor"], g["domain"], dtype=torch.float64, recompute=recompute).train()
     x = block_of(_cfg, _x, 1, 2, 0, m.j)
@@ -585,3 +606,83 @@ _n1 = clip_grads(_a, Group(), 0.5)
 _n2 = torch.nn.utils.clip_grad_norm_(_b.parameters(), 0.5)
 test_close(_n1, float(_n2), eps=1e-9)
 test_close(_a.state()["res.w"].grad, _b.state()["res.w"].grad, eps=1e-12)
+
+# %% [markdown]
+# **Faithful training** also reproduces what the released 4-way training script does to the LayerNorm gradients
+# (`scripts/equivalent_fourway.py`, `utils.reduce_ddp_layernorms`): after the per-rank clipping, every LayerNorm
+# weight and bias gradient is **averaged** (a mean, not a sum) over the ranks that hold the same channel half, the
+# domain partners. (The released script also skips the average at the first step of every epoch, an artefact of
+# its asynchronous handle; that is not reproduced.)
+
+# %%
+#| export
+def average_layernorm_grads(model: JigsawMixer):
+    "Faithful mode: mean of every LayerNorm parameter's gradient over the domain partners (the released 4-way script)."
+    g = model.domain
+    ps = [t for n, t in model.state().items() if ".ln" in n or n.startswith(("dec.ln", "res.ln")) if t.grad is not None]
+    if g.size == 1 or not ps: return
+    flat = g.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps])) / g.size
+    for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
+# %% [markdown]
+# ## Everything between the backward and the step
+#
+# `complete_grads` does, in the right order for the mode, what every training loop must do after `backward()`:
+# exact mode sums the replicated shares and the data-parallel replicas and clips by the norm of the full
+# gradient; faithful mode sums over the replicas, clips each rank by its own norm, then averages the LayerNorm
+# gradients. `loss_count` is the denominator of a rank's loss share: the global-batch element count in exact mode;
+# in faithful mode the released code's mean over the rank's own block (so its objective is $pq$ times the global
+# mean, as the released scripts optimise), times the data-parallel degree (DDP's mean over replicas).
+
+# %%
+#| export
+def complete_grads(model: JigsawMixer, groups: dict, clip: float = 0.0) -> float:
+    "Complete this rank's gradients for the optimizer step (replicas, data parallelism, clipping, faithful LayerNorms); the norm or nan."
+    sync_grads(model, groups["dp"])
+    norm = clip_grads(model, groups["model"], clip) if clip else float("nan")
+    if model.mode == "faithful": average_layernorm_grads(model)
+    model._complete = True
+    return norm
+
+
+def loss_count(model: JigsawMixer, batch: int, dp: int) -> int:
+    "The denominator of this rank's `loss_share` for `batch` samples per model group and `dp` replicas."
+    c = model.cfg
+    if model.mode == "exact": return batch * dp * c.n_out * c.n_lat * c.n_lon
+    v_j, lon_i = len(model.spec["res.b"][0][0]), model.t_sizes[model.i] // c.n_lat * c.patch  # my block's channels, longitudes
+    return batch * dp * v_j * c.n_lat * lon_i
+
+# %% [markdown]
+# Forgetting to complete the gradients is silent in some layouts and wrong in others (a replicated LayerNorm
+# weight would be stepped with one rank's share of its gradient). `guard(optimizer)` makes it loud: every
+# backward marks the model's gradients incomplete, `complete_grads` marks them complete, and the optimizer
+# refuses to step in between.
+
+# %%
+#| export
+@patch
+def guard(self: JigsawMixer, optimizer):
+    "Make `optimizer.step()` raise unless `complete_grads(self, ...)` ran after the last backward; returns the optimizer."
+    def incomplete(_):
+        self._complete = False
+    for t in self.parameters(): t.register_post_accumulate_grad_hook(incomplete)
+    def check(opt, args, kwargs):
+        if not getattr(self, "_complete", True):
+            raise RuntimeError("optimizer.step() before the gradients were completed: call "
+                               "jigsaw_ref.parallel.complete_grads(model, groups, clip) after backward()")
+    optimizer.register_step_pre_hook(check)
+    return optimizer
+
+# %%
+_m = JigsawMixer(preset("tiny"), Group(), Group(), dtype=torch.float64)
+_opt = _m.guard(torch.optim.Adam(_m.parameters()))
+_m(torch.randn(1, 22, 16, 32, dtype=torch.float64)).square().sum().backward()
+test_fail(_opt.step, contains="call jigsaw_ref.parallel.complete_grads")
+complete_grads(_m, {"dp": Group(), "model": Group()}, clip=1.0); _opt.step()
+test_eq(loss_count(_m, 2, 3), 2 * 3 * 19 * 16 * 32)
+def _faithful_count(comm):
+    g = make_groups(Grid(1, 2, 2), comm=comm)
+    return loss_count(JigsawMixer(preset("tiny"), g["tensor"], g["domain"], mode="faithful"), 1, 1)
+
+_mf = run_ranks(4, _faithful_count)
+test_eq(_mf, [10 * 16 * 16, 9 * 16 * 16, 10 * 16 * 16, 9 * 16 * 16])  # faithful: my block, 10 or 9 channels x 16 x 16 pixels

@@ -12,7 +12,8 @@ from jigsaw_ref.config import preset, shard_range
 from jigsaw_ref.comm import Group
 from jigsaw_ref.loss import lat_weights_cos, variable_weights
 from jigsaw_ref.mixer import WeatherMixer, forward_flops, param_count, train_step_flops
-from jigsaw_ref.parallel import JigsawMixer, clip_grads, loss_share, sync_grads, token_sizes
+from jigsaw_ref.parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
+from jigsaw_ref.pmatmul import saved_bytes
 
 # %%
 #| hide
@@ -66,25 +67,8 @@ def _time(fn):
 # alive is the activation memory the backward needs. Storage shared by several saved tensors is counted once.
 
 # %%
-#| export
-class SavedBytes:
-    "Context manager counting the bytes of distinct storages autograd saves for the backward."
-    def __enter__(self):
-        self.seen, self.bytes = set(), 0
-        def pack(t):
-            try: key = t.untyped_storage().data_ptr()
-            except RuntimeError: key = id(t)
-            if key not in self.seen:
-                self.seen.add(key); self.bytes += t.untyped_storage().nbytes()
-            return t
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__(); return self
-
-    def __exit__(self, *a): self._ctx.__exit__(*a)
-
-# %%
 _m = WeatherMixer(preset("tiny"))
-with SavedBytes() as _sb: _m(torch.randn(1, 22, 16, 32))
+with saved_bytes() as _sb: _m(torch.randn(1, 22, 16, 32))  # pmatmul.saved_bytes
 assert _sb.bytes > 0
 
 # %% [markdown]
@@ -196,65 +180,67 @@ def _tdist_init(comm):
                             world_size=comm.Get_size(), timeout=datetime.timedelta(seconds=300))
 
 
-def run_case(case: str, model: str = "medium", steps: int = 3, way: str = "1") -> dict:
-    "Time `steps` training steps of `case` ('jigsaw', 'ddp' or 'megatron') on this rank; a dict of measurements."
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
-    torch.set_num_threads(1); torch.manual_seed(0)
-    cfg, n, r = preset(model), comm.Get_size(), comm.Get_rank()
-    lat_w = lat_weights_cos(torch.linspace(-89, 89, cfg.n_lat)); var_w = variable_weights(cfg)
-    groups = None
-    if case == "jigsaw":
+def _build(spec: dict, cfg, comm):
+    "The model, its groups (Jigsaw) and this rank's input/target blocks, loss weights and global count for `spec`."
+    n, r = comm.Get_size(), comm.Get_rank()
+    lat_w, var_w = lat_weights_cos(torch.linspace(-89, 89, cfg.n_lat)), variable_weights(cfg)
+    x, y = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon), torch.randn(1, cfg.n_out, cfg.n_lat, cfg.n_lon)
+    if spec["case"] == "jigsaw":
         from jigsaw_ref.comm import make_groups
         from jigsaw_ref.grid import Grid
-        grid = Grid.named(way, n); groups = make_groups(grid, "mpi", "p2p", comm)
+        grid = Grid.named(spec["way"], n); groups = make_groups(grid, "mpi", spec.get("algo", "p2p"), comm)
         d, i, j = grid.coords(r)
-        m = JigsawMixer(cfg, groups["tensor"], groups["domain"], "exact", torch.float32)
-        ts = token_sizes(cfg, grid.domain)
-        lon = (sum(ts[:i]) // cfg.n_lat * cfg.patch, (sum(ts[:i]) + ts[i]) // cfg.n_lat * cfg.patch)
-        ci, co = shard_range(cfg.n_in, grid.tensor, j), shard_range(cfg.n_out, grid.tensor, j)
-        x = torch.randn(1, ci[1] - ci[0], cfg.n_lat, lon[1] - lon[0]); y = torch.randn(1, co[1] - co[0], cfg.n_lat, lon[1] - lon[0])
-        vw, count, group_size = var_w[co[0]:co[1]], cfg.n_out * cfg.n_lat * cfg.n_lon * grid.dp, grid.group_size
-    else:
-        _tdist_init(comm)
-        x, y = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon), torch.randn(1, cfg.n_out, cfg.n_lat, cfg.n_lon)
-        vw, count = var_w, y.numel()
-        if case == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-            m = DistributedDataParallel(WeatherMixer(cfg, torch.float32)); group_size = 1; count *= n
-        else:
-            m = MegatronMixer(cfg, r, n); group_size = n
+        m = JigsawMixer(cfg, groups["tensor"], groups["domain"], spec.get("mode", "exact"), torch.float32,
+                        schedule=spec.get("schedule", "overlap"), recompute=spec.get("recompute", False))
+        p, q = grid.domain, grid.tensor
+        vw = var_w[slice(*shard_range(cfg.n_out, q, j))]
+        return m, groups, block_of(cfg, x, p, q, i, j), block_of(cfg, y, p, q, i, j), lat_w, vw, y.numel() * grid.dp, grid.group_size
+    if spec["case"] == "threads": return WeatherMixer(cfg, torch.float32), None, x, y, lat_w, var_w, y.numel(), 1
+    _tdist_init(comm)
+    if spec["case"] == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(WeatherMixer(cfg, torch.float32)), None, x, y, lat_w, var_w, y.numel() * n, 1
+    return MegatronMixer(cfg, r, n), None, x, y, lat_w, var_w, y.numel(), n
+
+# %% [markdown]
+# The timed loop: one warm-up step, then `steps` timed ones; counters are reset after the warm-up.
+
+# %%
+#| export
+def run_case(spec: dict, model: str = "medium", steps: int = 3) -> dict:
+    "Time `steps` training steps of the case `spec` (see `CASES`) on this rank; a dict of measurements."
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    torch.set_num_threads(spec.get("threads", 1)); torch.manual_seed(0)
+    cfg, n, r = preset(model), comm.Get_size(), comm.Get_rank()
+    m, groups, x, y, lat_w, vw, count, group_size = _build(spec, cfg, comm)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4, weight_decay=3e-6)
     times, act = [], 0
     for s in range(steps + 1):
         comm.Barrier()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
-        with SavedBytes() as sb:
-            pred = m(x)
-            loss = loss_share(pred, y, lat_w, vw, count)
+        with saved_bytes() as sb:
+            loss = loss_share(m(x), y, lat_w, vw, count)
         loss.backward()
-        if case == "jigsaw":
-            sync_grads(m, groups["dp"]); clip_grads(m, groups["model"], 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        if groups: sync_grads(m, groups["dp"]); clip_grads(m, groups["model"], 1.0)
+        else: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         if s: times.append(time.perf_counter() - t0)
         if s == 0 and groups:  # counters: timed steps only
             for g in groups.values(): g.sent, g.seconds = 0, 0.0
-        if s == 0 and case == "megatron": m.sent = 0
+        if s == 0 and spec["case"] == "megatron": m.sent = 0
         act = max(act, sb.bytes)
     params = sum(t.numel() * t.element_size() for t in m.parameters())
     moments = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
-    if case == "jigsaw":
+    if groups:
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
-    elif case == "megatron":
-        sent, comm_s = m.sent / steps, float("nan")
-    else:
-        sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
+    elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
+    elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
+    else: sent, comm_s = 0, 0.0
     times.sort()
-    return dict(case=case, way=way, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
+    return dict(spec=spec, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
                 samples_per_step=n // group_size, params_bytes=params, grads_bytes=params, adam_bytes=moments,
                 activation_bytes=act, sent_bytes=sent, comm_s=comm_s)
 
@@ -312,79 +298,137 @@ def plot_roofline(r: dict, path):
 
 # %%
 #| export
-CASES = [("jigsaw", "1", 1), ("jigsaw", "2", 2), ("ddp", "1", 2), ("megatron", "1", 2),
-         ("jigsaw", "4", 4), ("megatron", "1", 4)]
+def _case(case: str, ranks: int, way: str = "1", **kw) -> dict: return dict(case=case, ranks=ranks, way=way, **kw)
 
 
-def _launch(case, way, n, model, steps, out: Path, timeout=1800) -> list[dict]:
+CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines on the same ranks
+    "1-way": _case("jigsaw", 1), "1-way 2 threads": _case("threads", 1, threads=2),
+    "2-way": _case("jigsaw", 2, "2"), "2-way plain": _case("jigsaw", 2, "2", schedule="plain"),
+    "2-way faithful": _case("jigsaw", 2, "2", mode="faithful"), "2-way recompute": _case("jigsaw", 2, "2", recompute=True),
+    "ddp": _case("ddp", 2), "megatron": _case("megatron", 2),
+    "4-way": _case("jigsaw", 4, "4"), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
+    "4-way faithful": _case("jigsaw", 4, "4", mode="faithful"), "4-way recompute": _case("jigsaw", 4, "4", recompute=True),
+    "megatron 4": _case("megatron", 4),
+}
+
+
+def cpu_info() -> str:
+    "The CPU model and the ISA extensions that decide GEMM speed, from /proc/cpuinfo."
+    try: info = Path("/proc/cpuinfo").read_text()
+    except OSError: return "unknown CPU"
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "unknown CPU")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    return f"{model} ({len(os.sched_getaffinity(0))} cores; {' '.join(isa) or 'no AVX2'})"
+
+
+def _launch(name: str, spec: dict, model, steps, out: Path, timeout=1800) -> list[dict]:
     exe = Path(sys.executable).with_name("mpiexec")
-    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1")
-    cmd = [str(exe if exe.exists() else "mpiexec"), "-n", str(n), sys.executable, "-m", "jigsaw_ref.bench", "--worker", case,
-           "--way", way, "--model", model, "--steps", str(steps), "--out", str(out)]
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS=str(spec.get("threads", 1)))
+    cmd = [str(exe if exe.exists() else "mpiexec"), "-n", str(spec["ranks"]), sys.executable, "-m", "jigsaw_ref.bench",
+           "--worker", json.dumps(spec), "--model", model, "--steps", str(steps), "--out", str(out)]
     for f in out.glob("rank*.json"): f.unlink()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if r.returncode: raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    if r.returncode: raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
 
+# %% [markdown]
+# One line per case from its ranks' measurements: the slowest rank's step, the largest per-rank memory.
 
-def summarize(rows: list[dict], cfg, peak1: float, cores: int) -> dict:
+# %%
+#| export
+def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dict:
     "One line per case from its ranks' measurements."
-    n, step = rows[0]["ranks"], max(r["step_s"] for r in rows)
+    n, step, spec = rows[0]["ranks"], max(r["step_s"] for r in rows), rows[0]["spec"]
     samples = rows[0]["samples_per_step"]
     gf = train_step_flops(cfg, samples) / step / 1e9
-    state = max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows)
-    return dict(case=rows[0]["case"] if rows[0]["case"] != "jigsaw" else f"jigsaw {rows[0]['way']}-way", ranks=n, step_s=step,
-                samples_s=samples / step, gflops=gf, frac_peak=gf / (peak1 * min(n, cores)), state_bytes=state,
+    return dict(case=name, ranks=n, step_s=step, samples_s=samples / step, gflops=gf,
+                frac_peak=gf / (peak1 * min(n * spec.get("threads", 1), cores)),
+                state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
                 comm_s=max(r["comm_s"] for r in rows), group_size=rows[0]["group_size"])
 
 
+def table(res: list[dict]) -> str:
+    "The benchmark table; ratios against the 1-way case of the same run."
+    one = next((r for r in res if r["case"] == "1-way"), None)
+    hdr = (f"{'case':<17}{'ranks':>6}{'s/step':>9}{'samples/s':>10}{'speedup':>8}{'GFLOP/s':>9}{'%peak':>7}{'state MB':>9}"
+           f"{'x 1/n':>7}{'act MB':>8}{'x 1/n':>7}{'sent MB':>9}{'wait s':>8}{'wait %':>7}")
+    lines = [hdr]
+    for r in res:
+        f = lambda key: r[key] / (one[key] / r["group_size"]) if one else float("nan")
+        sp = r["samples_s"] / one["samples_s"] if one else float("nan")
+        lines.append(f"{r['case']:<17}{r['ranks']:>6}{r['step_s']:>9.3f}{r['samples_s']:>10.3f}{sp:>8.2f}{r['gflops']:>9.1f}"
+                     f"{100 * r['frac_peak']:>7.1f}{r['state_bytes'] / 2**20:>9.1f}{f('state_bytes'):>7.3f}{r['act_bytes'] / 2**20:>8.1f}"
+                     f"{f('act_bytes'):>7.2f}{r['sent_bytes'] / 2**20:>9.1f}{r['comm_s']:>8.3f}{100 * r['comm_s'] / r['step_s']:>7.1f}")
+    return "\n".join(lines)
+
+# %% [markdown]
+# The targets, as ratios measured in the same run:
+
+# %%
+#| export
+def targets(res: list[dict]) -> list[str]:
+    "Each performance and memory target of the project as a measured ratio from this run's cases."
+    get = lambda name: next((r for r in res if r["case"] == name), None)
+    one, out = get("1-way"), []
+    if not one: return out
+    out.append(f"1-way on 1 thread: {100 * one['frac_peak']:.1f}% of the GEMM peak measured now (target >= 85%)")
+    if (t2 := get("1-way 2 threads")): out.append(f"1-way with 2 threads in one process: {one['step_s'] / t2['step_s']:.2f}x over 1 thread")
+    if (j2 := get("2-way")):
+        out.append(f"2-way on 2 ranks vs 1-way on 1 rank: {one['step_s'] / j2['step_s']:.2f}x (target >= 1.92x, the paper's FP32 A100 mark)")
+        out.append(f"2-way exchange wait: {100 * j2['comm_s'] / j2['step_s']:.1f}% of the step (target < 3%)")
+        if (d := get("ddp")): out.append(f"2-way samples/s / DDP samples/s on 2 ranks: {j2['samples_s'] / d['samples_s']:.2f} (target >= 1)")
+    for j, m in ((get("2-way"), get("megatron")), (get("4-way"), get("megatron 4"))):
+        if j and m:
+            out.append(f"{j['case']} vs Megatron-1D on {m['ranks']} ranks: {m['step_s'] / j['step_s']:.2f}x faster (target > 1), "
+                       f"{j['sent_bytes'] / m['sent_bytes']:.3f} of its bytes")
+    for name in ("2-way", "4-way"):
+        if (j := get(name)):
+            out.append(f"{name} saved activations per rank / (1-way / {j['group_size']}): {j['act_bytes'] / (one['act_bytes'] / j['group_size']):.2f} (target <= 1.15)")
+            out.append(f"{name} parameters+gradients+Adam per rank / (1-way / {j['group_size']}): {j['state_bytes'] / (one['state_bytes'] / j['group_size']):.4f}")
+        if (j := get(name)) and (rc := get(name + " recompute")):
+            out.append(f"{name} with recomputation: {rc['act_bytes'] / j['act_bytes']:.2f} of the activations, {rc['step_s'] / j['step_s']:.2f} of the step time")
+    return out
+
+# %% [markdown]
+# The command itself:
+
+# %%
+#| export
 def main(argv=None):
     "Entry point of `jigsaw-bench`."
     ap = argparse.ArgumentParser("jigsaw-bench", description="Benchmark Jigsaw layouts against DDP and Megatron-1D.")
-    ap.add_argument("--model", default="medium"); ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default="runs/bench"); ap.add_argument("--worker"); ap.add_argument("--way", default="1")
-    ap.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
+    ap.add_argument("--model", default="medium", help="preset (jigsaw_ref.config.PRESETS)")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per case, after one warm-up step")
+    ap.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.txt and roofline.png")
+    ap.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all': {', '.join(CASES)}")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # one rank of one case (JSON spec), launched by the command itself
     a = ap.parse_args(argv)
-    if a.worker:  # one rank of one case
+    if a.worker:
         os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
-        rec = run_case(a.worker, a.model, a.steps, a.way)
+        rec = run_case(json.loads(a.worker), a.model, a.steps)
         Path(a.out, f"rank{rec['rank']}.json").write_text(json.dumps(rec))
         return 0
+    names = list(CASES) if a.cases == "all" else [c.strip() for c in a.cases.split(",")]
+    bad = [c for c in names if c not in CASES]
+    if bad: ap.error(f"unknown cases {bad}; choose from {list(CASES)}")
     cfg, out = preset(a.model), Path(a.out); out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     peak1, peak2 = gemm_gflops(threads=1), gemm_gflops(threads=min(2, cores))
-    print(f"fp32 GEMM peak measured now: {peak1:.1f} GFLOP/s on 1 thread, {peak2:.1f} on {min(2, cores)}; model {a.model}, "
-          f"{param_count(cfg):,} parameters, {train_step_flops(cfg) / 1e9:.1f} GFLOP per training step", flush=True)
-    chosen = CASES if a.cases == "all" else [CASES[int(i)] for i in a.cases.split(",")]
+    head = (f"CPU: {cpu_info()}\nfp32 GEMM peak measured now: {peak1:.1f} GFLOP/s on 1 thread, {peak2:.1f} on {min(2, cores)}; "
+            f"model {a.model}, {param_count(cfg):,} parameters, {train_step_flops(cfg) / 1e9:.1f} GFLOP per training step")
+    print(head, flush=True)
     res = []
-    for case, way, n in chosen:
-        res.append(summarize(_launch(case, way, n, a.model, a.steps, out), cfg, peak1, cores))
-        print(f"  done: {res[-1]['case']} on {n} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
-    one = next((r for r in res if r["case"] == "jigsaw 1-way"), None)
-    hdr = f"{'case':<14}{'ranks':>6}{'s/step':>9}{'samples/s':>10}{'speedup':>8}{'GFLOP/s':>9}{'%peak':>7}{'state MB/rank':>14}{'x 1/n':>7}{'act MB':>8}{'sent MB/step':>13}{'comm s':>8}"
-    lines = [hdr]
-    for r in res:
-        sp = r["samples_s"] / one["samples_s"] if one else float("nan")
-        share = r["state_bytes"] / (one["state_bytes"] / r["group_size"]) if one else float("nan")
-        lines.append(f"{r['case']:<14}{r['ranks']:>6}{r['step_s']:>9.3f}{r['samples_s']:>10.3f}{sp:>8.2f}{r['gflops']:>9.1f}"
-                     f"{100 * r['frac_peak']:>7.1f}{r['state_bytes'] / 2**20:>14.1f}{share:>7.3f}{r['act_bytes'] / 2**20:>8.1f}"
-                     f"{r['sent_bytes'] / 2**20:>13.2f}{r['comm_s']:>8.3f}")
-    table = "\n".join(lines)
-    print(table)
-    get = lambda name, n: next((r for r in res if r["case"] == name and r["ranks"] == n), None)
-    targets = []
-    if one: targets.append(f"1-way forward+backward+Adam on 1 thread: {100 * one['frac_peak']:.1f}% of the GEMM peak measured now (target >= 70%)")
-    j2, m2, j4, m4 = get("jigsaw 2-way", 2), get("megatron", 2), get("jigsaw 4-way", 4), get("megatron", 4)
-    if one and j2: targets.append(f"2-way on 2 ranks vs 1-way on 1 rank: {one['step_s'] / j2['step_s']:.2f}x faster (target >= 1.8x; paper FP32 A100: 1.92x)")
-    for j, m in ((j2, m2), (j4, m4)):
-        if j and m: targets.append(f"{j['case']} bytes sent per rank per step / Megatron-1D on {m['ranks']} ranks: {j['sent_bytes'] / m['sent_bytes']:.3f} (target <= 1)")
-    for j in (j2, j4):
-        if j and one: targets.append(f"{j['case']} parameters+gradients+Adam per rank / (1-way / {j['group_size']}): {j['state_bytes'] / (one['state_bytes'] / j['group_size']):.4f} (target within 2%)")
-    print("\n".join(targets))
+    for name in names:
+        res.append(summarize(name, _launch(name, CASES[name], a.model, a.steps, out), cfg, peak1, cores))
+        print(f"  done: {name} on {res[-1]['ranks']} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
+    text = head + "\n" + table(res) + "\n" + "\n".join(targets(res))
+    print(text)
     rl = roofline(cfg); plot_roofline(rl, out / "roofline.png")
-    (out / "bench.json").write_text(json.dumps({"peak1": peak1, "peak2": peak2, "cases": res, "roofline": rl, "targets": targets}, indent=1))
-    (out / "bench.txt").write_text(table + "\n" + "\n".join(targets) + "\n")
+    (out / "bench.json").write_text(json.dumps({"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "cases": res, "roofline": rl,
+                                               "targets": targets(res)}, indent=1))
+    (out / "bench.txt").write_text(text + "\n")
     print(f"wrote {out / 'bench.json'}, {out / 'bench.txt'}, {out / 'roofline.png'}")
     return 0
 
