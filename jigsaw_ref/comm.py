@@ -17,8 +17,8 @@ __all__ = ['Request', 'cuda_aware_mpi', 'StagingPool', 'Group', 'TorchGroup', 'a
 # %% ../nbs/04_comm.ipynb #64d9e4c0
 class Request:
     "A posted message: `wait()` completes it and runs what the completion needs (copy-back, buffer release)."
-    def __init__(self, raw, after=None):
-        self.raw, self.after = raw, after
+    def __init__(self, raw, after=None, nbytes: int = 0):
+        self.raw, self.after, self.nbytes = raw, after, nbytes  # nbytes: the receive buffer's size (0 for a send)
 
     def wait(self):
         if self.raw is not None: (self.raw.Wait if hasattr(self.raw, "Wait") else self.raw.wait)()
@@ -75,6 +75,7 @@ class Group:
         self.size = 1 if comm is None else comm.Get_size()
         self.rank = 0 if comm is None else comm.Get_rank()
         self.pool, self._aware = StagingPool(), None
+        self.inflight = self.recv_peak = 0  # bytes of posted, not yet completed receives; their maximum
 
     @property
     def can_overlap(self) -> bool:
@@ -111,15 +112,25 @@ def _irecv(self: Group, t, source: int, tag: int) -> Request:
 
 
 @patch
+def _track(self: Group, reqs, recvs):
+    "Note the receive buffers of `reqs` (the first `len(recvs)`) as in flight, and the peak of what is in flight."
+    for r, (b, _) in zip(reqs, recvs): r.nbytes = b.numel() * b.element_size(); self.inflight += r.nbytes
+    self.recv_peak = max(self.recv_peak, self.inflight)
+    return reqs
+
+
+@patch
 def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
-    return [self._irecv(b, s, tag) for b, s in recvs] + [self._isend(t, d, tag) for t, d in sends]
+    return self._track([self._irecv(b, s, tag) for b, s in recvs] + [self._isend(t, d, tag) for t, d in sends], recvs)
 
 
 @patch
 def wait(self: Group, reqs):
     "Complete every request in `reqs`."
-    for r in reqs: r.wait()
+    for r in reqs:
+        if r.raw is not None: self.inflight -= r.nbytes
+        r.wait()
 
 # %% ../nbs/04_comm.ipynb #e3d32595
 @patch
@@ -224,6 +235,7 @@ class TorchGroup(Group):
         import torch.distributed as dist
         if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
         self.dist, self.pg, self.comm, self.algo, self.staging, self.sent, self.seconds = dist, pg, pg, algo, "never", 0, 0.0
+        self.inflight = self.recv_peak = 0
         self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
         self._peers = [dist.get_global_rank(pg, k) if pg is not None else k for k in range(self.size)]
 
@@ -233,7 +245,7 @@ class TorchGroup(Group):
         ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
         for t, k in sends:
             ops.append(d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag)); self._count(t.numel() * t.element_size())
-        return [Request(w) for w in d.batch_isend_irecv(ops)] if ops else []
+        return self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs)
 
     def allgather_obj(self, obj) -> list:
         if self.size == 1: return [obj]

@@ -207,12 +207,12 @@ def _build(spec: dict, cfg, comm):
 
 # %%
 #| export
-def run_case(spec: dict, model: str = "medium", steps: int = 3) -> dict:
+def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict | None = None) -> dict:
     "Time `steps` training steps of the case `spec` (see `CASES`) on this rank; a dict of measurements."
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     torch.set_num_threads(spec.get("threads", 1)); torch.manual_seed(0)
-    cfg, n, r = preset(model), comm.Get_size(), comm.Get_rank()
+    cfg, n, r = preset(model, **(overrides or {})), comm.Get_size(), comm.Get_rank()
     m, groups, x, y, lat_w, vw, count, group_size = _build(spec, cfg, comm)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4, weight_decay=3e-6)
     times, act = [], 0
@@ -236,13 +236,15 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3) -> dict:
     if groups:
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
+        recv = sum(g.recv_peak for k, g in groups.items() if k in ("tensor", "domain"))
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
     else: sent, comm_s = 0, 0.0
+    if not groups: recv = float("nan")
     times.sort()
     return dict(spec=spec, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
                 samples_per_step=n // group_size, params_bytes=params, grads_bytes=params, adam_bytes=moments,
-                activation_bytes=act, sent_bytes=sent, comm_s=comm_s)
+                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv)
 
 # %% [markdown]
 # ## Roofline of each layer
@@ -308,6 +310,7 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "ddp": _case("ddp", 2), "megatron": _case("megatron", 2),
     "4-way": _case("jigsaw", 4, "4"), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
     "4-way faithful": _case("jigsaw", 4, "4", mode="faithful"), "4-way recompute": _case("jigsaw", 4, "4", recompute=True),
+    "4-way summa": _case("jigsaw", 4, "4", schedule="summa"), "4-way faithful summa": _case("jigsaw", 4, "4", mode="faithful", schedule="summa"),
     "megatron 4": _case("megatron", 4),
 }
 
@@ -322,11 +325,12 @@ def cpu_info() -> str:
     return f"{model} ({len(os.sched_getaffinity(0))} cores; {' '.join(isa) or 'no AVX2'})"
 
 
-def _launch(name: str, spec: dict, model, steps, out: Path, timeout=1800) -> list[dict]:
+def _launch(name: str, spec: dict, model, steps, out: Path, overrides: dict, timeout=1800) -> list[dict]:
     exe = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS=str(spec.get("threads", 1)))
     cmd = [str(exe if exe.exists() else "mpiexec"), "-n", str(spec["ranks"]), sys.executable, "-m", "jigsaw_ref.bench",
-           "--worker", json.dumps(spec), "--model", model, "--steps", str(steps), "--out", str(out)]
+           "--worker", json.dumps(spec), "--model", model, "--steps", str(steps), "--out", str(out),
+           "--overrides", json.dumps(overrides)]
     for f in out.glob("rank*.json"): f.unlink()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode: raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -346,21 +350,22 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 frac_peak=gf / (peak1 * min(n * spec.get("threads", 1), cores)),
                 state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
-                comm_s=max(r["comm_s"] for r in rows), group_size=rows[0]["group_size"])
+                comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"])
 
 
 def table(res: list[dict]) -> str:
     "The benchmark table; ratios against the 1-way case of the same run."
     one = next((r for r in res if r["case"] == "1-way"), None)
-    hdr = (f"{'case':<17}{'ranks':>6}{'s/step':>9}{'samples/s':>10}{'speedup':>8}{'GFLOP/s':>9}{'%peak':>7}{'state MB':>9}"
-           f"{'x 1/n':>7}{'act MB':>8}{'x 1/n':>7}{'sent MB':>9}{'wait s':>8}{'wait %':>7}")
+    hdr = (f"{'case':<21}{'ranks':>6}{'s/step':>9}{'samples/s':>10}{'speedup':>8}{'GFLOP/s':>9}{'%peak':>7}{'state MB':>9}"
+           f"{'x 1/n':>7}{'act MB':>8}{'x 1/n':>7}{'recv MB':>8}{'sent MB':>9}{'wait s':>8}{'wait %':>7}")
     lines = [hdr]
     for r in res:
         f = lambda key: r[key] / (one[key] / r["group_size"]) if one else float("nan")
         sp = r["samples_s"] / one["samples_s"] if one else float("nan")
-        lines.append(f"{r['case']:<17}{r['ranks']:>6}{r['step_s']:>9.3f}{r['samples_s']:>10.3f}{sp:>8.2f}{r['gflops']:>9.1f}"
+        lines.append(f"{r['case']:<21}{r['ranks']:>6}{r['step_s']:>9.3f}{r['samples_s']:>10.3f}{sp:>8.2f}{r['gflops']:>9.1f}"
                      f"{100 * r['frac_peak']:>7.1f}{r['state_bytes'] / 2**20:>9.1f}{f('state_bytes'):>7.3f}{r['act_bytes'] / 2**20:>8.1f}"
-                     f"{f('act_bytes'):>7.2f}{r['sent_bytes'] / 2**20:>9.1f}{r['comm_s']:>8.3f}{100 * r['comm_s'] / r['step_s']:>7.1f}")
+                     f"{f('act_bytes'):>7.2f}{r['recv_bytes'] / 2**20:>8.1f}{r['sent_bytes'] / 2**20:>9.1f}{r['comm_s']:>8.3f}"
+                     f"{100 * r['comm_s'] / r['step_s']:>7.1f}")
     return "\n".join(lines)
 
 # %% [markdown]
@@ -389,6 +394,10 @@ def targets(res: list[dict]) -> list[str]:
             out.append(f"{name} parameters+gradients+Adam per rank / (1-way / {j['group_size']}): {j['state_bytes'] / (one['state_bytes'] / j['group_size']):.4f}")
         if (j := get(name)) and (rc := get(name + " recompute")):
             out.append(f"{name} with recomputation: {rc['act_bytes'] / j['act_bytes']:.2f} of the activations, {rc['step_s'] / j['step_s']:.2f} of the step time")
+    if (o := get("4-way")) and (sm := get("4-way summa")):
+        out.append(f"4-way SUMMA / activation-moving: {sm['step_s'] / o['step_s']:.2f} of the step time, {sm['sent_bytes'] / o['sent_bytes']:.2f} "
+                   f"of the bytes, {sm['comm_s'] / max(o['comm_s'], 1e-9):.2f} of the exchange wait, {sm['act_bytes'] / o['act_bytes']:.2f} "
+                   f"of the saved activations, {sm['recv_bytes'] / o['recv_bytes']:.2f} of the receive buffers")
     return out
 
 # %% [markdown]
@@ -403,25 +412,34 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per case, after one warm-up step")
     ap.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.txt and roofline.png")
     ap.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all': {', '.join(CASES)}")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a field of the preset, e.g. --set hidden=256 --set f_s=1 (repeatable; numbers as JSON)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # one rank of one case (JSON spec), launched by the command itself
+    ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
-        rec = run_case(json.loads(a.worker), a.model, a.steps)
+        rec = run_case(json.loads(a.worker), a.model, a.steps, json.loads(a.overrides))
         Path(a.out, f"rank{rec['rank']}.json").write_text(json.dumps(rec))
         return 0
     names = list(CASES) if a.cases == "all" else [c.strip() for c in a.cases.split(",")]
     bad = [c for c in names if c not in CASES]
     if bad: ap.error(f"unknown cases {bad}; choose from {list(CASES)}")
-    cfg, out = preset(a.model), Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    overrides = {}
+    for item in a.sets:
+        k, sep, v = item.partition("=")
+        if not sep: ap.error(f"--set {item!r}: expected FIELD=VALUE, e.g. --set hidden=256")
+        try: overrides[k] = json.loads(v)
+        except json.JSONDecodeError: overrides[k] = v
+    cfg, out = preset(a.model, **overrides), Path(a.out); out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     peak1, peak2 = gemm_gflops(threads=1), gemm_gflops(threads=min(2, cores))
     head = (f"CPU: {cpu_info()}\nfp32 GEMM peak measured now: {peak1:.1f} GFLOP/s on 1 thread, {peak2:.1f} on {min(2, cores)}; "
-            f"model {a.model}, {param_count(cfg):,} parameters, {train_step_flops(cfg) / 1e9:.1f} GFLOP per training step")
+            f"model {a.model}{' ' + json.dumps(overrides) if overrides else ''}, {param_count(cfg):,} parameters, {train_step_flops(cfg) / 1e9:.1f} GFLOP per training step")
     print(head, flush=True)
     res = []
     for name in names:
-        res.append(summarize(name, _launch(name, CASES[name], a.model, a.steps, out), cfg, peak1, cores))
+        res.append(summarize(name, _launch(name, CASES[name], a.model, a.steps, out, overrides), cfg, peak1, cores))
         print(f"  done: {name} on {res[-1]['ranks']} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
     text = head + "\n" + table(res) + "\n" + "\n".join(targets(res))
     print(text)

@@ -10,8 +10,25 @@
 # this notebook with `nbdev_test --flags mpi` inside a timeout (`tests/test_mpi_notebook.py`), and stops the
 # cluster even when a cell fails.
 #
-# To run it yourself: `pip install -e .` in a virtual environment whose `bin/` holds `mpiexec` (the MPICH
-# wheel installs one), then open this notebook with that environment's kernel.
+# To run it yourself: `pip install -e ".[dev]"` in a virtual environment whose `bin/` holds `mpiexec` (the MPICH
+# wheel installs one), then open this notebook with that environment's kernel (`jupyter lab`, installed by the
+# dev extra). The cluster can also be started and stopped by hand, outside the notebook, and connected to with
+# `ipp.Client()`:
+#
+# ```sh
+# ipcluster start --engines=mpi -n 4 --daemonize   # controller + 4 MPI engines (mpiexec from this venv)
+# ipcluster stop                                   # stop them
+# ipcluster stop --all                             # stop every cluster of this IPYTHONDIR, e.g. after a kernel crash
+# ```
+#
+# **If the kernel crashes** with a cluster running, the controller and engines outlive it (they are separate
+# processes). Restart the kernel, then either reconnect (`ipp.Client()` finds the running cluster) or clean up
+# with `ipcluster stop --all`; `pkill -f ipengine` is the last resort.
+#
+# **GPUs.** Each engine takes the GPU `comm.local_device` gives it: one GPU per engine, by the launcher's local
+# rank (or an MPI shared-memory split), and the CPU when there is none; the cells below are the same either
+# way. Messages between engines go through MPI; with an MPI that is not CUDA-aware (the PyPI wheels are not)
+# `comm.Group` stages them through pinned host buffers.
 
 # %%
 #| mpi
@@ -45,10 +62,11 @@ from mpi4py import MPI
 from jigsaw_ref.config import preset, shard_range
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.mixer import WeatherMixer
-from jigsaw_ref.parallel import JigsawMixer, gather_state, token_sizes
-from jigsaw_ref.comm import make_groups
+from jigsaw_ref.parallel import JigsawMixer, block_of, complete_grads, gather_state
+from jigsaw_ref.comm import local_device, make_groups
 torch.set_num_threads(1)
 world = MPI.COMM_WORLD
+dev = local_device("auto", world)  # this engine's GPU, or the CPU
 cfg = preset("tiny", n_lon=40, hidden=30)  # 10 longitude patches, 19 outputs: uneven splits
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, cfg.n_in, cfg.n_lat, cfg.n_lon, generator=g, dtype=torch.float64)
@@ -61,16 +79,8 @@ yr.square().sum().backward()
 # ## 2-way: channel halves, data parallelism over the two pairs
 #
 # On four ranks the 2-way layout is two model groups of two ($dp = 2$). Each rank takes its sample (its dp
-# index), its channel block of the input and computes its channel block of the output.
-
-# %%
-def block(t, grid, d, i, j, channels):
-    "Rank (d, i, j)'s block of a (B, C, lat, lon) tensor: its sample, channel block and longitudes."
-    ts = token_sizes(cfg, grid.domain)
-    l0 = sum(ts[:i]) // cfg.n_lat * cfg.patch
-    l1 = l0 + ts[i] // cfg.n_lat * cfg.patch
-    c0, c1 = shard_range(channels, grid.tensor, j)
-    return t[d:d + 1, c0:c1, :, l0:l1]
+# index) and `parallel.block_of` its channel block of the input, and computes its channel block of the output
+# on its device; the errors are measured against the CPU reference.
 
 # %%
 # %%px --progress-after -1
@@ -79,27 +89,22 @@ def run(way):
     grid = Grid.named(way, world.Get_size())
     groups = make_groups(grid, "mpi", "p2p", world)
     d, i, j = grid.coords(world.Get_rank())
-    m = JigsawMixer(cfg, groups["tensor"], groups["domain"], dtype=torch.float64)
-    xl = block(x, grid, d, i, j, cfg.n_in).clone().requires_grad_(True)
+    p, q = grid.domain, grid.tensor
+    m = JigsawMixer(cfg, groups["tensor"], groups["domain"], dtype=torch.float64, device=dev)
+    xl = block_of(cfg, x[d:d + 1], p, q, i, j).to(dev).requires_grad_(True)
     y = m(xl)
     y.square().sum().backward()
-    out_err = float((y - block(yr, grid, d, i, j, cfg.n_out)).abs().max() / yr.abs().max())
-    in_err = float((xl.grad - block(xr.grad, grid, d, i, j, cfg.n_in)).abs().max() / xr.grad.abs().max())
-    m.sync_replicated_grads()  # complete the replicated parameters' gradient shares
+    out_err = float((y.cpu() - block_of(cfg, yr[d:d + 1], p, q, i, j)).abs().max() / yr.abs().max())
+    in_err = float((xl.grad.cpu() - block_of(cfg, xr.grad[d:d + 1], p, q, i, j)).abs().max() / xr.grad.abs().max())
+    m.sync_replicated_grads()  # complete the replicated parameters' gradient shares (no dp sum: one sample per group)
     grads = gather_state(m, groups["model"], {n: t.grad for n, t in m.state().items()})
     # only sample d contributed on this model group: compare with the reference gradient of that sample
     ref_d = WeatherMixer(cfg, dtype=torch.float64)
     ref_d(x[d:d + 1]).square().sum().backward()
     w_err = max(float((grads[n] - t.grad).abs().max() / max(float(t.grad.abs().max()), 1e-12))
                 for n, t in ref_d.state().items() if not n.endswith("tok2.b"))
-    return {"rank": world.Get_rank(), "coords": (d, i, j), "output": out_err, "input grad": in_err, "weight grads": w_err}
-
-# %% [markdown]
-# The block helper defined in the notebook's own namespace is pushed to the engines first:
-
-# %%
-#| mpi
-rc[:].push({"block": block}, block=True)
+    return {"rank": world.Get_rank(), "device": str(dev), "coords": (d, i, j), "output": out_err, "input grad": in_err,
+            "weight grads": w_err}
 
 # %%
 # %%px --progress-after -1
