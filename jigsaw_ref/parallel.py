@@ -146,6 +146,7 @@ class JigsawMixer(nn.Module):
             for n in self._names})
         self.t_sizes, self.h_sizes = token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q)
         self.s_sizes, self.g_sizes = split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p)
+        self.out_slice = slice(*shard_range(cfg.n_out, self.q, self.j))  # my output channels: e.g. `var_w[model.out_slice]`
         self.mlps = _mlps(schedule, self.bias_after)
         if init:
             with torch.no_grad():  # slice the one-process initial weights: every layout starts identical
