@@ -68,10 +68,10 @@ def _sync(t: torch.Tensor):
 # %% ../nbs/04_comm.ipynb #7b90b02b
 class Group:
     "A communicator of `size` ranks (mpi4py `Comm` or `ThreadComm`) with collectives on tensors, counting bytes sent and seconds spent."
-    def __init__(self, comm=None, algo: str = "p2p", staging: str = "auto"):
+    def __init__(self, comm=None, algo: str = "p2p", staging: str = "auto", wire: torch.dtype | None = None):
         if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
         if staging not in ("auto", "always", "never"): raise ConfigError(f"staging={staging!r}: choose auto, always or never")
-        self.comm, self.algo, self.staging, self.sent, self.seconds = comm, algo, staging, 0, 0.0
+        self.comm, self.algo, self.staging, self.sent, self.seconds, self.wire = comm, algo, staging, 0, 0.0, wire
         self.size = 1 if comm is None else comm.Get_size()
         self.rank = 0 if comm is None else comm.Get_rank()
         self.pool, self._aware = StagingPool(), None
@@ -120,9 +120,29 @@ def _track(self: Group, reqs, recvs):
 
 
 @patch
+def _on_wire(self: Group, sends, recvs):
+    "Sends cast to the wire dtype, receives into wire-dtype buffers copied back on completion (the identity without `wire`)."
+    cast = lambda t: self.wire is not None and t.is_floating_point() and t.dtype != self.wire
+    sends = [(t.to(self.wire) if cast(t) else t, d) for t, d in sends]
+    backs = [(torch.empty(b.shape, dtype=self.wire, device=b.device), b) if cast(b) else (b, None) for b, _ in recvs]
+    return sends, [(w, s) for (w, _), (_, s) in zip(backs, recvs)], [b for _, b in backs], [w for w, _ in backs]
+
+
+@patch
 def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
-    return self._track([self._irecv(b, s, tag) for b, s in recvs] + [self._isend(t, d, tag) for t, d in sends], recvs)
+    sends, wrecvs, backs, wires = self._on_wire(sends, recvs)
+    reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs)
+    return _copy_back(reqs, backs, wires)
+
+
+def _copy_back(reqs, backs, wires):
+    "Chain a copy from each wire buffer into its destination after the receive's own completion."
+    for r, dst, w in zip(reqs, backs, wires):
+        if dst is None: continue
+        prev = r.after
+        r.after = (lambda p, d, w: lambda: (p() if p else None, d.copy_(w)))(prev, dst, w)
+    return reqs
 
 
 @patch
@@ -231,10 +251,11 @@ def all_reduce(self: Group, x):
 # %% ../nbs/04_comm.ipynb #592343ed
 class TorchGroup(Group):
     "A `Group` over a `torch.distributed` process group (NCCL on GPU, gloo on CPU)."
-    def __init__(self, pg=None, algo: str = "p2p"):
+    def __init__(self, pg=None, algo: str = "p2p", wire: torch.dtype | None = None):
         import torch.distributed as dist
         if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
         self.dist, self.pg, self.comm, self.algo, self.staging, self.sent, self.seconds = dist, pg, pg, algo, "never", 0, 0.0
+        self.wire = wire
         self.inflight = self.recv_peak = 0
         self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
         self._peers = [dist.get_global_rank(pg, k) if pg is not None else k for k in range(self.size)]
@@ -242,10 +263,11 @@ class TorchGroup(Group):
     def start(self, sends=(), recvs=(), tag: int = 0) -> list[Request]:
         "Post the receives `[(buffer, source)]` and sends `[(tensor, dest)]` as one batch (group ranks)."
         d = self.dist
+        sends, recvs, backs, wires = self._on_wire(sends, recvs)
         ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
         for t, k in sends:
             ops.append(d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag)); self._count(t.numel() * t.element_size())
-        return self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs)
+        return _copy_back(self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs), backs, wires)
 
     def allgather_obj(self, obj) -> list:
         if self.size == 1: return [obj]
@@ -422,14 +444,16 @@ def init_torch_distributed(comm=None, backend: str | None = None):
     return dist
 
 # %% ../nbs/04_comm.ipynb #dbb54850
-def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None) -> dict[str, Group]:
+def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None,
+                wire: torch.dtype | None = None) -> dict[str, Group]:  # wire: message dtype of the model's exchanges
     "The `world`, `model`, `tensor`, `domain` and `dp` groups of this rank (collective over `comm` or the job)."
+    w = lambda k: wire if k in ("tensor", "domain") else None  # activations only: gradients over dp stay exact
     if backend == "mpi":
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
         c = split_comms(grid, comm)
-        return {k: Group(getattr(c, k), algo) for k in ("world", "model", "tensor", "domain", "dp")}
+        return {k: Group(getattr(c, k), algo, wire=w(k)) for k in ("world", "model", "tensor", "domain", "dp")}
     if backend != "torch": raise ConfigError(f"backend={backend!r}: choose 'mpi' or 'torch'")
     dist = init_torch_distributed(comm)
     grid.check(dist.get_world_size())
@@ -437,5 +461,5 @@ def make_groups(grid: Grid, backend: str = "mpi", algo: str = "p2p", comm=None) 
     for kind, members in groups(grid).items():
         for m in members:  # every rank creates every group, in the same order
             pg = dist.new_group(m)
-            if me in m: out[kind] = TorchGroup(pg, algo)
+            if me in m: out[kind] = TorchGroup(pg, algo, wire=w(kind))
     return out

@@ -139,6 +139,7 @@ class _LayerNorm(torch.autograd.Function):
     numbers per token). Backward: the analytic gradient, one all-reduce of two numbers per token; saves x, mu, 1/sigma."""
     @staticmethod
     def forward(ctx, x, w, b, tensor, n_features, eps, sizes):
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least (as autocast's layer_norm)
         mu_j = x.mean(-1, keepdim=True) if x.shape[-1] else torch.zeros_like(x[..., :1])
         m_j = (x - mu_j).square().sum(-1, keepdim=True)
         n = torch.tensor(sizes, dtype=x.dtype, device=x.device).view(-1, *[1] * x.dim())
@@ -146,13 +147,14 @@ class _LayerNorm(torch.autograd.Function):
         mu = (n * st[..., :1]).sum(0) / n_features
         rstd = torch.rsqrt((st[..., 1:] + n * (st[..., :1] - mu).square()).sum(0) / n_features + eps)
         ctx.save_for_backward(x, mu, rstd, w); ctx.tensor, ctx.n = tensor, n_features
-        return (x - mu) * rstd * w + b
+        return (x - mu) * rstd * w.to(x.dtype) + b.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, mu, rstd, w = ctx.saved_tensors
         xhat = (x - mu) * rstd
-        g = dy * w
+        dy = dy.to(x.dtype)
+        g = dy * w.to(x.dtype)
         s = ctx.tensor.all_reduce(torch.cat([g.sum(-1, keepdim=True), (g * xhat).sum(-1, keepdim=True)], -1))
         dx = rstd * (g - s[..., :1] / ctx.n - xhat * s[..., 1:] / ctx.n)
         red = tuple(range(dy.dim() - 1))
@@ -187,6 +189,12 @@ def _with(t, dim: int, n: int):
 
 def _cuts(sizes): return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
 
+
+def _amp(t) -> tuple:
+    "The autocast state of `t`'s device; torch runs a custom backward without autocast, so the backward re-enters it."
+    dev = t.device.type
+    return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
+
 # %% ../nbs/05_partitioned_matmul.ipynb #2f16754d
 class _GatherMatmul(torch.autograd.Function):
     """Forward: `prod.fwd(w, AG(x))` over `group` along `prod.dim`, each partner's block multiplied as it arrives.
@@ -194,7 +202,7 @@ class _GatherMatmul(torch.autograd.Function):
     partner's block sent as soon as it is computed; `dw` accumulated block by block."""
     @staticmethod
     def forward(ctx, w, x, prod, group, sizes):
-        ctx.save_for_backward(w, x); ctx.prod, ctx.group, ctx.sizes = prod, group, sizes
+        ctx.save_for_backward(w, x); ctx.prod, ctx.group, ctx.sizes, ctx.amp = prod, group, sizes, _amp(x)
         n, r, d, c = group.size, group.rank, prod.dim, _cuts(sizes)
         if not group.can_overlap: return prod.fwd(w, group.all_gather(x, d, sizes))
         xs = x.contiguous()
@@ -210,6 +218,10 @@ class _GatherMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _GatherMatmul._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         w, x = ctx.saved_tensors
         prod, group, sizes = ctx.prod, ctx.group, ctx.sizes
         n, r, d, c = group.size, group.rank, prod.dim, _cuts(sizes)
@@ -221,7 +233,7 @@ class _GatherMatmul(torch.autograd.Function):
         xb = {k: x.new_empty(_with(x, d, sizes[k])) for k in range(n) if k != r}
         gather = [group.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=32) for to, fr in _rounds(n, r)]
         dxb = {k: x.new_empty(_with(x, d, sizes[r])) for k in range(n) if k != r}
-        scatter = [group.start(sends=[(prod.da(w, blk(g, to)).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=33)
+        scatter = [group.start(sends=[(prod.da(w, blk(g, to)).to(x.dtype).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=33)
                    for to, fr in _rounds(n, r)]  # each partner's input gradient, sent as soon as it exists
         dx = prod.da(w, blk(g, r))  # mine, and my weight-gradient block, while the messages fly
         dw = prod.dw(blk(g, r), xs)
@@ -243,7 +255,7 @@ class _MatmulReduceScatter(torch.autograd.Function):
     non-blocking messages overlapped with the GEMMs of `da` and `dw` of my own block."""
     @staticmethod
     def forward(ctx, w, a, c, prod, group, sizes):
-        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes = prod, group, sizes
+        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes, ctx.amp = prod, group, sizes, _amp(a)
         n, r, d, cu = group.size, group.rank, prod.dim, _cuts(sizes)
         shape = [1] * a.dim(); shape[prod.bias_dim] = -1
         blk = lambda k: prod.fwd(w, a.narrow(d, cu[k], sizes[k])) + c.view(shape)
@@ -260,6 +272,10 @@ class _MatmulReduceScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _MatmulReduceScatter._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         w, a = ctx.saved_tensors
         prod, group, sizes = ctx.prod, ctx.group, ctx.sizes
         n, r, d, cu = group.size, group.rank, prod.dim, _cuts(sizes)
@@ -272,7 +288,7 @@ class _MatmulReduceScatter(torch.autograd.Function):
         reqs = [group.start(sends=[(g, to)], recvs=[(bufs[fr], fr)], tag=22) for to, fr in _rounds(n, r)]
         da = torch.empty_like(a)
         def use(k, gk):  # the contributions of block k
-            da.narrow(d, cu[k], sizes[k]).copy_(prod.da(w, gk))
+            da.narrow(d, cu[k], sizes[k]).copy_(prod.da(w, gk))  # (in a's dtype, whatever autocast computed it in)
             return prod.dw(gk, a.narrow(d, cu[k], sizes[k])), gk.sum(other)
         dw, dc = use(r, g)  # my own block while the partners' arrive
         for (to, fr), rq in zip(_rounds(n, r), reqs):
@@ -394,7 +410,7 @@ class _Summa(torch.autograd.Function):
     the blocks are gathered again; the partials of dA are reduce-scattered along the row, those of dB down the column."""
     @staticmethod
     def forward(ctx, a, b, row, col, ks):
-        ctx.save_for_backward(a, b); ctx.row, ctx.col, ctx.ks = row, col, ks
+        ctx.save_for_backward(a, b); ctx.row, ctx.col, ctx.ks, ctx.amp = row, col, ks, _amp(a)
         n, i, j = row.size, col.rank, row.rank
         a, b = a.contiguous(), b.contiguous()
         abuf = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # A[i, fr]
@@ -411,6 +427,10 @@ class _Summa(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dc):
+        with torch.autocast(*ctx.amp): return _Summa._backward(ctx, dc)
+
+    @staticmethod
+    def _backward(ctx, dc):
         a, b = ctx.saved_tensors
         row, col, ks = ctx.row, ctx.col, ctx.ks
         n, i, j = row.size, col.rank, row.rank
@@ -421,8 +441,8 @@ class _Summa(torch.autograd.Function):
         ra = {fr: row.start(sends=[(a, to)], recvs=[(arow[fr], fr)], tag=44) for to, fr in _rounds(n, j)}
         B_ = lambda k: b if k == i else (col.wait(rb[k]), bcol[k])[1]
         A_ = lambda k: a if k == j else (row.wait(ra[k]), arow[k])[1]
-        pa = lambda t: _mm_grad(dc @ B_(t).mT, a).contiguous()  # my partial of dA[i, t]
-        pb = lambda t: _mm_grad(A_(t).mT @ dc, b).contiguous()  # my partial of dB[t, j]
+        pa = lambda t: _mm_grad(dc @ B_(t).mT, a).to(a.dtype).contiguous()  # my partial of dA[i, t], in A's dtype
+        pb = lambda t: _mm_grad(A_(t).mT @ dc, b).to(b.dtype).contiguous()  # my partial of dB[t, j]
         da_in = {fr: a.new_empty(a.shape) for _, fr in _rounds(n, j)}
         db_in = {fr: b.new_empty(b.shape) for _, fr in _rounds(n, i)}
         reqs = [row.start(sends=[(pa(to), to)], recvs=[(da_in[fr], fr)], tag=45) for to, fr in _rounds(n, j)]

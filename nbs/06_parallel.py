@@ -687,3 +687,54 @@ def _faithful_count(comm):
 
 _mf = run_ranks(4, _faithful_count)
 test_eq(_mf, [10 * 16 * 16, 9 * 16 * 16, 10 * 16 * 16, 9 * 16 * 16])  # faithful: my block, 10 or 9 channels x 16 x 16 pixels
+
+# %% [markdown]
+# ## Precision: TF32, bf16 autocast, bf16 messages, determinism
+#
+# - **TF32** (NVIDIA Ampere and later) is a switch of cuBLAS, `torch.backends.cuda.matmul.allow_tf32 = True`:
+#   the parallel model's GEMMs are ordinary torch products, so it applies to them unchanged.
+# - **bf16 autocast**: run the forward inside `torch.autocast(device, torch.bfloat16)`. The exchange functions of
+#   `pmatmul` are custom autograd functions, whose backward torch runs without autocast; they record the autocast
+#   state in the forward and re-enter it in the backward, and send every gradient block in the dtype of the
+#   tensor it belongs to, so partners always agree on message sizes. The exact LayerNorm computes its
+#   statistics in float32 at least, as autocast's own `layer_norm` does.
+# - **bf16 messages**: `make_groups(..., wire=torch.bfloat16)` casts the activation exchanges of the tensor and
+#   domain groups to bfloat16 on the wire (half the bytes); gradients summed over data parallelism stay in
+#   their own dtype.
+# - **Determinism**: every point-to-point sum in `comm` and `pmatmul` is taken in a fixed order (rank order, or
+#   the order of the exchange rounds), independent of which message arrived first, so CPU runs are bitwise
+#   reproducible for a given layout. On GPUs add `torch.use_deterministic_algorithms(True)` and
+#   `CUBLAS_WORKSPACE_CONFIG=:4096:8`; with NCCL collectives (`algo="coll"`) also fix the algorithm
+#   (`NCCL_ALGO=Ring`, `NCCL_PROTO=Simple`), since NCCL's own reduction order depends on them; the default `p2p`
+#   exchanges need no such setting (NCCL only moves bytes, the sums are ours).
+#
+# The tolerance bands, measured here on the CPU (the GPU check script measures them on a GPU): the parallel
+# model under bf16 autocast, with and without bf16 messages, against the float64 one-process model, beside the
+# one-process model under the same autocast.
+
+# %%
+def _precision(comm, p, q, schedule, amp, wire):
+    g = make_groups(Grid(1, p, q), comm=comm, wire=torch.bfloat16 if wire else None)
+    m = JigsawMixer(_pcfg, g["tensor"], g["domain"], schedule=schedule)
+    xb = block_of(_pcfg, _px, p, q, m.i, m.j).clone().requires_grad_(True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=amp): y = m(xb)
+    y.float().square().sum().backward(); m.sync_replicated_grads()
+    return m.i, m.j, y.float().detach(), gather_state(m, g["model"], {n: t.grad for n, t in m.state().items()})
+
+
+_pcfg = preset("tiny", n_lon=48, hidden=32)
+_px = torch.randn(2, _pcfg.n_in, _pcfg.n_lat, _pcfg.n_lon, generator=torch.Generator().manual_seed(3))
+_r64 = WeatherMixer(_pcfg, dtype=torch.float64)
+_y64 = _r64(_px.double()); _y64.square().sum().backward()
+_rel = lambda a, b: float((a.double() - b).abs().max() / b.abs().max())
+_bands = {}
+for _name, (_p, _q, _s, _amp, _wire) in {"1-way fp32": (1, 1, "overlap", False, False), "1-way bf16": (1, 1, "overlap", True, False),
+        "2x2 fp32": (2, 2, "overlap", False, False), "2x2 bf16": (2, 2, "overlap", True, False),
+        "2x2 bf16 + bf16 messages": (2, 2, "overlap", True, True), "2x2 summa bf16": (2, 2, "summa", True, False)}.items():
+    _res = run_ranks(_p * _q, _precision, _p, _q, _s, _amp, _wire)
+    _out = max(_rel(y, block_of(_pcfg, _y64.detach(), _p, _q, i, j)) for i, j, y, _ in _res)
+    _grad = max(_rel(_res[0][3][n], t.grad) for n, t in _r64.state().items() if n.endswith("tok1.w"))
+    _bands[_name] = (_out, _grad)
+    print(f"{_name:<26} output {_out:.1e}   tok1.w gradients {_grad:.1e}  (relative to the float64 model)")
+assert max(_bands["2x2 fp32"]) < 1e-5 and max(_bands["2x2 bf16"]) < 3 * max(_bands["1-way bf16"]) < 0.1
+assert max(_bands["2x2 bf16 + bf16 messages"]) < 0.1

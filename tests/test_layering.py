@@ -1,0 +1,70 @@
+"""The house, read from the imports of jigsaw_ref/*.py (static: every `import` and `from ... import` anywhere in a
+module, function bodies included): no import cycle, nothing imports `train` but the command-line entry points,
+and the layering that index.ipynb states holds."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "jigsaw_ref"
+MODULES = sorted(p.stem for p in PKG.glob("*.py") if not p.stem.startswith("_"))
+
+
+def imports(mod: str) -> set[str]:
+    "The jigsaw_ref modules that `mod` imports, anywhere in its source."
+    tree, out = ast.parse((PKG / f"{mod}.py").read_text()), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            name = node.module or ""
+            if node.level == 1: name = "jigsaw_ref." + name if name else "jigsaw_ref"
+            if name == "jigsaw_ref": out |= {a.name for a in node.names if a.name in MODULES}
+            elif name.startswith("jigsaw_ref."): out.add(name.split(".")[1])
+        elif isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("jigsaw_ref.")}
+    return out - {mod}
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def _closure(m, seen=None):
+    seen = set() if seen is None else seen
+    for n in GRAPH.get(m, ()):
+        if n not in seen: seen.add(n); _closure(n, seen)
+    return seen
+
+
+def test_no_import_cycle():
+    cycles = [m for m in MODULES if m in _closure(m)]
+    assert not cycles, {m: sorted(GRAPH[m]) for m in cycles}
+
+
+def test_nothing_imports_train():
+    "Only the CLI entry points (train's own main/demo) live in train; no other module imports it."
+    assert not [m for m in MODULES if "train" in GRAPH[m]], {m: sorted(GRAPH[m]) for m in MODULES if "train" in GRAPH[m]}
+
+
+@pytest.mark.parametrize("mod", ["config", "mixer", "loss"])
+def test_one_process_model_imports_no_communication(mod):
+    "The one-process model (config, mixer, loss) is the reference: it reads on its own."
+    assert not (_closure(mod) & {"comm", "grid", "ranks", "pmatmul", "parallel"}), sorted(_closure(mod))
+
+
+def test_communication_knows_grids_and_tensors_never_models_or_data():
+    for mod in ("comm", "grid", "ranks"):
+        assert not (_closure(mod) & {"mixer", "parallel", "pmatmul", "data", "generator", "train", "evaluate"}), (mod, sorted(_closure(mod)))
+
+
+def test_data_knows_layouts_never_models():
+    assert not (_closure("data") & {"mixer", "parallel", "pmatmul", "train", "generator"}), sorted(_closure("data"))
+
+
+def test_nothing_imports_the_composers():
+    "train, evaluate and bench compose everything; nothing below them imports them (evaluate only from train's CLI)."
+    for top in ("bench", "evaluate"):
+        users = [m for m in MODULES if top in GRAPH[m] and m not in ("train",)]
+        assert not users, (top, users)
+
+
+def test_every_module_is_covered():
+    assert {"config", "mixer", "loss", "grid", "comm", "ranks", "pmatmul", "parallel"} <= set(MODULES)
