@@ -29,7 +29,7 @@ def gemm_gflops(n: int = 1536, threads: int = 1, reps: int = 8) -> float:
     torch.set_num_threads(old)
     return 2 * n**3 / best / 1e9
 
-
+# %% ../nbs/12_bench.ipynb #1bfcdef5
 def _time(fn):
     t = time.perf_counter(); fn(); return time.perf_counter() - t
 
@@ -90,7 +90,7 @@ class _MegaG(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g): return g, None
 
-
+# %% ../nbs/12_bench.ipynb #ab60fb91
 class _MegaF(torch.autograd.Function):
     "Forward: identity. Backward: all-reduce of the input gradient's partial sums."
     @staticmethod
@@ -115,7 +115,7 @@ def _tdist_init(comm):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
                             world_size=comm.Get_size(), timeout=datetime.timedelta(seconds=300))
 
-
+# %% ../nbs/12_bench.ipynb #9f84abd1
 def _build(spec: dict, cfg, comm):
     "The model, its groups (Jigsaw) and this rank's input/target blocks, loss weights and global count for `spec`."
     n, r = comm.Get_size(), comm.Get_rank()
@@ -185,7 +185,7 @@ def layer_gemms(cfg) -> dict[str, tuple[int, int, int]]:
     return {"encoder": (T, cfg.n_in * P, H), "token 1": (S, T, H), "token 2": (T, S, H), "channel 1": (T, H, G),
             "channel 2": (T, G, H), "decoder": (T, 2 * H, cfg.n_out * P), "residual": (cfg.n_lat * cfg.n_lon, cfg.n_out + cfg.n_res_in, cfg.n_out)}
 
-
+# %% ../nbs/12_bench.ipynb #db08c7cb
 def roofline(cfg, reps: int = 5) -> dict:
     "Measured GFLOP/s and arithmetic intensity of each layer GEMM, with the compute and memory ceilings, one thread."
     old = torch.get_num_threads(); torch.set_num_threads(1)
@@ -199,7 +199,7 @@ def roofline(cfg, reps: int = 5) -> dict:
     torch.set_num_threads(old)
     return out
 
-
+# %% ../nbs/12_bench.ipynb #77c3bff8
 def plot_roofline(r: dict, path):
     "Save the roofline plot of `roofline`'s result to `path` (PNG)."
     import matplotlib; matplotlib.use("Agg")
@@ -230,7 +230,7 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "megatron 4": _case("megatron", 4),
 }
 
-
+# %% ../nbs/12_bench.ipynb #35c1db9c
 def cpu_info() -> str:
     "The CPU model and the ISA extensions that decide GEMM speed, from /proc/cpuinfo."
     try: info = Path("/proc/cpuinfo").read_text()
@@ -240,7 +240,7 @@ def cpu_info() -> str:
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
     return f"{model} ({len(os.sched_getaffinity(0))} cores; {' '.join(isa) or 'no AVX2'})"
 
-
+# %% ../nbs/12_bench.ipynb #e0afc324
 def _launch(name: str, spec: dict, model, steps, out: Path, overrides: dict, timeout=1800) -> list[dict]:
     exe = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS=str(spec.get("threads", 1)))
@@ -264,17 +264,17 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
                 comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"])
 
-
+# %% ../nbs/12_bench.ipynb #8c876b2b
 def table(res: list[dict]) -> str:
     "The benchmark table; ratios against the 1-way case of the same run."
     one = next((r for r in res if r["case"] == "1-way"), None)
-    hdr = (f"{'case':<17}{'ranks':>6}{'s/step':>9}{'samples/s':>10}{'speedup':>8}{'GFLOP/s':>9}{'%peak':>7}{'state MB':>9}"
+    hdr = (f"{'case':<21}{'ranks':>6}{'s/step':>9}{'samples/s':>10}{'speedup':>8}{'GFLOP/s':>9}{'%peak':>7}{'state MB':>9}"
            f"{'x 1/n':>7}{'act MB':>8}{'x 1/n':>7}{'recv MB':>8}{'sent MB':>9}{'wait s':>8}{'wait %':>7}")
     lines = [hdr]
     for r in res:
         f = lambda key: r[key] / (one[key] / r["group_size"]) if one else float("nan")
         sp = r["samples_s"] / one["samples_s"] if one else float("nan")
-        lines.append(f"{r['case']:<17}{r['ranks']:>6}{r['step_s']:>9.3f}{r['samples_s']:>10.3f}{sp:>8.2f}{r['gflops']:>9.1f}"
+        lines.append(f"{r['case']:<21}{r['ranks']:>6}{r['step_s']:>9.3f}{r['samples_s']:>10.3f}{sp:>8.2f}{r['gflops']:>9.1f}"
                      f"{100 * r['frac_peak']:>7.1f}{r['state_bytes'] / 2**20:>9.1f}{f('state_bytes'):>7.3f}{r['act_bytes'] / 2**20:>8.1f}"
                      f"{f('act_bytes'):>7.2f}{r['recv_bytes'] / 2**20:>8.1f}{r['sent_bytes'] / 2**20:>9.1f}{r['comm_s']:>8.3f}"
                      f"{100 * r['comm_s'] / r['step_s']:>7.1f}")

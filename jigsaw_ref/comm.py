@@ -25,7 +25,7 @@ class Request:
         if self.after is not None: self.after(); self.after = None
         self.raw = None
 
-
+# %% ../nbs/04_comm.ipynb #df6c85e5
 def _np(t: torch.Tensor):
     "A numpy view of the contiguous CPU tensor `t` (bfloat16 as its int16 bit pattern)."
     t = t.detach()
@@ -46,7 +46,7 @@ def cuda_aware_mpi() -> bool:
         return lib.MPIX_GPU_query_support(0, ctypes.byref(ok)) == 0 and bool(ok.value)  # 0: MPIX_GPU_SUPPORT_CUDA
     return False
 
-
+# %% ../nbs/04_comm.ipynb #161c7d8a
 class StagingPool:
     "Host buffers for messages of device tensors, allocated once per (dtype, numel) and reused (pinned when CUDA is there)."
     def __init__(self):
@@ -60,7 +60,7 @@ class StagingPool:
 
     def give(self, buf: torch.Tensor): self.free.setdefault((buf.dtype, buf.numel()), []).append(buf)
 
-
+# %% ../nbs/04_comm.ipynb #0b684fdb
 def _sync(t: torch.Tensor):
     "Wait until the kernels that write `t` have finished (before MPI reads it)."
     if t.is_cuda: torch.cuda.current_stream(t.device).synchronize()
@@ -100,7 +100,7 @@ def _isend(self: Group, t, dest: int, tag: int) -> Request:
     if t.is_cuda: _sync(t); return Request(self.comm.Isend(t.detach(), dest=dest, tag=tag))
     return Request(self.comm.Isend(_np(t), dest=dest, tag=tag))
 
-
+# %% ../nbs/04_comm.ipynb #c2d5bbc3
 @patch
 def _irecv(self: Group, t, source: int, tag: int) -> Request:
     if self._stage(t):
@@ -110,7 +110,7 @@ def _irecv(self: Group, t, source: int, tag: int) -> Request:
     if t.is_cuda: _sync(t); return Request(self.comm.Irecv(t.detach(), source=source, tag=tag))
     return Request(self.comm.Irecv(_np(t), source=source, tag=tag))
 
-
+# %% ../nbs/04_comm.ipynb #28f2f6bb
 @patch
 def _track(self: Group, reqs, recvs):
     "Note the receive buffers of `reqs` (the first `len(recvs)`) as in flight, and the peak of what is in flight."
@@ -118,7 +118,7 @@ def _track(self: Group, reqs, recvs):
     self.recv_peak = max(self.recv_peak, self.inflight)
     return reqs
 
-
+# %% ../nbs/04_comm.ipynb #8040444f
 @patch
 def _on_wire(self: Group, sends, recvs):
     "Sends cast to the wire dtype, receives into wire-dtype buffers copied back on completion (the identity without `wire`)."
@@ -127,7 +127,7 @@ def _on_wire(self: Group, sends, recvs):
     backs = [(torch.empty(b.shape, dtype=self.wire, device=b.device), b) if cast(b) else (b, None) for b, _ in recvs]
     return sends, [(w, s) for (w, _), (_, s) in zip(backs, recvs)], [b for _, b in backs], [w for w, _ in backs]
 
-
+# %% ../nbs/04_comm.ipynb #c86b0cb1
 @patch
 def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
@@ -135,7 +135,7 @@ def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs)
     return _copy_back(reqs, backs, wires)
 
-
+# %% ../nbs/04_comm.ipynb #6c7eb89f
 def _copy_back(reqs, backs, wires):
     "Chain a copy from each wire buffer into its destination after the receive's own completion."
     for r, dst, w in zip(reqs, backs, wires):
@@ -144,7 +144,7 @@ def _copy_back(reqs, backs, wires):
         r.after = (lambda p, d, w: lambda: (p() if p else None, d.copy_(w)))(prev, dst, w)
     return reqs
 
-
+# %% ../nbs/04_comm.ipynb #e918dd81
 @patch
 def wait(self: Group, reqs):
     "Complete every request in `reqs`."
@@ -159,14 +159,14 @@ def _sum_op(self: Group):
     from mpi4py import MPI
     return MPI.SUM
 
-
+# %% ../nbs/04_comm.ipynb #6d055b69
 @patch
 def _coll_all_gather(self: Group, xs, out, sizes):
     row = out[0].numel() if out.shape[0] else 0
     self.comm.Allgatherv(_np(xs), [_np(out), [s * row for s in sizes]])
     self._count(xs.numel() * xs.element_size() * (self.size - 1))
 
-
+# %% ../nbs/04_comm.ipynb #f93cc063
 @patch
 def _coll_reduce_scatter(self: Group, xs, sizes):
     out = xs.new_empty((sizes[self.rank],) + xs.shape[1:])
@@ -174,7 +174,7 @@ def _coll_reduce_scatter(self: Group, xs, sizes):
     self._count((xs.shape[0] - sizes[self.rank]) * xs[0].numel() * xs.element_size())
     return out
 
-
+# %% ../nbs/04_comm.ipynb #ae26d070
 @patch
 def _coll_all_reduce(self: Group, xs):
     out = torch.empty_like(xs)
@@ -182,13 +182,13 @@ def _coll_all_reduce(self: Group, xs):
     self._count(2 * xs.numel() * xs.element_size() * (self.size - 1) // self.size)
     return out
 
-
+# %% ../nbs/04_comm.ipynb #fdb7b295
 @patch
 def allgather_obj(self: Group, obj) -> list:
     "Every rank's picklable `obj`, in rank order (small metadata only)."
     return [obj] if self.size == 1 else self.comm.allgather(obj)
 
-
+# %% ../nbs/04_comm.ipynb #d2cbdeba
 @patch
 def barrier(self: Group):
     if self.size > 1: self.comm.Barrier()
@@ -199,7 +199,7 @@ def _sizes_of(self: Group, n: int) -> list[int]:
     "Every rank's extent `n` along the cut dimension (a small collective; give `sizes` to skip it)."
     return [int(v) for v in self.allgather_obj(int(n))]
 
-
+# %% ../nbs/04_comm.ipynb #22646dcf
 @patch
 def all_gather(self: Group, x, dim: int, sizes: list[int] | None = None):
     "Shard(dim) -> Replicate. `sizes`: every rank's extent along `dim` (default: asked of the partners)."
@@ -288,7 +288,7 @@ def _coll_all_gather(self: TorchGroup, xs, out, sizes):
     self._count(pad.numel() * pad.element_size() * (self.size - 1))
     out.copy_(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
 
-
+# %% ../nbs/04_comm.ipynb #d0296b57
 @patch
 def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
     m = max(sizes)
@@ -306,7 +306,7 @@ def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
     self._count(sum(b.numel() * b.element_size() for k, b in enumerate(blocks) if k != self.rank))
     return out[: sizes[self.rank]]
 
-
+# %% ../nbs/04_comm.ipynb #779964f5
 @patch
 def _coll_all_reduce(self: TorchGroup, xs):
     out = xs.clone()
@@ -341,7 +341,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, g):
         return ctx.group.reduce_scatter(g, ctx.dim, ctx.sizes), None, None, None
 
-
+# %% ../nbs/04_comm.ipynb #ee9d63f2
 class _ReduceScatter(torch.autograd.Function):
     "Forward: sum over the group and keep my block along `dim` (Partial -> Shard). Backward: all-gather."
     @staticmethod
@@ -354,7 +354,7 @@ class _ReduceScatter(torch.autograd.Function):
     def backward(ctx, g):
         return ctx.group.all_gather(g, ctx.dim, ctx.sizes), None, None, None
 
-
+# %% ../nbs/04_comm.ipynb #bb966635
 class _AllReduce(torch.autograd.Function):
     "Forward: sum over the group (Partial -> Replicate). Backward: sum the gradient shares over the group."
     @staticmethod
@@ -366,17 +366,17 @@ class _AllReduce(torch.autograd.Function):
     def backward(ctx, g):
         return ctx.group.all_reduce(g), None
 
-# %% ../nbs/04_comm.ipynb #ee9d63f2
+# %% ../nbs/04_comm.ipynb #bc56ed77
 def all_gather(x, group: Group, dim: int, sizes: list[int] | None = None):
     "Shard(dim) -> Replicate; gradient: reduce-scatter. `sizes`: all ranks' extents along `dim`."
     return x if group.size == 1 else _AllGather.apply(x, group, dim, sizes)
 
-
+# %% ../nbs/04_comm.ipynb #204524c2
 def reduce_scatter(x, group: Group, dim: int, sizes: list[int] | None = None):
     "Partial -> Shard(dim) with blocks `sizes` (default `split_sizes`); gradient: all-gather."
     return x if group.size == 1 else _ReduceScatter.apply(x, group, dim, sizes)
 
-
+# %% ../nbs/04_comm.ipynb #d312112c
 def all_reduce(x, group: Group):
     "Partial -> Replicate; gradient: all-reduce of the shares."
     return x if group.size == 1 else _AllReduce.apply(x, group)
@@ -401,7 +401,7 @@ def launcher() -> str:
     if any(k in e for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")): return "mpiexec"
     return "single"
 
-
+# %% ../nbs/04_comm.ipynb #c2246fec
 def local_rank(comm=None) -> int:
     "This process's index on its node: the launcher's variable, else an MPI shared-memory split of `comm`, else 0."
     for k in _LOCAL_RANK_VARS:
@@ -413,7 +413,7 @@ def local_rank(comm=None) -> int:
         finally: node.Free()
     return 0
 
-
+# %% ../nbs/04_comm.ipynb #45906676
 def local_device(kind: str = "auto", comm=None) -> torch.device:
     "The device for this process: GPU `local_rank % gpus` when `kind` is 'cuda' (or 'auto' and one is there), else the CPU."
     if kind not in ("auto", "cuda", "cpu"): raise ConfigError(f"device={kind!r}: choose auto, cuda or cpu")

@@ -68,7 +68,7 @@ def groups(g: Grid) -> dict[str, list[list[int]]]:
         "dp": [[R(d, i, j) for d in range(g.dp)] for i in range(g.domain) for j in range(g.tensor)],
     }
 
-
+# %% ../nbs/03_grid.ipynb #f9fc0f60
 def group_table(g: Grid) -> str:
     "A printable table: one row per rank with its coordinates and the members of each of its groups."
     gs = groups(g)
@@ -95,7 +95,7 @@ class Comms:
     @property
     def coords(self): return self.grid.coords(self.rank)
 
-
+# %% ../nbs/03_grid.ipynb #148c7d0d
 def split_comms(grid: Grid, comm) -> Comms:
     "Split the mpi4py communicator `comm` into the groups of `grid` (collective over `comm`)."
     grid.check(comm.Get_size())

@@ -26,23 +26,23 @@ def _r(n, parts, k):
     a, b = shard_range(n, parts, k)
     return list(range(a, b))
 
-
+# %% ../nbs/06_parallel.ipynb #212ac9ef
 def token_sizes(c: MixerConfig, p: int) -> list[int]:
     "Tokens per domain block: longitude patches are split over `p`, each with all latitude rows."
     return [s * c.n_lat for s in split_sizes(c.n_lon_patches, p)]
 
-
+# %% ../nbs/06_parallel.ipynb #e378584b
 def residual_inputs(c: MixerConfig, q: int, j: int) -> list[int]:
     "Indices (into the input channels) of the residual's input channels that tensor rank `j` holds."
     return [k for k in _r(c.n_in, q, j) if k < c.n_res_in]
 
-
+# %% ../nbs/06_parallel.ipynb #b1cf55a0
 def _sub(ix: list, parts: int, k: int) -> list:
     "Shard `k` of `parts` of an index list (a bias shard within a block)."
     a, b = shard_range(len(ix), parts, k)
     return ix[a:b]
 
-
+# %% ../nbs/06_parallel.ipynb #9c23e1b0
 def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exact", schedule: str = "overlap") -> dict:
     "name -> (index lists per dim, replica axis or None, gather dim over the domain axis or None)."
     H, S, G, Vo, V, T = c.hidden, c.token_hidden, c.channel_hidden, c.n_out, c.n_vars, c.tokens
@@ -79,12 +79,12 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exac
              "res.w": ([rows, _r(Vo, p, i)], None, 1), "res.b": ([Vj], "domain", None)}
     return spec
 
-
+# %% ../nbs/06_parallel.ipynb #76869196
 def bias_copies(mode: str, p: int) -> bool:
     "Whether the MLP biases are per-rank copies of each output block (faithful mode with domain shards)."
     return mode == "faithful" and p > 1
 
-
+# %% ../nbs/06_parallel.ipynb #ae4ef5ad
 def take(t, idx):
     "The block of `t` at index lists `idx` (one per dim)."
     for d, ix in enumerate(idx): t = t.index_select(d, torch.tensor(ix, dtype=torch.long))
@@ -100,7 +100,7 @@ def _ranges(ix: list) -> str:
         out.append(f"{ix[k]}:{ix[e] + 1}"); k = e + 1
     return "+".join(out) or "-"
 
-
+# %% ../nbs/06_parallel.ipynb #0058334b
 def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None, schedule: str = "overlap") -> str:
     "A printable table of which block of every parameter (`names`, default those of block 0 and the rest) each rank holds."
     shapes = param_shapes(c)
@@ -182,14 +182,14 @@ def state(self: JigsawMixer) -> dict[str, torch.Tensor]:
     "This rank's blocks by full parameter name."
     return {n: self.params[n.replace(".", "/")] for n in self._names}
 
-
+# %% ../nbs/06_parallel.ipynb #32ca3725
 @patch
 def _gathered(self: JigsawMixer, name):
     "A weight all-gathered over the domain partners along its gather dim (gradient: reduce-scattered back)."
     full_n = param_shapes(self.cfg)[name][self.spec[name][2]]
     return all_gather(self.state()[name], self.domain, self.spec[name][2], split_sizes(full_n, self.p))
 
-
+# %% ../nbs/06_parallel.ipynb #28f3e97c
 @patch
 def _ln(self: JigsawMixer, x, name, n_features):
     p, sizes = self.state(), None
@@ -216,7 +216,7 @@ def _block(self: JigsawMixer, x, b: int, key: int, sample0: int, rollout: int):
     return x + ch(self._ln(x, n + "ln2", c.hidden), p[n + "ch1.w"], p[n + "ch1.b"], p[n + "ch2.w"], p[n + "ch2.b"],
                   self.tensor, self.domain, self.t_sizes, self.h_sizes, self.g_sizes, drop)
 
-
+# %% ../nbs/06_parallel.ipynb #8c9f0f23
 @patch
 def block(self: JigsawMixer, x, b: int, key: int = 0, sample0: int = 0, rollout: int = 0):
     "Mixer block `b` on the token block (B, T_i, H_j); `key`, `sample0`, `rollout` place its dropout masks."
@@ -258,7 +258,7 @@ def replica_groups(self: JigsawMixer) -> dict[str, list[str]]:
         if rep: out[rep].append(n)
     return out
 
-
+# %% ../nbs/06_parallel.ipynb #c82102e6
 @patch
 def sync_replicated_grads(self: JigsawMixer):
     "Exact mode: sum the gradient shares of replicated parameters over their replica group (one message each)."
@@ -278,7 +278,7 @@ def scatter_state(model: JigsawMixer, full: dict):
     for n, t in model.state().items():
         t.copy_(take(full[n].to(t.dtype), model.spec[n][0]))
 
-
+# %% ../nbs/06_parallel.ipynb #f678006c
 @torch.no_grad()
 def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = None) -> dict:
     "The full state dict (or of `tensors`, name -> this rank's block) assembled on every rank of `model_group`."
@@ -309,7 +309,7 @@ def loss_share(pred, target, lat_w, var_w, global_count: int):
     w = var_w.to(pred)[:, None, None] * lat_w.to(pred)[None, :, None]
     return ((pred - target) * w).square().sum() / global_count
 
-
+# %% ../nbs/06_parallel.ipynb #9787857d
 def sync_grads(model: JigsawMixer, dp: Group):
     "Complete the gradients: replica shares summed (exact mode), then summed over data-parallel replicas."
     model.sync_replicated_grads()
@@ -318,7 +318,7 @@ def sync_grads(model: JigsawMixer, dp: Group):
         flat = dp.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps]))
         for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
 
-
+# %% ../nbs/06_parallel.ipynb #8a63aa4a
 def grad_norm(model: JigsawMixer, model_group: Group) -> torch.Tensor:
     "2-norm of the full gradient (exact: over the model group, replicas once) or of this rank's (faithful)."
     st, sq = model.state(), 0.0
@@ -331,7 +331,7 @@ def grad_norm(model: JigsawMixer, model_group: Group) -> torch.Tensor:
     if model.mode == "exact": sq = model_group.all_reduce(sq)
     return sq.sqrt()[0]
 
-
+# %% ../nbs/06_parallel.ipynb #c8d7fbaf
 def clip_grads(model: JigsawMixer, model_group: Group, max_norm: float) -> float:
     "Scale the gradients so their norm (see `grad_norm`) is at most `max_norm`, as `clip_grad_norm_` does; returns the norm."
     norm = grad_norm(model, model_group)
@@ -358,7 +358,7 @@ def complete_grads(model: JigsawMixer, groups: dict, clip: float = 0.0) -> float
     model._complete = True
     return norm
 
-
+# %% ../nbs/06_parallel.ipynb #0d412d6d
 def loss_count(model: JigsawMixer, batch: int, dp: int) -> int:
     "The denominator of this rank's `loss_share` for `batch` samples per model group and `dp` replicas."
     c = model.cfg

@@ -14,7 +14,7 @@ __all__ = ['RankFailed', 'ThreadComm', 'run_ranks']
 class RankFailed(RuntimeError):
     "Raised in a thread rank whose partner failed or that waited past the timeout."
 
-
+# %% ../nbs/04a_ranks.ipynb #a05cadc8
 class _World:
     "State shared by the thread ranks of one communicator: mailboxes, collective slots, sub-communicators."
     def __init__(self, size: int, timeout: float, root=None):
@@ -43,7 +43,7 @@ class _Done:
     def Wait(self): return None
     def Test(self): return True
 
-
+# %% ../nbs/04a_ranks.ipynb #0cdb0fc3
 class _Recv:
     "A posted receive: `Wait` blocks until its message is there and copies it into the buffer."
     def __init__(self, world, key, buf):
@@ -106,26 +106,30 @@ class ThreadComm:
 
 # %% ../nbs/04a_ranks.ipynb #08a62d53
 def _allgather(self, obj): return [pickle.loads(b) for b in self._exchange(pickle.dumps(obj), "allgather")]
+
+# %% ../nbs/04a_ranks.ipynb #dc988ea9
 def _bcast(self, obj, root: int = 0): return pickle.loads(self._exchange(pickle.dumps(obj), "bcast")[root])
+
+# %% ../nbs/04a_ranks.ipynb #381f5dff
 def _barrier(self): self._exchange(None, "barrier")
 
-
+# %% ../nbs/04a_ranks.ipynb #4c2175ce
 def _allgatherv(self, sendbuf, recv):
     recvbuf, counts = recv
     parts = self._exchange(np.array(sendbuf, copy=True).reshape(-1), "Allgatherv")
     np.copyto(recvbuf.reshape(-1), np.concatenate(parts))
 
-
+# %% ../nbs/04a_ranks.ipynb #48ddca5a
 def _sum(parts):
     out = parts[0].copy()
     for p in parts[1:]: out += p  # rank order on every rank
     return out
 
-
+# %% ../nbs/04a_ranks.ipynb #b32ccb8b
 def _allreduce(self, sendbuf, recvbuf, op=None):
     np.copyto(recvbuf.reshape(-1), _sum(self._exchange(np.array(sendbuf, copy=True).reshape(-1), "Allreduce")))
 
-
+# %% ../nbs/04a_ranks.ipynb #a0812a63
 def _reduce_scatter(self, sendbuf, recvbuf, counts, op=None):
     total = _sum(self._exchange(np.array(sendbuf, copy=True).reshape(-1), "Reduce_scatter"))
     a = sum(counts[: self.rank])
@@ -145,7 +149,7 @@ def _split(self, color: int = 0, key: int = 0):
         sub = w.children.setdefault((k, color), _World(len(members), w.timeout, w.root))
     return ThreadComm(sub, [r for _, r in members].index(self.rank))
 
-
+# %% ../nbs/04a_ranks.ipynb #e4ac9a21
 def _abort(self, code: int = 1):
     with self.world.cv:
         if self.world.root.failed is None: self.world.root.failed = (self.rank, f"Abort({code})")

@@ -49,7 +49,8 @@ def token_mix(x, w, b=None):
     y = torch.einsum("st,bth->bsh", w, x)
     return y if b is None else y + b[:, None]
 
-
+# %%
+#| export
 def channel_mix(x, w, b=None):
     "Right product along features: `x` (B, T, H), `w` (H, G), `b` (G,) -> (B, T, G)."
     y = torch.einsum("bth,hg->btg", x, w)
@@ -94,7 +95,8 @@ def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
           "res.w": (Vo + V, Vo), "res.b": (Vo,)}
     return s
 
-
+# %%
+#| export
 def param_count(c: MixerConfig) -> int:
     "Number of parameters of the one-process WeatherMixer, without allocating it."
     return sum(math.prod(s) for s in param_shapes(c).values())
@@ -144,7 +146,8 @@ def forward_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_res_in) * c.n_out
     return batch * (enc + k * c.blocks * blk + dec + res)
 
-
+# %%
+#| export
 def train_step_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     "FLOPs of one training step by the paper's convention: 3x the forward GEMM FLOPs."
     return 3 * forward_flops(c, batch, k)
@@ -172,7 +175,8 @@ def patchify(x, P: int):
     x = x.reshape(B, C, n_lat, n_lon // P, P)  # b c i j p
     return x.permute(0, 3, 2, 1, 4).reshape(B, (n_lon // P) * n_lat, C, P)
 
-
+# %%
+#| export
 def unpatchify(y, n_lat: int):
     "Patches (B, T, C, P) -> pixels (B, C, n_lat, n_lon); inverse of `patchify`."
     B, T, C, P = y.shape
@@ -217,14 +221,16 @@ def _mul32(x, c: int):
     "`(x * c) mod 2^32` for int64 tensors `x` in [0, 2^32) without int64 overflow."
     return ((x * (c & 0xFFFF)) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
-
+# %%
+#| export
 def _hash32(x):
     "A 32-bit integer mixer applied elementwise to int64 values in [0, 2^32)."
     x = x ^ (x >> 16); x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15); x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
 
-
+# %%
+#| export
 def dropout_key(seed: int, step: int, site: int = 0) -> int:
     "The key of dropout `site` at optimizer `step` of a run seeded `seed`: the same on every rank."
     k = torch.tensor([(seed * 0x9E3779B1 + step) & _M32], dtype=torch.int64)
@@ -272,7 +278,8 @@ class _HashDropout(torch.autograd.Function):
         p, key, starts, full = ctx.args
         return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
 
-
+# %%
+#| export
 def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
     "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
     if not training or p == 0: return x
@@ -306,7 +313,8 @@ def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int
 def _ln(x, w, b, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
-
+# %%
+#| export
 class WeatherMixer(nn.Module):
     "The one-process WeatherMixer: encoder, `blocks` mixer blocks run `k` times, decoder, linear residual."
     def __init__(self, cfg: MixerConfig, dtype=torch.float32, device=None, seed: int | None = 0):
@@ -374,7 +382,8 @@ def _fan_in(name, shape):
     if name.endswith("tok1.w") or name.endswith("tok2.w"): return shape[1]
     return shape[0]  # (in, out) orientation: dec.w (2H, V_out, P), res.w, ch*.w
 
-
+# %%
+#| export
 def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
     "Yield `(name, tensor)` for every initial parameter of `cfg`, one at a time, from `seed`."
     g = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
@@ -389,7 +398,8 @@ def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
             v.narrow(ax, cfg.n_vars, cfg.out_pad).zero_()
         yield name, v.to(dtype)
 
-
+# %%
+#| export
 @torch.no_grad()
 def init_params(params: dict, cfg: MixerConfig, seed: int | None = 0):
     "Initialise `params` (name -> tensor, the shapes of `param_shapes(cfg)`) in place from `seed`."

@@ -113,7 +113,8 @@ def groups(g: Grid) -> dict[str, list[list[int]]]:
         "dp": [[R(d, i, j) for d in range(g.dp)] for i in range(g.domain) for j in range(g.tensor)],
     }
 
-
+# %%
+#| export
 def group_table(g: Grid) -> str:
     "A printable table: one row per rank with its coordinates and the members of each of its groups."
     gs = groups(g)
@@ -161,7 +162,8 @@ class Comms:
     @property
     def coords(self): return self.grid.coords(self.rank)
 
-
+# %%
+#| export
 def split_comms(grid: Grid, comm) -> Comms:
     "Split the mpi4py communicator `comm` into the groups of `grid` (collective over `comm`)."
     grid.check(comm.Get_size())
@@ -173,3 +175,4 @@ def split_comms(grid: Grid, comm) -> Comms:
     domain = comm.Split(d * grid.tensor + j, key)
     dp = comm.Split(i * grid.tensor + j, key)
     return Comms(grid, r, comm, model, tensor, domain, dp)
+

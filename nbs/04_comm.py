@@ -79,7 +79,8 @@ class Request:
         if self.after is not None: self.after(); self.after = None
         self.raw = None
 
-
+# %%
+#| export
 def _np(t: torch.Tensor):
     "A numpy view of the contiguous CPU tensor `t` (bfloat16 as its int16 bit pattern)."
     t = t.detach()
@@ -116,7 +117,8 @@ def cuda_aware_mpi() -> bool:
         return lib.MPIX_GPU_query_support(0, ctypes.byref(ok)) == 0 and bool(ok.value)  # 0: MPIX_GPU_SUPPORT_CUDA
     return False
 
-
+# %%
+#| export
 class StagingPool:
     "Host buffers for messages of device tensors, allocated once per (dtype, numel) and reused (pinned when CUDA is there)."
     def __init__(self):
@@ -130,7 +132,8 @@ class StagingPool:
 
     def give(self, buf: torch.Tensor): self.free.setdefault((buf.dtype, buf.numel()), []).append(buf)
 
-
+# %%
+#| export
 def _sync(t: torch.Tensor):
     "Wait until the kernels that write `t` have finished (before MPI reads it)."
     if t.is_cuda: torch.cuda.current_stream(t.device).synchronize()
@@ -186,7 +189,8 @@ def _isend(self: Group, t, dest: int, tag: int) -> Request:
     if t.is_cuda: _sync(t); return Request(self.comm.Isend(t.detach(), dest=dest, tag=tag))
     return Request(self.comm.Isend(_np(t), dest=dest, tag=tag))
 
-
+# %%
+#| export
 @patch
 def _irecv(self: Group, t, source: int, tag: int) -> Request:
     if self._stage(t):
@@ -196,7 +200,8 @@ def _irecv(self: Group, t, source: int, tag: int) -> Request:
     if t.is_cuda: _sync(t); return Request(self.comm.Irecv(t.detach(), source=source, tag=tag))
     return Request(self.comm.Irecv(_np(t), source=source, tag=tag))
 
-
+# %%
+#| export
 @patch
 def _track(self: Group, reqs, recvs):
     "Note the receive buffers of `reqs` (the first `len(recvs)`) as in flight, and the peak of what is in flight."
@@ -204,7 +209,8 @@ def _track(self: Group, reqs, recvs):
     self.recv_peak = max(self.recv_peak, self.inflight)
     return reqs
 
-
+# %%
+#| export
 @patch
 def _on_wire(self: Group, sends, recvs):
     "Sends cast to the wire dtype, receives into wire-dtype buffers copied back on completion (the identity without `wire`)."
@@ -213,7 +219,8 @@ def _on_wire(self: Group, sends, recvs):
     backs = [(torch.empty(b.shape, dtype=self.wire, device=b.device), b) if cast(b) else (b, None) for b, _ in recvs]
     return sends, [(w, s) for (w, _), (_, s) in zip(backs, recvs)], [b for _, b in backs], [w for w, _ in backs]
 
-
+# %%
+#| export
 @patch
 def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
@@ -221,7 +228,8 @@ def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs)
     return _copy_back(reqs, backs, wires)
 
-
+# %%
+#| export
 def _copy_back(reqs, backs, wires):
     "Chain a copy from each wire buffer into its destination after the receive's own completion."
     for r, dst, w in zip(reqs, backs, wires):
@@ -230,14 +238,14 @@ def _copy_back(reqs, backs, wires):
         r.after = (lambda p, d, w: lambda: (p() if p else None, d.copy_(w)))(prev, dst, w)
     return reqs
 
-
+# %%
+#| export
 @patch
 def wait(self: Group, reqs):
     "Complete every request in `reqs`."
     for r in reqs:
         if r.raw is not None: self.inflight -= r.nbytes
         r.wait()
-
 
 # %% [markdown]
 # The library collectives (`algo="coll"`) and small picklable metadata:
@@ -250,14 +258,16 @@ def _sum_op(self: Group):
     from mpi4py import MPI
     return MPI.SUM
 
-
+# %%
+#| export
 @patch
 def _coll_all_gather(self: Group, xs, out, sizes):
     row = out[0].numel() if out.shape[0] else 0
     self.comm.Allgatherv(_np(xs), [_np(out), [s * row for s in sizes]])
     self._count(xs.numel() * xs.element_size() * (self.size - 1))
 
-
+# %%
+#| export
 @patch
 def _coll_reduce_scatter(self: Group, xs, sizes):
     out = xs.new_empty((sizes[self.rank],) + xs.shape[1:])
@@ -265,7 +275,8 @@ def _coll_reduce_scatter(self: Group, xs, sizes):
     self._count((xs.shape[0] - sizes[self.rank]) * xs[0].numel() * xs.element_size())
     return out
 
-
+# %%
+#| export
 @patch
 def _coll_all_reduce(self: Group, xs):
     out = torch.empty_like(xs)
@@ -273,17 +284,18 @@ def _coll_all_reduce(self: Group, xs):
     self._count(2 * xs.numel() * xs.element_size() * (self.size - 1) // self.size)
     return out
 
-
+# %%
+#| export
 @patch
 def allgather_obj(self: Group, obj) -> list:
     "Every rank's picklable `obj`, in rank order (small metadata only)."
     return [obj] if self.size == 1 else self.comm.allgather(obj)
 
-
+# %%
+#| export
 @patch
 def barrier(self: Group):
     if self.size > 1: self.comm.Barrier()
-
 
 # %% [markdown]
 # ## The three collectives, point to point
@@ -300,7 +312,8 @@ def _sizes_of(self: Group, n: int) -> list[int]:
     "Every rank's extent `n` along the cut dimension (a small collective; give `sizes` to skip it)."
     return [int(v) for v in self.allgather_obj(int(n))]
 
-
+# %%
+#| export
 @patch
 def all_gather(self: Group, x, dim: int, sizes: list[int] | None = None):
     "Shard(dim) -> Replicate. `sizes`: every rank's extent along `dim` (default: asked of the partners)."
@@ -482,7 +495,8 @@ def _coll_all_gather(self: TorchGroup, xs, out, sizes):
     self._count(pad.numel() * pad.element_size() * (self.size - 1))
     out.copy_(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
 
-
+# %%
+#| export
 @patch
 def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
     m = max(sizes)
@@ -500,7 +514,8 @@ def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
     self._count(sum(b.numel() * b.element_size() for k, b in enumerate(blocks) if k != self.rank))
     return out[: sizes[self.rank]]
 
-
+# %%
+#| export
 @patch
 def _coll_all_reduce(self: TorchGroup, xs):
     out = xs.clone()
@@ -546,7 +561,8 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, g):
         return ctx.group.reduce_scatter(g, ctx.dim, ctx.sizes), None, None, None
 
-
+# %%
+#| export
 class _ReduceScatter(torch.autograd.Function):
     "Forward: sum over the group and keep my block along `dim` (Partial -> Shard). Backward: all-gather."
     @staticmethod
@@ -559,7 +575,8 @@ class _ReduceScatter(torch.autograd.Function):
     def backward(ctx, g):
         return ctx.group.all_gather(g, ctx.dim, ctx.sizes), None, None, None
 
-
+# %%
+#| export
 class _AllReduce(torch.autograd.Function):
     "Forward: sum over the group (Partial -> Replicate). Backward: sum the gradient shares over the group."
     @staticmethod
@@ -577,12 +594,14 @@ def all_gather(x, group: Group, dim: int, sizes: list[int] | None = None):
     "Shard(dim) -> Replicate; gradient: reduce-scatter. `sizes`: all ranks' extents along `dim`."
     return x if group.size == 1 else _AllGather.apply(x, group, dim, sizes)
 
-
+# %%
+#| export
 def reduce_scatter(x, group: Group, dim: int, sizes: list[int] | None = None):
     "Partial -> Shard(dim) with blocks `sizes` (default `split_sizes`); gradient: all-gather."
     return x if group.size == 1 else _ReduceScatter.apply(x, group, dim, sizes)
 
-
+# %%
+#| export
 def all_reduce(x, group: Group):
     "Partial -> Replicate; gradient: all-reduce of the shares."
     return x if group.size == 1 else _AllReduce.apply(x, group)
@@ -666,7 +685,8 @@ def launcher() -> str:
     if any(k in e for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MPI_LOCALRANKID")): return "mpiexec"
     return "single"
 
-
+# %%
+#| export
 def local_rank(comm=None) -> int:
     "This process's index on its node: the launcher's variable, else an MPI shared-memory split of `comm`, else 0."
     for k in _LOCAL_RANK_VARS:
@@ -678,7 +698,8 @@ def local_rank(comm=None) -> int:
         finally: node.Free()
     return 0
 
-
+# %%
+#| export
 def local_device(kind: str = "auto", comm=None) -> torch.device:
     "The device for this process: GPU `local_rank % gpus` when `kind` is 'cuda' (or 'auto' and one is there), else the CPU."
     if kind not in ("auto", "cuda", "cpu"): raise ConfigError(f"device={kind!r}: choose auto, cuda or cpu")

@@ -42,7 +42,8 @@ from fastcore.test import test_eq, test_close, test_fail
 class RankFailed(RuntimeError):
     "Raised in a thread rank whose partner failed or that waited past the timeout."
 
-
+# %%
+#| export
 class _World:
     "State shared by the thread ranks of one communicator: mailboxes, collective slots, sub-communicators."
     def __init__(self, size: int, timeout: float, root=None):
@@ -77,7 +78,8 @@ class _Done:
     def Wait(self): return None
     def Test(self): return True
 
-
+# %%
+#| export
 class _Recv:
     "A posted receive: `Wait` blocks until its message is there and copies it into the buffer."
     def __init__(self, world, key, buf):
@@ -149,26 +151,36 @@ class ThreadComm:
 # %%
 #| export
 def _allgather(self, obj): return [pickle.loads(b) for b in self._exchange(pickle.dumps(obj), "allgather")]
+
+# %%
+#| export
 def _bcast(self, obj, root: int = 0): return pickle.loads(self._exchange(pickle.dumps(obj), "bcast")[root])
+
+# %%
+#| export
 def _barrier(self): self._exchange(None, "barrier")
 
-
+# %%
+#| export
 def _allgatherv(self, sendbuf, recv):
     recvbuf, counts = recv
     parts = self._exchange(np.array(sendbuf, copy=True).reshape(-1), "Allgatherv")
     np.copyto(recvbuf.reshape(-1), np.concatenate(parts))
 
-
+# %%
+#| export
 def _sum(parts):
     out = parts[0].copy()
     for p in parts[1:]: out += p  # rank order on every rank
     return out
 
-
+# %%
+#| export
 def _allreduce(self, sendbuf, recvbuf, op=None):
     np.copyto(recvbuf.reshape(-1), _sum(self._exchange(np.array(sendbuf, copy=True).reshape(-1), "Allreduce")))
 
-
+# %%
+#| export
 def _reduce_scatter(self, sendbuf, recvbuf, counts, op=None):
     total = _sum(self._exchange(np.array(sendbuf, copy=True).reshape(-1), "Reduce_scatter"))
     a = sum(counts[: self.rank])
@@ -193,7 +205,8 @@ def _split(self, color: int = 0, key: int = 0):
         sub = w.children.setdefault((k, color), _World(len(members), w.timeout, w.root))
     return ThreadComm(sub, [r for _, r in members].index(self.rank))
 
-
+# %%
+#| export
 def _abort(self, code: int = 1):
     with self.world.cv:
         if self.world.root.failed is None: self.world.root.failed = (self.rank, f"Abort({code})")

@@ -96,7 +96,8 @@ def bias_full(b, n: int, group: Group):
     a, e = shard_range(n, group.size, group.rank)
     return torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
 
-
+# %%
+#| export
 def add_bias_shard(
     y,  # a Partial tensor, about to be summed over `group`
     b,  # this rank's shard of the bias along `dim` (shard `group.rank` of `group.size`, as `shard_range` cuts)
@@ -133,9 +134,13 @@ test_close(_sum, sum(_p) + _b[:, None])
 # %%
 #| export
 def _off(sizes, k): return sum(sizes[:k])
+
+# %%
+#| export
 def _nodrop(t, which, starts, full): return t
 
-
+# %%
+#| export
 def token_mlp(
     x,  # (B, T_i, H_j): this rank's activation block
     w1, b1,  # W1[S_j, T_i] (S_j, T_i); b1: shard i (of p) of b1[S_j]
@@ -261,7 +266,8 @@ def mlp_steps(p: int, q: int, i: int, j: int) -> list[dict]:
         dict(mlp="channel", holds=f"Wb[G{i},H{j}]", computes=f"A[:,G{i}] Wb[G{i},H{j}] (partial over i)", exchange="reduce-scatter over domain", partners=d),
     ]
 
-
+# %%
+#| export
 def print_steps(p: int, q: int):
     "Print `mlp_steps` for every rank of a p x q group."
     print(f"{'rank':>4} {'(i,j)':>6}  {'MLP':<8}{'holds':<14}{'computes':<40}{'exchange':<28}partners")
@@ -548,16 +554,19 @@ def _rounds(n: int, r: int):
     "Round d = 1..n-1: (partner I send to, partner I receive from)."
     return [((r + d) % n, (r - d) % n) for d in range(1, n)]
 
-
+# %%
+#| export
 def _with(t, dim: int, n: int):
     "The shape of `t` with extent `n` along `dim`."
     s = list(t.shape); s[dim] = n
     return s
 
-
+# %%
+#| export
 def _cuts(sizes): return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
 
-
+# %%
+#| export
 def _amp(t) -> tuple:
     "The autocast state of `t`'s device; torch runs a custom backward without autocast, so the backward re-enters it."
     dev = t.device.type
@@ -615,7 +624,8 @@ class _GatherMatmul(torch.autograd.Function):
             group.wait(rq); dx = dx + dxb[fr]  # a fixed order of summation: the rounds
         return dw, dx, None, None, None
 
-
+# %%
+#| export
 def gather_matmul(prod: Product, w, x, group: Group, sizes: list[int]):
     "`prod.fwd(w, all_gather(x, group, prod.dim, sizes))`, overlapped, saving only `x`."
     return prod.fwd(w, x) if group.size == 1 else _GatherMatmul.apply(w, x, prod, group, list(sizes))
@@ -671,7 +681,8 @@ class _MatmulReduceScatter(torch.autograd.Function):
             group.wait(rq); gw, gc = use(fr, bufs[fr]); dw = dw + gw; dc = dc + gc
         return dw, da, dc, None, None, None
 
-
+# %%
+#| export
 def matmul_reduce_scatter(prod: Product, w, a, c, group: Group, sizes: list[int]):
     "`reduce_scatter(prod.fwd(w, a) + c, group, prod.dim, sizes)` (`c` along `prod.bias_dim`), overlapped."
     return _MatmulReduceScatter.apply(w, a, c, prod, group, list(sizes))
@@ -910,7 +921,8 @@ def _on_block(y, b, dim: int, bdim: int, sizes, k):
     mshape = [1] * y.dim(); mshape[dim] = -1
     return y + b.view(shape) * mask.view(mshape)
 
-
+# %%
+#| export
 def token_mlp_faithful(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
     "The released code's token MLP: per-rank bias copies `b1` (S_j,) on hidden block (S_j, H'_i), `b2` (T_i,) on Y_ij."
     i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
@@ -920,7 +932,8 @@ def token_mlp_faithful(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes,
     y = reduce_scatter(LEFT.fwd(w2, a), tensor, 2, h_sizes) + b2[:, None]  # exact: add_bias_shard before the sum
     return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
-
+# %%
+#| export
 def channel_mlp_faithful(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
     "The released code's channel MLP: per-rank bias copies `ba` (G_i,) on hidden block (T'_j, G_i), `bb` (H_j,) on Y_ij."
     i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
@@ -988,7 +1001,8 @@ def _mm_grad(x, like):
     "`x` summed over the leading batch dimensions it has and `like` lacks (a weight's gradient from batched products)."
     return x.sum(tuple(range(x.dim() - like.dim()))) if x.dim() > like.dim() else x
 
-
+# %%
+#| export
 class _Summa(torch.autograd.Function):
     """Forward: `C[i,j] = sum_k A[i,k] @ B[k,j]` on an n x n grid: A blocks travel along the row (`row` group, my index j),
     B blocks down the column (`col`, my index i), each product taken as its blocks arrive, in a fixed order. Backward:
@@ -1039,7 +1053,8 @@ class _Summa(torch.autograd.Function):
         for _, fr in _rounds(n, i): db = db + db_in[fr]
         return da, db, None, None, None
 
-
+# %%
+#| export
 def summa(a, b, row: Group, col: Group, ks: list[int]):
     "`C[i,j] = sum_k A[i,k] @ B[k,j]` on a square grid (`row`: my tensor partners, `col`: my domain partners); `ks`: the contraction blocks."
     if row.size != col.size: raise ValueError(f"SUMMA needs a square grid, not {col.size} x {row.size}: use p == q")
@@ -1087,7 +1102,8 @@ def token_mlp_summa(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_
     y = summa(w2, a, tensor, domain, s_sizes) + b2[:, None]  # Y[T_i, H_j] = sum_k W2[T_i, S_k] A[S_k, H_j] + b2
     return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
-
+# %%
+#| export
 def channel_mlp_summa(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop, faithful=False):
     "The channel MLP as two SUMMA products: Wa[H_i, G_j] (H_i, G_j), ba (G_j,), Wb[G_i, H_j], bb (H_j,); square grids."
     i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)

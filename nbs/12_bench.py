@@ -56,7 +56,8 @@ def gemm_gflops(n: int = 1536, threads: int = 1, reps: int = 8) -> float:
     torch.set_num_threads(old)
     return 2 * n**3 / best / 1e9
 
-
+# %%
+#| export
 def _time(fn):
     t = time.perf_counter(); fn(); return time.perf_counter() - t
 
@@ -139,7 +140,8 @@ class _MegaG(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g): return g, None
 
-
+# %%
+#| export
 class _MegaF(torch.autograd.Function):
     "Forward: identity. Backward: all-reduce of the input gradient's partial sums."
     @staticmethod
@@ -179,7 +181,8 @@ def _tdist_init(comm):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=comm.Get_rank(),
                             world_size=comm.Get_size(), timeout=datetime.timedelta(seconds=300))
 
-
+# %%
+#| export
 def _build(spec: dict, cfg, comm):
     "The model, its groups (Jigsaw) and this rank's input/target blocks, loss weights and global count for `spec`."
     n, r = comm.Get_size(), comm.Get_rank()
@@ -261,7 +264,8 @@ def layer_gemms(cfg) -> dict[str, tuple[int, int, int]]:
     return {"encoder": (T, cfg.n_in * P, H), "token 1": (S, T, H), "token 2": (T, S, H), "channel 1": (T, H, G),
             "channel 2": (T, G, H), "decoder": (T, 2 * H, cfg.n_out * P), "residual": (cfg.n_lat * cfg.n_lon, cfg.n_out + cfg.n_res_in, cfg.n_out)}
 
-
+# %%
+#| export
 def roofline(cfg, reps: int = 5) -> dict:
     "Measured GFLOP/s and arithmetic intensity of each layer GEMM, with the compute and memory ceilings, one thread."
     old = torch.get_num_threads(); torch.set_num_threads(1)
@@ -275,7 +279,8 @@ def roofline(cfg, reps: int = 5) -> dict:
     torch.set_num_threads(old)
     return out
 
-
+# %%
+#| export
 def plot_roofline(r: dict, path):
     "Save the roofline plot of `roofline`'s result to `path` (PNG)."
     import matplotlib; matplotlib.use("Agg")
@@ -314,7 +319,8 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "megatron 4": _case("megatron", 4),
 }
 
-
+# %%
+#| export
 def cpu_info() -> str:
     "The CPU model and the ISA extensions that decide GEMM speed, from /proc/cpuinfo."
     try: info = Path("/proc/cpuinfo").read_text()
@@ -324,7 +330,8 @@ def cpu_info() -> str:
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
     return f"{model} ({len(os.sched_getaffinity(0))} cores; {' '.join(isa) or 'no AVX2'})"
 
-
+# %%
+#| export
 def _launch(name: str, spec: dict, model, steps, out: Path, overrides: dict, timeout=1800) -> list[dict]:
     exe = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS=str(spec.get("threads", 1)))
@@ -352,7 +359,8 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
                 comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"])
 
-
+# %%
+#| export
 def table(res: list[dict]) -> str:
     "The benchmark table; ratios against the 1-way case of the same run."
     one = next((r for r in res if r["case"] == "1-way"), None)
