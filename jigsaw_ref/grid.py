@@ -5,6 +5,7 @@
 # %% ../nbs/03_grid.ipynb #a4ca83bc
 from __future__ import annotations
 from dataclasses import dataclass
+from fastcore.basics import patch
 from .config import ConfigError
 
 # %% auto #0
@@ -24,38 +25,45 @@ class Grid:
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Grid.{f}={v!r}: must be a positive integer")
 
-    @classmethod
-    def named(cls, way: int | str, world: int) -> Grid:
-        "The paper's 1-, 2- or 4-way layout (or 'PxQ') on `world` ranks, dp filling the rest."
-        w = str(way).strip().lower()
-        parts = w.split("x")
-        if w in ("1", "2", "4"): p, q = {"1": (1, 1), "2": (1, 2), "4": (2, 2)}[w]
-        elif len(parts) == 2 and all(v.isdigit() and int(v) > 0 for v in parts): p, q = int(parts[0]), int(parts[1])
-        else: raise ConfigError(f"way={way!r}: choose 1, 2, 4 or a 'PxQ' layout such as '2x4'")
-        if world % (p * q):
-            raise ConfigError(f"world size {world} is not a multiple of the model group size {p}x{q}={p*q}: "
-                              f"launch a multiple of {p*q} ranks (mpiexec -n {p*q*max(1, world//(p*q))}) or choose another layout")
-        return cls(world // (p * q), p, q)
-
     @property
     def group_size(self): return self.domain * self.tensor
     @property
     def world(self): return self.dp * self.group_size
 
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        "(dp index, domain index i, tensor index j) of `rank`."
-        g, r = divmod(rank, self.group_size)
-        return g, r // self.tensor, r % self.tensor
+# %% ../nbs/03_grid.ipynb #9e20b0bf
+@patch(cls_method=True)
+def named(cls: Grid, way: int | str, world: int) -> Grid:
+    "The paper's 1-, 2- or 4-way layout (or 'PxQ') on `world` ranks, dp filling the rest."
+    w = str(way).strip().lower()
+    parts = w.split("x")
+    if w in ("1", "2", "4"): p, q = {"1": (1, 1), "2": (1, 2), "4": (2, 2)}[w]
+    elif len(parts) == 2 and all(v.isdigit() and int(v) > 0 for v in parts): p, q = int(parts[0]), int(parts[1])
+    else: raise ConfigError(f"way={way!r}: choose 1, 2, 4 or a 'PxQ' layout such as '2x4'")
+    if world % (p * q):
+        raise ConfigError(f"world size {world} is not a multiple of the model group size {p}x{q}={p*q}: "
+                          f"launch a multiple of {p*q} ranks (mpiexec -n {p*q*max(1, world//(p*q))}) or choose another layout")
+    return cls(world // (p * q), p, q)
 
-    def rank_of(self, d: int, i: int, j: int) -> int:
-        "Global rank at dp index `d`, domain index `i`, tensor index `j`."
-        return d * self.group_size + i * self.tensor + j
+# %% ../nbs/03_grid.ipynb #bddd5b4d
+@patch
+def coords(self: Grid, rank: int) -> tuple[int, int, int]:
+    "(dp index, domain index i, tensor index j) of `rank`."
+    g, r = divmod(rank, self.group_size)
+    return g, r // self.tensor, r % self.tensor
 
-    def check(self, world: int):
-        "Raise a clear error if this grid does not fill `world` ranks exactly."
-        if world != self.world:
-            raise ConfigError(f"grid dp={self.dp} x domain={self.domain} x tensor={self.tensor} needs {self.world} "
-                              f"ranks but the job has {world}: launch with mpiexec -n {self.world} or change the grid")
+# %% ../nbs/03_grid.ipynb #9ed5af52
+@patch
+def rank_of(self: Grid, d: int, i: int, j: int) -> int:
+    "Global rank at dp index `d`, domain index `i`, tensor index `j`."
+    return d * self.group_size + i * self.tensor + j
+
+# %% ../nbs/03_grid.ipynb #4334cbaa
+@patch
+def check(self: Grid, world: int):
+    "Raise a clear error if this grid does not fill `world` ranks exactly."
+    if world != self.world:
+        raise ConfigError(f"grid dp={self.dp} x domain={self.domain} x tensor={self.tensor} needs {self.world} "
+                          f"ranks but the job has {world}: launch with mpiexec -n {self.world} or change the grid")
 
 # %% ../nbs/03_grid.ipynb #4a8a581b
 def groups(g: Grid) -> dict[str, list[list[int]]]:

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from jigsaw_ref.config import MixerConfig, preset
 
 # %%
@@ -329,42 +330,65 @@ class WeatherMixer(nn.Module):
         "Parameters by their dotted names (views, not copies)."
         return {n: self.params[n.replace(".", "/")] for n in self._names}
 
-    def encode(self, x):
-        "Pixels (B, C_in, n_lat, n_lon) -> tokens (B, T, H)."
-        p = self.state()
-        return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
+# %% [markdown]
+# The encoder: one linear map from the $C_\text{in} P$ values of a patch to $H$ features.
 
-    def block(self, x, i: int, key: int = 0, sample0: int = 0, rollout: int = 0):
-        "Mixer block `i` on tokens (B, T, H); `key`, `sample0`, `rollout` place its dropout masks (see `dropout`)."
-        p, c = self.state(), self.cfg
-        pre = f"blocks.{i}."
-        B, T, H = x.shape
-        def drop(t, which):
-            return dropout(t, c.dropout, self.training, site_key(key, rollout, i, which, c.blocks), (sample0, 0, 0), t.shape)
-        u = _ln(x, p[pre + "ln1.w"], p[pre + "ln1.b"])
-        u = drop(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), 0)
-        x = x + drop(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), 1)
-        u = _ln(x, p[pre + "ln2.w"], p[pre + "ln2.b"])
-        u = drop(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), 2)
-        return x + drop(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), 3)
+# %%
+#| export
+@patch
+def encode(self: WeatherMixer, x):
+    "Pixels (B, C_in, n_lat, n_lon) -> tokens (B, T, H)."
+    p = self.state()
+    return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
 
-    def decode(self, x, z, inp):
-        "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
-        p, c = self.state(), self.cfg
-        u = torch.cat([_ln(x, p["dec.ln.w"], p["dec.ln.b"]), z], dim=-1)  # b t 2H
-        y = torch.einsum("btg,gcp->btcp", u, p["dec.w"]) + (p["dec.b"][:, None] if c.dec_bias == "channel" else p["dec.b"])
-        y = unpatchify(y, c.n_lat)
-        y = y.permute(0, 2, 3, 1)  # b i l c: channels last for the per-pixel residual
-        r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_res_in].permute(0, 2, 3, 1)], -1)
-        r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
-        return r.permute(0, 3, 1, 2)
+# %% [markdown]
+# A mixer block, with each dropout placed by `dropout`'s key and offsets:
 
-    def forward(self, x, k: int = 1, key: int = 0, sample0: int = 0):
-        "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead; `key`/`sample0` fix the dropout masks."
-        z = h = self.encode(x)
-        for r in range(k):
-            for i in range(self.cfg.blocks): h = self.block(h, i, key, sample0, r)
-        return self.decode(h, z, x)
+# %%
+#| export
+@patch
+def block(self: WeatherMixer, x, i: int, key: int = 0, sample0: int = 0, rollout: int = 0):
+    "Mixer block `i` on tokens (B, T, H); `key`, `sample0`, `rollout` place its dropout masks (see `dropout`)."
+    p, c = self.state(), self.cfg
+    pre = f"blocks.{i}."
+    def drop(t, which):
+        return dropout(t, c.dropout, self.training, site_key(key, rollout, i, which, c.blocks), (sample0, 0, 0), t.shape)
+    u = _ln(x, p[pre + "ln1.w"], p[pre + "ln1.b"])
+    u = drop(F.gelu(token_mix(u, p[pre + "tok1.w"], p[pre + "tok1.b"])), 0)
+    x = x + drop(token_mix(u, p[pre + "tok2.w"], p[pre + "tok2.b"]), 1)
+    u = _ln(x, p[pre + "ln2.w"], p[pre + "ln2.b"])
+    u = drop(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), 2)
+    return x + drop(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), 3)
+
+# %% [markdown]
+# The decoder with its skip connection, then the per-pixel linear residual:
+
+# %%
+#| export
+@patch
+def decode(self: WeatherMixer, x, z, inp):
+    "Processor output `x` and encoder output `z` (B, T, H), input pixels -> prediction (B, V_out, n_lat, n_lon)."
+    p, c = self.state(), self.cfg
+    u = torch.cat([_ln(x, p["dec.ln.w"], p["dec.ln.b"]), z], dim=-1)  # b t 2H
+    y = torch.einsum("btg,gcp->btcp", u, p["dec.w"]) + (p["dec.b"][:, None] if c.dec_bias == "channel" else p["dec.b"])
+    y = unpatchify(y, c.n_lat)
+    y = y.permute(0, 2, 3, 1)  # b i l c: channels last for the per-pixel residual
+    r = torch.cat([_ln(y, p["res.ln1.w"], p["res.ln1.b"]), inp[:, : c.n_res_in].permute(0, 2, 3, 1)], -1)
+    r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
+    return r.permute(0, 3, 1, 2)
+
+# %% [markdown]
+# The forward pass: encode, run the processor `k` times with tied weights, decode.
+
+# %%
+#| export
+@patch
+def forward(self: WeatherMixer, x, k: int = 1, key: int = 0, sample0: int = 0):
+    "Input pixels (B, C_in, n_lat, n_lon) -> the state `k` steps ahead; `key`/`sample0` fix the dropout masks."
+    z = h = self.encode(x)
+    for r in range(k):
+        for i in range(self.cfg.blocks): h = self.block(h, i, key, sample0, r)
+    return self.decode(h, z, x)
 
 # %% [markdown]
 # ## Initialisation

@@ -74,10 +74,10 @@ def test_dropout_only_in_training():
     m.eval()
     assert torch.equal(m(x), m(x))
     m.train()
-    torch.manual_seed(0)
-    a = m(x)
-    torch.manual_seed(1)
-    assert not torch.equal(a, m(x))
+    a = m(x, key=0)
+    assert not torch.equal(a, m(x, key=1))  # another step's key: other masks
+    assert torch.equal(a, m(x, key=0))  # masks are a function of the key alone, not of torch's random state
+    assert not torch.equal(a, m.eval()(x))
 
 
 def test_overfits_one_batch():
