@@ -16,8 +16,8 @@ from .parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
 from .pmatmul import saved_bytes
 
 # %% auto #0
-__all__ = ['CASES', 'gemm_gflops', 'MegatronMixer', 'run_case', 'layer_gemms', 'roofline', 'plot_roofline', 'cpu_info',
-           'summarize', 'table', 'targets', 'main']
+__all__ = ['CASES', 'gemm_gflops', 'MegatronMixer', 'run_case', 'layer_gemms', 'roofline', 'plot_roofline', 'MPI_rank',
+           'cpu_info', 'pingpong', 'summarize', 'table', 'targets', 'predictions', 'main']
 
 # %% ../nbs/12_bench.ipynb #f2e3f333
 def gemm_gflops(n: int = 1536, threads: int = 1, reps: int = 8) -> float:
@@ -219,6 +219,11 @@ def plot_roofline(r: dict, path):
 def _case(case: str, ranks: int, way: str = "1", **kw) -> dict: return dict(case=case, ranks=ranks, way=way, **kw)
 
 
+def MPI_rank() -> int:
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank()
+
+
 CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines on the same ranks
     "1-way": _case("jigsaw", 1), "1-way 2 threads": _case("threads", 1, threads=2),
     "2-way": _case("jigsaw", 2, "2"), "2-way plain": _case("jigsaw", 2, "2", schedule="plain"),
@@ -251,6 +256,18 @@ def _launch(name: str, spec: dict, model, steps, out: Path, overrides: dict, tim
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode: raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+
+# %% ../nbs/12_bench.ipynb #048838a3
+def pingpong(nbytes: int, reps: int = 5) -> float:
+    "Seconds of one message of `nbytes` between ranks 0 and 1 of MPI.COMM_WORLD (half the best round trip)."
+    from mpi4py import MPI
+    comm, buf, best = MPI.COMM_WORLD, torch.zeros(max(1, nbytes // 4)).numpy(), float("inf")
+    for _ in range(reps):
+        comm.Barrier(); t = time.perf_counter()
+        if comm.Get_rank() == 0: comm.Send(buf, dest=1); comm.Recv(buf, source=1)
+        else: comm.Recv(buf, source=0); comm.Send(buf, dest=0)
+        best = min(best, time.perf_counter() - t)
+    return best / 2
 
 # %% ../nbs/12_bench.ipynb #68fec578
 def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dict:
@@ -308,6 +325,18 @@ def targets(res: list[dict]) -> list[str]:
                    f"of the saved activations, {sm['recv_bytes'] / o['recv_bytes']:.2f} of the receive buffers")
     return out
 
+# %% ../nbs/12_bench.ipynb #cd9c8aea
+def predictions(res: list[dict], cfg, peak1: float, link: dict) -> str:
+    "Predicted vs measured s/step of the 1-, 2- and 4-way cases of this run."
+    from jigsaw_ref.perfmodel import predict_local
+    pred = predict_local(cfg, peak1, link["bw_bytes_s"], link["latency_s"])
+    rows = []
+    for way, name in ((1, "1-way"), (2, "2-way"), (4, "4-way")):
+        m = next((r for r in res if r["case"] == name), None)
+        if m: rows.append(f"{name}: predicted {pred[way]['step']:.3f} s/step (GEMM {pred[way]['gemm']:.3f}, exchanges "
+                          f"{pred[way]['comm']:.3f}), measured {m['step_s']:.3f}: {m['step_s'] / pred[way]['step']:.2f} x the prediction")
+    return "performance model, from this run's GEMM peak and link:\n  " + "\n  ".join(rows) if rows else ""
+
 # %% ../nbs/12_bench.ipynb #7c102af6
 def main(argv=None):
     "Entry point of `jigsaw-bench`."
@@ -321,6 +350,10 @@ def main(argv=None):
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # one rank of one case (JSON spec), launched by the command itself
     ap.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.worker == "pingpong":
+        lat, big = pingpong(8), pingpong(64 * 2**20)
+        if MPI_rank() == 0: Path(a.out, "link.json").write_text(json.dumps({"latency_s": lat, "bw_bytes_s": 64 * 2**20 / big}))
+        return 0
     if a.worker:
         os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
         rec = run_case(json.loads(a.worker), a.model, a.steps, json.loads(a.overrides))
@@ -340,12 +373,17 @@ def main(argv=None):
     peak1, peak2 = gemm_gflops(threads=1), gemm_gflops(threads=min(2, cores))
     head = (f"CPU: {cpu_info()}\nfp32 GEMM peak measured now: {peak1:.1f} GFLOP/s on 1 thread, {peak2:.1f} on {min(2, cores)}; "
             f"model {a.model}{' ' + json.dumps(overrides) if overrides else ''}, {param_count(cfg):,} parameters, {train_step_flops(cfg) / 1e9:.1f} GFLOP per training step")
+    exe = Path(sys.executable).with_name("mpiexec")
+    subprocess.run([str(exe if exe.exists() else "mpiexec"), "-n", "2", sys.executable, "-m", "jigsaw_ref.bench", "--worker",
+                    "pingpong", "--out", str(out)], check=True, capture_output=True, env=dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1"))
+    link = json.loads((out / "link.json").read_text())
+    head += f"\nlink between two ranks measured now: {link['latency_s'] * 1e6:.1f} us latency, {link['bw_bytes_s'] / 1e9:.2f} GB/s"
     print(head, flush=True)
     res = []
     for name in names:
         res.append(summarize(name, _launch(name, CASES[name], a.model, a.steps, out, overrides), cfg, peak1, cores))
         print(f"  done: {name} on {res[-1]['ranks']} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
-    text = head + "\n" + table(res) + "\n" + "\n".join(targets(res))
+    text = head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + predictions(res, cfg, peak1, link)
     print(text)
     rl = roofline(cfg); plot_roofline(rl, out / "roofline.png")
     (out / "bench.json").write_text(json.dumps({"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "cases": res, "roofline": rl,
