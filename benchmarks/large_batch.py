@@ -1,4 +1,4 @@
-"""Issue 6.5: a miniature of the paper's large-batch experiment (SPEC section 4, C1).
+"""Issue 6.5: a miniature of the paper's large-batch experiment (the paper, arXiv 2507.05753, experiment C1).
 
 The same model, data, seed and number of epochs on a fixed number of ranks (4); only the layout changes, and
 with it the global batch: 1-way x dp 4 (global batch 4), 2-way x dp 2 (2), 4-way x dp 1 (1), all with
@@ -185,7 +185,7 @@ def main(argv=None):
     if not a.no_controls:
         runs += [run(f"control_1rank_s{s}", 1, 1, a, data, s, out_root) for s in (a.seed, a.seed + 1)]
     import torch
-    res = {"what": "large-batch miniature (SPEC 4, C1): same model/data/epochs on a fixed number of ranks, global batch "
+    res = {"what": "large-batch miniature (the paper's C1): same model/data/epochs on a fixed number of ranks, global batch "
                    "via the layout; validation = latitude-weighted (cos) RMSE at 6 h on the whole val split, physical units",
            "model": a.model, "data": str(data), "train_days": a.days, "epochs": a.epochs, "lr": a.lr,
            "lr_encdec": a.lr_encdec, "warmup": "one epoch, then cosine to zero", "mode": "exact", "seed": a.seed,

@@ -107,7 +107,7 @@ def param_count(c: MixerConfig) -> int:
 # 72 input channels, 69 predicted); ours agree to the parameter:
 
 # %%
-_released_1way = {  # (H, f_s, f_c): count printed by the released code (SPEC.md section 2)
+_released_1way = {  # (H, f_s, f_c): count printed by the released code (the released training scripts' logs, DeifiliaTo/Jigsaw_SC cases/C1-C4)
     (4896, 0.5, 1): 1_101_500_346, (4320, 0.5, 1): 1_062_380_154, (2832, 0.5, 1): 979_747_050,
     (2192, 0.25, 1): 504_466_890, (1600, 0.125, 1): 259_570_794, (1024, 0.125, 0.25): 238_511_658,
     (512, 0.125, 1): 232_052_010, (368, 0.03125, 1): 61_507_806, (256, 0.125, 0.125): 227_296_650}

@@ -709,7 +709,7 @@ _REL = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
 LAYOUTS = {1: (1, 1), 2: (1, 2), 4: (2, 2)}  # way -> (p, q)
 C4_MODELS = {1: preset("c1_1way"), 2: preset("c4_2way"), 4: preset("c4_4way")}
 C4_GPUS = (8, 16, 32, 64, 128, 256)
-PAPER = {  # SPEC.md section 4
+PAPER = {  # the paper (arXiv 2507.05753, scaling tables) and the released logs (DeifiliaTo/Jigsaw_SC cases/C2-C4)
     "c3": {("fp32", 1): 3.03, ("fp32", 2): 1.92, ("fp32", 4): 2.70, ("tf32", 1): 0.712, ("tf32", 2): 1.66, ("tf32", 4): 2.25},
     "c4": {1: (.66, .65, .64, .62, .61, .51), 2: (.90, .75, .74, .74, .74, .68), 4: (.94, .85, .79, .75, .74, .72)},
     "headline": {2: (11.16, .279), 4: (9.46, .237), 1: (7.7, .193)},

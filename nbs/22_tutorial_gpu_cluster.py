@@ -150,7 +150,7 @@ assert r["correctness_vs_cpu_float64"]["float64"]["output_rel_err"] < 1e-12
 # - **Correctness.** On the GPU in float64 the model agrees with the CPU reference to rounding (about 1e-15);
 #   float32 to about 4e-7; TF32 to about 1e-3, the size of TF32's 10-bit mantissa.
 # - **FP32** runs at about 92% of the card's measured FP32 GEMM rate: the step is almost all large GEMMs. The
-#   paper reports 3.03 s per step and 81% of FP32 peak for the same model on one A100 (SPEC section 4); these
+#   paper reports 3.03 s per step and 81% of FP32 peak for the same model on one A100 (the paper's strong-scaling table, arXiv 2507.05753); these
 #   are different cards, so only the fractions compare.
 # - **TF32** is about 4x faster than FP32 but reaches under half of the TF32 GEMM rate, and **BF16** (autocast)
 #   about 1.4x faster again at about a third of its rate: once the GEMMs are fast, the rest of the step

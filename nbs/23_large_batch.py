@@ -18,7 +18,7 @@ from large_batch import table  # benchmarks/large_batch.py
 # For its C1 configuration the paper trains the same 1.06 B WeatherMixer on 8 GPUs three ways: 1-way (8
 # data-parallel replicas, global batch 8), 2-way (4 replicas, batch 4) and 4-way (2 replicas, batch 2), each
 # with one sample per model instance, for the same number of epochs. The model parallel runs reach lower 6 h
-# RMSE (SPEC section 4):
+# RMSE (the paper's large-batch experiment, arXiv 2507.05753, C1):
 
 # %%
 paper = {"z500": (45.15, 40.73, 40.79), "t850": (0.712, 0.689, 0.684), "t2m": (0.662, 0.641, 0.643)}

@@ -7,7 +7,7 @@ from jigsaw_ref.mixer import param_count
 from jigsaw_ref.parallel import layout_param_count
 
 REL = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
-RELEASED = {  # (H, f_s, f_c): (2-way, 4-way) as printed by the released code (SPEC.md section 2)
+RELEASED = {  # (H, f_s, f_c): (2-way, 4-way) as printed by the released code (the released scripts' logs, DeifiliaTo/Jigsaw_SC cases/C1-C4)
     (4896, 0.5, 1): (1_103_268_024, 1_103_453_424), (2832, 0.5, 1): (980_771_688, 980_913_744),
     (2192, 0.25, 1): (505_261_128, 505_376_784), (1600, 0.125, 1): (260_151_912, 260_248_656),
     (1024, 0.125, 0.25): (238_885_416, 238_967_760), (512, 0.125, 1): (232_241_448, 232_315_344),

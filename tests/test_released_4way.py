@@ -14,7 +14,7 @@ from jigsaw_ref.ranks import run_ranks
 from released_4way_sim import (RANKS, Log, block_send_formula, coords, released_forward, released_param_count,
                                released_params, released_shapes, released_sizes, to_jigsaw_faithful)
 
-REL = dict(out_pad=3, res_inputs="all", dec_bias="pixel")  # the released 4-way architecture (SPEC.md section 2)
+REL = dict(out_pad=3, res_inputs="all", dec_bias="pixel")  # the released 4-way architecture (Model.py of DeifiliaTo/Jigsaw_SC: 72 padded outputs, residual over all inputs, per-pixel decoder bias)
 CONFIGS = {
     # 16 x 32 grid, P = 4: T = 128, H = 32, S = 64, G = 32, 22 in / 22 out (11 + 11 per rank); rollout k = 2
     "tiny": (preset("tiny", **REL), 2),
@@ -161,18 +161,18 @@ def test_per_rank_params_count_and_map_to_faithful_blocks(cfg_name):
         assert {n: tuple(t.shape) for n, t in d.items()} == {n: tuple(len(ix) for ix in spec[n][0]) for n in spec}
 
 
-SPEC_4WAY = {(4896, 0.5, 1): 1_103_453_424, (2832, 0.5, 1): 980_913_744, (2192, 0.25, 1): 505_376_784,
+PRINTED_4WAY = {(4896, 0.5, 1): 1_103_453_424, (2832, 0.5, 1): 980_913_744, (2192, 0.25, 1): 505_376_784,
              (1600, 0.125, 1): 260_248_656, (1024, 0.125, 0.25): 238_967_760, (512, 0.125, 1): 232_315_344,
              (368, 0.03125, 1): 61_711_416, (256, 0.125, 0.125): 227_461_776, (6064, 1, 1): 2_091_294_480,
              (10352, 1, 1): 2_569_397_904}
 
 
-@pytest.mark.parametrize("key", list(SPEC_4WAY))
+@pytest.mark.parametrize("key", list(PRINTED_4WAY))
 def test_released_shapes_give_the_printed_4way_counts(key):
     "The per-rank shapes read from the released code, times 4 ranks, are the counts the released code printed."
     H, fs, fc = key
     c = MixerConfig(hidden=H, f_s=fs, f_c=fc, **REL)
-    assert released_param_count(c) == SPEC_4WAY[key] == layout_param_count(c, 2, 2, "faithful")
+    assert released_param_count(c) == PRINTED_4WAY[key] == layout_param_count(c, 2, 2, "faithful")
 
 
 def test_released_code_needs_even_blocks():
