@@ -202,18 +202,17 @@ def roofline(cfg, reps: int = 5) -> dict:
 # %% ../nbs/12_bench.ipynb #77c3bff8
 def plot_roofline(r: dict, path):
     "Save the roofline plot of `roofline`'s result to `path` (PNG)."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
     import numpy as np
     ai = np.logspace(-1, 3, 200)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2)); ax = fig.subplots()
     ax.loglog(ai, np.minimum(r["peak_gflops"], r["mem_gbs"] * ai), "k-", lw=1.5, label=f"ceilings: {r['peak_gflops']:.0f} GFLOP/s, {r['mem_gbs']:.0f} GB/s")
     for k, (name, L) in enumerate(r["layers"].items()):  # alternate label offsets: neighbours do not overlap
         ax.loglog(L["ai"], L["gflops"], "o")
         ax.annotate(name, (L["ai"], L["gflops"]), fontsize=8, xytext=(4, -12 if k % 2 else 6), textcoords="offset points")
     ax.set_xlabel("arithmetic intensity (FLOP/byte, fp32)"); ax.set_ylabel("GFLOP/s (one thread)")
     ax.set_title("Roofline of the WeatherMixer GEMMs on this CPU"); ax.legend(fontsize=8); ax.grid(True, which="both", alpha=.3)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
 
 # %% ../nbs/12_bench.ipynb #e8dc7831
 def _case(case: str, ranks: int, way: str = "1", **kw) -> dict: return dict(case=case, ranks=ranks, way=way, **kw)
