@@ -12,7 +12,8 @@ from .grid import Grid, groups, split_comms
 
 # %% auto #0
 __all__ = ['Request', 'cuda_aware_mpi', 'StagingPool', 'Group', 'TorchGroup', 'all_gather', 'reduce_scatter', 'all_reduce',
-           'expected_bytes', 'launcher', 'local_rank', 'local_device', 'init_torch_distributed', 'make_groups']
+           'expected_bytes', 'Watchdog', 'launcher', 'local_rank', 'local_device', 'init_torch_distributed',
+           'make_groups']
 
 # %% ../nbs/04_comm.ipynb #64d9e4c0
 class Request:
@@ -112,9 +113,10 @@ def _irecv(self: Group, t, source: int, tag: int) -> Request:
 
 # %% ../nbs/04_comm.ipynb #28f2f6bb
 @patch
-def _track(self: Group, reqs, recvs):
+def _track(self: Group, reqs, recvs, tag: int = 0):
     "Note the receive buffers of `reqs` (the first `len(recvs)`) as in flight, and the peak of what is in flight."
-    for r, (b, _) in zip(reqs, recvs): r.nbytes = b.numel() * b.element_size(); self.inflight += r.nbytes
+    for r, (b, src) in zip(reqs, recvs):
+        r.nbytes, r.peer, r.tag = b.numel() * b.element_size(), src, tag; self.inflight += r.nbytes
     self.recv_peak = max(self.recv_peak, self.inflight)
     return reqs
 
@@ -132,7 +134,7 @@ def _on_wire(self: Group, sends, recvs):
 def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
     sends, wrecvs, backs, wires = self._on_wire(sends, recvs)
-    reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs)
+    reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs, tag)
     return _copy_back(reqs, backs, wires)
 
 # %% ../nbs/04_comm.ipynb #6c7eb89f
@@ -147,10 +149,12 @@ def _copy_back(reqs, backs, wires):
 # %% ../nbs/04_comm.ipynb #e918dd81
 @patch
 def wait(self: Group, reqs):
-    "Complete every request in `reqs`."
+    "Complete every request in `reqs` (`self.waiting` says for which partners and tags meanwhile)."
+    self.waiting = [(r.peer, r.tag) for r in reqs if r.raw is not None and getattr(r, "peer", None) is not None]
     for r in reqs:
         if r.raw is not None: self.inflight -= r.nbytes
         r.wait()
+    self.waiting = []
 
 # %% ../nbs/04_comm.ipynb #e3d32595
 @patch
@@ -267,7 +271,7 @@ class TorchGroup(Group):
         ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
         for t, k in sends:
             ops.append(d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag)); self._count(t.numel() * t.element_size())
-        return _copy_back(self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs), backs, wires)
+        return _copy_back(self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs, tag), backs, wires)
 
     def allgather_obj(self, obj) -> list:
         if self.size == 1: return [obj]
@@ -387,6 +391,46 @@ def expected_bytes(kind: str, n: int, numel: int, itemsize: int) -> int:
     if n == 1: return 0
     f = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}[kind]
     return f * (n - 1) * numel * itemsize // n
+
+# %% ../nbs/04_comm.ipynb #e53e0aaa
+class Watchdog:
+    "Ends the process (or calls `on_stall`) when `beat` has not been called for `timeout` seconds, saying where this rank waited."
+    def __init__(self, timeout: float, rank: int, groups: dict | None = None, on_stall=None, exit_code: int = 124):
+        import threading
+        self.timeout, self.rank, self.groups, self.exit_code = timeout, rank, groups or {}, exit_code
+        self.on_stall = on_stall or self._abort
+        self.last, self.where, self._stop = time.monotonic(), "start-up", threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name=f"watchdog-rank{rank}")
+        if timeout > 0: self.thread.start()
+
+    def beat(self, where: str):
+        "Progress: this rank is alive and has reached `where`."
+        self.last, self.where = time.monotonic(), where
+
+    def stop(self): self._stop.set()
+
+# %% ../nbs/04_comm.ipynb #63b9cc0b
+@patch
+def report(self: Watchdog) -> str:
+    "Where this rank is: its last beat and every group's pending receives."
+    waits = "; ".join(f"{k} group waiting for " + ", ".join(f"rank {p} (tag {t})" for p, t in g.waiting)
+                      for k, g in self.groups.items() if getattr(g, "waiting", None))
+    return (f"[jigsaw_ref rank {self.rank}] no progress for {time.monotonic() - self.last:.0f} s (timeout {self.timeout:g} s) "
+            f"after {self.where}; {waits or 'not inside an exchange'}: a partner rank stalled or died; ending the job")
+
+
+@patch
+def _watch(self: Watchdog):
+    while not self._stop.wait(min(1.0, self.timeout / 4)):
+        if time.monotonic() - self.last > self.timeout:
+            self.on_stall(self.report()); return
+
+
+@patch
+def _abort(self: Watchdog, msg: str):
+    import sys
+    sys.stderr.write(msg + "\n"); sys.stderr.flush()
+    os._exit(self.exit_code)
 
 # %% ../nbs/04_comm.ipynb #56e94dda
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK",

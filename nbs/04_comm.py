@@ -203,9 +203,10 @@ def _irecv(self: Group, t, source: int, tag: int) -> Request:
 # %%
 #| export
 @patch
-def _track(self: Group, reqs, recvs):
+def _track(self: Group, reqs, recvs, tag: int = 0):
     "Note the receive buffers of `reqs` (the first `len(recvs)`) as in flight, and the peak of what is in flight."
-    for r, (b, _) in zip(reqs, recvs): r.nbytes = b.numel() * b.element_size(); self.inflight += r.nbytes
+    for r, (b, src) in zip(reqs, recvs):
+        r.nbytes, r.peer, r.tag = b.numel() * b.element_size(), src, tag; self.inflight += r.nbytes
     self.recv_peak = max(self.recv_peak, self.inflight)
     return reqs
 
@@ -225,7 +226,7 @@ def _on_wire(self: Group, sends, recvs):
 def start(self: Group, sends=(), recvs=(), tag: int = 0) -> list[Request]:
     "Post the receives `[(buffer, source)]`, then the sends `[(tensor, dest)]`; return their requests."
     sends, wrecvs, backs, wires = self._on_wire(sends, recvs)
-    reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs)
+    reqs = self._track([self._irecv(b, s, tag) for b, s in wrecvs] + [self._isend(t, d, tag) for t, d in sends], wrecvs, tag)
     return _copy_back(reqs, backs, wires)
 
 # %%
@@ -242,10 +243,12 @@ def _copy_back(reqs, backs, wires):
 #| export
 @patch
 def wait(self: Group, reqs):
-    "Complete every request in `reqs`."
+    "Complete every request in `reqs` (`self.waiting` says for which partners and tags meanwhile)."
+    self.waiting = [(r.peer, r.tag) for r in reqs if r.raw is not None and getattr(r, "peer", None) is not None]
     for r in reqs:
         if r.raw is not None: self.inflight -= r.nbytes
         r.wait()
+    self.waiting = []
 
 # %% [markdown]
 # The library collectives (`algo="coll"`) and small picklable metadata:
@@ -470,7 +473,7 @@ class TorchGroup(Group):
         ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
         for t, k in sends:
             ops.append(d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag)); self._count(t.numel() * t.element_size())
-        return _copy_back(self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs), backs, wires)
+        return _copy_back(self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs, tag), backs, wires)
 
     def allgather_obj(self, obj) -> list:
         if self.size == 1: return [obj]
@@ -662,6 +665,76 @@ def expected_bytes(kind: str, n: int, numel: int, itemsize: int) -> int:
 # %%
 test_eq(expected_bytes("all_reduce", 2, 1000, 4), 4000)
 test_eq(expected_bytes("all_gather", 1, 1000, 4), 0)
+
+# %% [markdown]
+# ## A watchdog for ranks that stop making progress
+#
+# A stalled node or file system leaves its partners waiting inside an exchange forever. `Watchdog` is a thread
+# that ends the process when its rank has made no progress for `timeout` seconds: the training loop calls
+# `beat(where)` at every step boundary, and the message names this rank, the last thing it reported, and the
+# partners and tags each of its groups is waiting for. The rank that stalled cannot speak, but every partner
+# waiting on it can, and a launcher ends the whole job once one process exits with an error.
+
+# %%
+#| export
+class Watchdog:
+    "Ends the process (or calls `on_stall`) when `beat` has not been called for `timeout` seconds, saying where this rank waited."
+    def __init__(self, timeout: float, rank: int, groups: dict | None = None, on_stall=None, exit_code: int = 124):
+        import threading
+        self.timeout, self.rank, self.groups, self.exit_code = timeout, rank, groups or {}, exit_code
+        self.on_stall = on_stall or self._abort
+        self.last, self.where, self._stop = time.monotonic(), "start-up", threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True, name=f"watchdog-rank{rank}")
+        if timeout > 0: self.thread.start()
+
+    def beat(self, where: str):
+        "Progress: this rank is alive and has reached `where`."
+        self.last, self.where = time.monotonic(), where
+
+    def stop(self): self._stop.set()
+
+# %%
+#| export
+@patch
+def report(self: Watchdog) -> str:
+    "Where this rank is: its last beat and every group's pending receives."
+    waits = "; ".join(f"{k} group waiting for " + ", ".join(f"rank {p} (tag {t})" for p, t in g.waiting)
+                      for k, g in self.groups.items() if getattr(g, "waiting", None))
+    return (f"[jigsaw_ref rank {self.rank}] no progress for {time.monotonic() - self.last:.0f} s (timeout {self.timeout:g} s) "
+            f"after {self.where}; {waits or 'not inside an exchange'}: a partner rank stalled or died; ending the job")
+
+
+@patch
+def _watch(self: Watchdog):
+    while not self._stop.wait(min(1.0, self.timeout / 4)):
+        if time.monotonic() - self.last > self.timeout:
+            self.on_stall(self.report()); return
+
+
+@patch
+def _abort(self: Watchdog, msg: str):
+    import sys
+    sys.stderr.write(msg + "\n"); sys.stderr.flush()
+    os._exit(self.exit_code)
+
+# %% [markdown]
+# Two thread ranks, one of which stops answering: the other's watchdog reports what it waited for.
+
+# %%
+def _stalls(comm):
+    g = Group(comm)
+    seen = []
+    wd = Watchdog(0.4, g.rank, {"tensor": g}, on_stall=seen.append)
+    wd.beat("step 3")
+    if g.rank == 1: time.sleep(1.5)  # rank 1 stalls before the exchange
+    else:
+        try: g.all_reduce(torch.ones(2))  # rank 0 waits for rank 1 ...
+        except Exception: pass
+    wd.stop()
+    return seen
+
+_seen = run_ranks(2, _stalls, timeout=1.0)
+assert "after step 3; tensor group waiting for rank 1 (tag 13)" in _seen[0][0], _seen
 
 # %% [markdown]
 # ## Launchers, devices and the groups of a run
