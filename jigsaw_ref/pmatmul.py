@@ -12,9 +12,9 @@ from .config import shard_range, split_sizes
 
 # %% auto #0
 __all__ = ['LEFT', 'RIGHT', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp', 'mlp_steps', 'print_steps', 'plot_exchanges',
-           'channel_mlp', 'layer_norm', 'gather_matmul', 'matmul_reduce_scatter', 'mm_stage', 'token_mlp_overlap',
-           'channel_mlp_overlap', 'saved_bytes', 'block_bytes', 'token_mlp_faithful', 'channel_mlp_faithful', 'summa',
-           'token_mlp_summa', 'channel_mlp_summa']
+           'channel_mlp', 'layer_norm', 'gather_matmul', 'matmul_reduce_scatter', 'gather_matmul_reduce_scatter',
+           'mm_stage', 'token_mlp_overlap', 'channel_mlp_overlap', 'saved_bytes', 'block_bytes', 'token_mlp_faithful',
+           'channel_mlp_faithful', 'summa', 'token_mlp_summa', 'channel_mlp_summa']
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d7b0a429
 class Product(NamedTuple):
@@ -303,12 +303,86 @@ def matmul_reduce_scatter(prod: Product, w, a, c, group: Group, sizes: list[int]
     return _MatmulReduceScatter.apply(w, a, c, prod, group, list(sizes))
 
 # %% ../nbs/05_partitioned_matmul.ipynb #6400e24f
+def _ranges_needed(c_from, c_to, m):
+    "Indices k of the blocks of partition `c_from` that overlap block m of partition `c_to` (both as cuts)."
+    a, e = c_to[m], c_to[m + 1]
+    return [k for k in range(len(c_from) - 1) if c_from[k] < e and c_from[k + 1] > a]
+
+# %% ../nbs/05_partitioned_matmul.ipynb #6a82ea5d
+class _GatherMatmulReduceScatter(torch.autograd.Function):
+    """Forward: `RS_scatter(prod.fwd(w, AG_gather(x)) + c)` along `prod.dim`, every scatter block computed as soon as
+    its gathered inputs are there (partners' blocks first) and sent at once. Backward: the upstream gradient and the
+    input are gathered again; each gather partner's input gradient is sent as soon as it is computed."""
+    @staticmethod
+    def forward(ctx, w, x, c, prod, gather, g_sizes, scatter, s_sizes):
+        ctx.save_for_backward(w, x); ctx.args, ctx.amp = (prod, gather, g_sizes, scatter, s_sizes), _amp(x)
+        d, gc, sc, gr, sr = prod.dim, _cuts(g_sizes), _cuts(s_sizes), gather.rank, scatter.rank
+        xs = x.contiguous()
+        xb = {fr: x.new_empty(_with(x, d, g_sizes[fr])) for _, fr in _rounds(gather.size, gr)}
+        gq = {fr: gather.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=51) for to, fr in _rounds(gather.size, gr)}
+        have = {gr: xs}
+        xg = x.new_empty(_with(x, d, gc[-1])); xg.narrow(d, gc[gr], g_sizes[gr]).copy_(xs)
+        shape = [1] * x.dim(); shape[prod.bias_dim] = -1
+        blk = lambda m: prod.fwd(w, xg.narrow(d, sc[m], s_sizes[m])) + c.view(shape)
+        todo = [to for to, _ in _rounds(scatter.size, sr)] + [sr]  # scatter blocks: partners' first, mine last
+        sendto = {to: fr for to, fr in _rounds(scatter.size, sr)}
+        bufs, reqs, mine, pending = {}, [], None, [fr for _, fr in _rounds(gather.size, gr)]
+        while todo:
+            ready = [m for m in todo if all(k in have for k in _ranges_needed(gc, sc, m))]
+            if not ready:  # wait for the next gathered block, in a fixed order
+                k = pending.pop(0); gather.wait(gq[k]); have[k] = xb[k]; xg.narrow(d, gc[k], g_sizes[k]).copy_(xb[k]); continue
+            m = ready[0]; todo.remove(m)
+            if m == sr: mine = blk(m); continue
+            y = blk(m).contiguous()  # each sent block stays referenced by its request until `wait`
+            fr = sendto[m]; bufs[fr] = y.new_empty(_with(y, d, s_sizes[sr]))
+            reqs += scatter.start(sends=[(y, m)], recvs=[(bufs[fr], fr)], tag=52)
+        for k in pending: gather.wait(gq[k])  # our own sends to the gather partners must complete too
+        scatter.wait(reqs)
+        for _, fr in _rounds(scatter.size, sr): mine = mine + bufs[fr]  # a fixed order of summation
+        return mine
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _GatherMatmulReduceScatter._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        w, x = ctx.saved_tensors
+        prod, gather, g_sizes, scatter, s_sizes = ctx.args
+        d, gc, sc, gr, sr = prod.dim, _cuts(g_sizes), _cuts(s_sizes), gather.rank, scatter.rank
+        g, xs = g.contiguous(), x.contiguous()
+        gb = {fr: g.new_empty(_with(g, d, s_sizes[fr])) for _, fr in _rounds(scatter.size, sr)}
+        sq = [scatter.start(sends=[(g, to)], recvs=[(gb[fr], fr)], tag=53) for to, fr in _rounds(scatter.size, sr)]
+        xb = {fr: x.new_empty(_with(x, d, g_sizes[fr])) for _, fr in _rounds(gather.size, gr)}
+        gq = [gather.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=54) for to, fr in _rounds(gather.size, gr)]
+        gfull = g.new_empty(_with(g, d, sc[-1])); gfull.narrow(d, sc[sr], s_sizes[sr]).copy_(g)
+        for (_, fr), rq in zip(_rounds(scatter.size, sr), sq):  # the whole upstream gradient (a fixed order)
+            scatter.wait(rq); gfull.narrow(d, sc[fr], s_sizes[fr]).copy_(gb[fr])
+        gk = lambda k: gfull.narrow(d, gc[k], g_sizes[k])
+        dxb = {fr: x.new_empty(x.shape) for _, fr in _rounds(gather.size, gr)}
+        dq = [gather.start(sends=[(prod.da(w, gk(to)).to(x.dtype).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=55)
+              for to, fr in _rounds(gather.size, gr)]  # each partner's input gradient, as soon as it exists
+        dx, dw = prod.da(w, gk(gr)), prod.dw(gk(gr), xs)  # mine while the messages fly
+        for (_, fr), rq in zip(_rounds(gather.size, gr), gq): gather.wait(rq); dw = dw + prod.dw(gk(fr), xb[fr])
+        gather.wait([r for q in dq for r in q])
+        for _, fr in _rounds(gather.size, gr): dx = dx + dxb[fr]
+        other = [k for k in range(g.dim()) if k != prod.bias_dim]
+        return dw, dx, gfull.sum(other), None, None, None, None, None
+
+
+def gather_matmul_reduce_scatter(prod: Product, w, x, c, gather: Group, g_sizes, scatter: Group, s_sizes):
+    "`reduce_scatter(prod.fwd(w, all_gather(x, gather, prod.dim, g_sizes)) + c, scatter, prod.dim, s_sizes)`, overlapped."
+    return _GatherMatmulReduceScatter.apply(w, x, c, prod, gather, list(g_sizes), scatter, list(s_sizes))
+
+# %% ../nbs/05_partitioned_matmul.ipynb #9c350284
 def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter: Group, s_sizes: list[int]):
     "`RS_scatter(prod.fwd(w, AG_gather(x)) + b)` along `prod.dim`, `b` this rank's bias shard over `scatter` (or None), overlapped."
     n = w.shape[0] if prod is LEFT else w.shape[1]  # the length of the output's bias dimension
+    c = lambda: bias_full(b, n, scatter) if b is not None else w.new_zeros(n)
     if gather.size == 1 and scatter.size > 1:
-        c = bias_full(b, n, scatter) if b is not None else w.new_zeros(n)
-        return matmul_reduce_scatter(prod, w, x, c, scatter, s_sizes)
+        return matmul_reduce_scatter(prod, w, x, c(), scatter, s_sizes)
+    if gather.can_overlap and scatter.can_overlap:
+        return gather_matmul_reduce_scatter(prod, w, x, c(), gather, g_sizes, scatter, s_sizes)
     y = gather_matmul(prod, w, x, gather, g_sizes)
     if b is not None: y = add_bias_shard(y, b, prod.bias_dim, scatter)
     return reduce_scatter(y, scatter, prod.dim, s_sizes)
