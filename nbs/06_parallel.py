@@ -167,6 +167,13 @@ def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None,
 # %%
 print(shard_table(preset("tiny"), 2, 2))
 
+# %% [markdown]
+# The SUMMA schedule (`pmatmul.summa`) cuts $W_1$ and $W_a$ the other way round and keeps the MLP biases whole for
+# their blocks, replicated over a row (`tok1.b`, `tok2.b`) or a column (`ch1.b`, `ch2.b`):
+
+# %%
+print(shard_table(preset("tiny"), 2, 2, schedule="summa", names=[f"blocks.0.{n}" for n in ("tok1.w", "tok1.b", "tok2.w", "tok2.b", "ch1.w", "ch1.b", "ch2.w", "ch2.b")]))
+
 # %%
 test_eq(_ranges([0, 1, 2, 5, 6]), "0:3+5:7")
 assert "blocks.0.tok1.w" in shard_table(preset("tiny"), 2, 2) and "[0:32, 0:64]" in shard_table(preset("tiny"), 2, 2)
