@@ -8,8 +8,9 @@ import dataclasses, math
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['SURFACE', 'ATMOS', 'WB2_LEVELS', 'STATICS', 'ERA5_CHANNELS', 'CPU_LEVELS', 'CPU_CHANNELS', 'PRESETS', 'channel_names',
-           'ConfigError', 'MixerConfig', 'validate', 'preset', 'split_sizes', 'shard_range']
+__all__ = ['SURFACE', 'ATMOS', 'WB2_LEVELS', 'STATICS', 'ERA5_CHANNELS', 'CPU_LEVELS', 'CPU_CHANNELS', 'WB2_NAMES',
+           'SINGLE_LEVEL', 'ERA5_SHORT', 'PRESETS', 'channel_names', 'wb2_name', 'short_name', 'channel_candidates',
+           'canonical', 'ConfigError', 'MixerConfig', 'validate', 'preset', 'split_sizes', 'shard_range']
 
 # %% ../nbs/00_config.ipynb #f46f1edf
 SURFACE = ("msl", "u10", "v10", "t2m")  # mean sea-level pressure, 10 m winds, 2 m temperature
@@ -33,11 +34,73 @@ ERA5_CHANNELS = channel_names()
 CPU_LEVELS = (850, 500, 250)
 CPU_CHANNELS = channel_names(levels=CPU_LEVELS)
 
+# %% ../nbs/00_config.ipynb #ce08bdfe
+WB2_NAMES = {
+    "msl": "mean_sea_level_pressure", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
+    "t2m": "2m_temperature", "z": "geopotential", "q": "specific_humidity", "t": "temperature",
+    "u": "u_component_of_wind", "v": "v_component_of_wind",
+    "lsm": "land_sea_mask", "slt": "soil_type", "orography": "geopotential_at_surface",
+}
+SINGLE_LEVEL = ("msl", "u10", "v10", "t2m", "lsm", "slt", "orography")  # short names without a level
+ERA5_SHORT = {  # WB2 name -> other names seen in ERA5 netCDF/GRIB conversions
+    "mean_sea_level_pressure": ("msl",), "10m_u_component_of_wind": ("u10", "10u"),
+    "10m_v_component_of_wind": ("v10", "10v"), "2m_temperature": ("t2m", "2t"),
+    "geopotential": ("z",), "specific_humidity": ("q",), "temperature": ("t",),
+    "u_component_of_wind": ("u",), "v_component_of_wind": ("v",), "land_sea_mask": ("lsm",),
+    "soil_type": ("slt",), "geopotential_at_surface": ("orography",),
+}
+
+
+_SHORT_OF = {v: k for k, v in WB2_NAMES.items()} | {a: k for k, v in WB2_NAMES.items() for a in ERA5_SHORT.get(v, ())}
+
+
+def _split_level(ch: str) -> tuple[str, int | None]:
+    "`('z', 500)` for 'z500' or 'z@500'; `(ch, None)` when there is no level."
+    if "@" in ch:
+        head, _, lev = ch.rpartition("@")
+        if not (head and lev.isdigit()): raise KeyError(f"channel {ch!r}: write a level as NAME@LEVEL, e.g. 'geopotential@500'")
+        return head, int(lev)
+    head = ch.rstrip("0123456789")
+    return (head, int(ch[len(head):])) if head and head != ch else (ch, None)
+
+# %% ../nbs/00_config.ipynb #766ef636
+def wb2_name(ch: str) -> tuple[str, int | None]:
+    "WB2 variable name and pressure level (None for single-level) of the known short channel name `ch`."
+    if ch in SINGLE_LEVEL: return WB2_NAMES[ch], None
+    head, level = _split_level(ch) if "@" not in ch else (None, None)
+    if head in WB2_NAMES and head not in SINGLE_LEVEL and level is not None: return WB2_NAMES[head], level
+    raise KeyError(f"unknown channel name {ch!r}: use one of {sorted(WB2_NAMES)} (atmospheric ones with a level, e.g. 'z500')")
+
+# %% ../nbs/00_config.ipynb #c0090830
+def short_name(var: str, level: int | None = None) -> str:
+    "Short channel name of WB2 (or ERA5 short) variable `var` at `level`; `var@level` or `var` for other variables."
+    k = _SHORT_OF.get(var)
+    if k is None or (k in SINGLE_LEVEL) != (level is None): return var if level is None else f"{var}@{int(level)}"
+    return k + ("" if level is None else str(int(level)))
+
+# %% ../nbs/00_config.ipynb #26f39a6b
+def channel_candidates(ch: str) -> list[tuple[str, int | None]]:
+    "`(variable, level)` readings of channel name `ch`, most specific first (the store decides which exists)."
+    if ch.startswith("pad"): raise KeyError(f"channel name {ch!r} is reserved for padding targets; rename the channel")
+    out = [] if "@" in ch else [(ch, None)]  # first: a store variable of exactly that name
+    head, level = _split_level(ch)
+    if ch in SINGLE_LEVEL: out.append((WB2_NAMES[ch], None))
+    elif level is not None: out.append((WB2_NAMES.get(head, head) if head not in SINGLE_LEVEL else head, level))
+    return list(dict.fromkeys(out))
+
+# %% ../nbs/00_config.ipynb #be54ee68
+def canonical(ch: str) -> str:
+    "The short name of a known channel in any spelling ('geopotential@500' -> 'z500'); other names unchanged."
+    var, level = channel_candidates(ch)[-1]
+    k = _SHORT_OF.get(var)
+    if k is None or (k in SINGLE_LEVEL) != (level is None): return ch
+    return k + ("" if level is None else str(level))
+
 # %% ../nbs/00_config.ipynb #a984ded1
 class ConfigError(ValueError):
     "A configuration that cannot be built; the message names the field and the fix."
 
-
+# %% ../nbs/00_config.ipynb #ba89dd85
 @dataclass(frozen=True)
 class MixerConfig:
     "Shapes and hyper-parameters of one WeatherMixer."
@@ -56,10 +119,12 @@ class MixerConfig:
     dt_hours: int = 6  # time step of one rollout step
     res_inputs: str = "dynamic"  # input channels the linear residual sees: 'dynamic' (1-way code) or 'all' (2/4-way code)
     dec_bias: str = "channel"  # decoder bias: one per output 'channel' (1-way code) or per channel and 'pixel' of a patch
+    loss_weights: tuple = ()  # (channel, weight) pairs overriding `loss.channel_weight` ('name=w' strings or a dict work too)
 
     def __post_init__(self):
         object.__setattr__(self, "variables", tuple(self.variables))
         object.__setattr__(self, "statics", tuple(self.statics))
+        object.__setattr__(self, "loss_weights", _weight_pairs(self.loss_weights))
         object.__setattr__(self, "rollout", tuple(int(k) for k in self.rollout))
         validate(self)
 
@@ -83,6 +148,20 @@ class MixerConfig:
     def replace(self, **kw) -> MixerConfig:
         "A copy with the fields in `kw` changed (validated again)."
         return dataclasses.replace(self, **kw)
+
+# %% ../nbs/00_config.ipynb #b3265638
+def _weight_pairs(w) -> tuple:
+    "`loss_weights` in any accepted spelling as sorted `(name, float)` pairs."
+    if isinstance(w, str): w = [x for x in w.split(",") if x.strip()]
+    items = w.items() if isinstance(w, dict) else w
+    out = {}
+    for it in items:
+        if isinstance(it, str):
+            if "=" not in it: raise ConfigError(f"loss_weights item {it!r}: expected NAME=WEIGHT, e.g. 'z500=3.0'")
+            it = it.split("=", 1)
+        try: name, val = it; out[str(name).strip()] = float(val)
+        except (TypeError, ValueError): raise ConfigError(f"loss_weights item {it!r}: expected NAME=WEIGHT with a number") from None
+    return tuple(sorted(out.items()))
 
 # %% ../nbs/00_config.ipynb #18960f38
 def validate(c: MixerConfig):
@@ -109,6 +188,12 @@ def validate(c: MixerConfig):
     need(isinstance(c.dt_hours, int) and c.dt_hours > 0, f"dt_hours={c.dt_hours!r}: must be a positive whole number of hours")
     need(len(c.rollout) == 2 and 1 <= c.rollout[0] <= c.rollout[1],
          f"rollout={c.rollout}: must be (k_min, k_max) with 1 <= k_min <= k_max")
+    bad = [n for n in c.variables + c.statics if n.startswith("pad")]
+    need(not bad, f"channel names {bad} are reserved for padding targets (out_pad); rename them")
+    unknown = [n for n, _ in c.loss_weights if n not in c.variables]
+    need(not unknown, f"loss_weights names {unknown}, which are not predicted variables {list(c.variables)[:6]}...; "
+                      f"name a channel of `variables`")
+    need(all(math.isfinite(w) and w >= 0 for _, w in c.loss_weights), f"loss_weights={c.loss_weights}: weights must be finite and >= 0")
 
 # %% ../nbs/00_config.ipynb #ff5c96d6
 _CPU = dict(variables=CPU_CHANNELS, statics=STATICS, dropout=0.0)
@@ -117,6 +202,7 @@ PRESETS = {
     "c3": MixerConfig(hidden=4896, f_s=0.5, f_c=1.0),
     "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
+    "h1024": MixerConfig(hidden=1024, f_s=0.125, f_c=0.25),
     "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
     "small": MixerConfig(n_lat=32, n_lon=64, patch=2, hidden=1024, f_s=0.25, f_c=1.0, **_CPU),
     "medium": MixerConfig(n_lat=64, n_lon=128, patch=2, hidden=1536, f_s=0.25, f_c=1.0, **_CPU),
@@ -137,7 +223,7 @@ def split_sizes(n: int, parts: int) -> list[int]:
     q, r = divmod(n, parts)
     return [q + (i < r) for i in range(parts)]
 
-
+# %% ../nbs/00_config.ipynb #830aa5e2
 def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
     "`(start, stop)` of shard `index` of `n` items cut into `parts`."
     sizes = split_sizes(n, parts)

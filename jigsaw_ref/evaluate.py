@@ -8,17 +8,19 @@ import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
 import numpy as np
 import torch
-from .config import MixerConfig
+from tqdm.auto import tqdm
+from .config import MixerConfig, canonical
 from .mixer import WeatherMixer, param_shapes
 from .loss import lat_weights_area, lat_weights_cos
-from .data import DataError, Era5Dataset, denormalize, find_channel, normalize, open_store, split_indices
-from .train import CheckpointError, load_checkpoint
+from .data import (DataError, Era5Dataset, denormalize, fingerprint, normalize, open_store, resolve_channels,
+                             split_indices, time_step_hours, _split_origin, _values)
+from .checkpoint import CheckpointError, load_full
 
 # %% auto #0
-__all__ = ['HEADLINE', 'SCORECARD_LEADS', 'STYLES', 'lat_weights', 'spatial_mse', 'spatial_bias', 'spatial_acc', 'rmse', 'bias',
-           'acc', 'Scores', 'EvalError', 'load_model', 'read_fields', 'climatology', 'cached_climatology', 'rollout',
-           'score_forecasts', 'nested', 'write_scores', 'scorecard', 'plot_lead', 'plot_map', 'data_path', 'open_split',
-           'evaluate', 'main']
+__all__ = ['HEADLINE', 'SCORECARD_LEADS', 'STYLES', 'DEFAULT_LEADS', 'lat_weights', 'spatial_mse', 'spatial_bias', 'spatial_acc',
+           'rmse', 'bias', 'acc', 'Scores', 'EvalError', 'load_model', 'read_fields', 'climatology',
+           'cached_climatology', 'rollout', 'score_forecasts', 'nested', 'write_scores', 'scorecard', 'plot_lead',
+           'plot_map', 'data_path', 'open_split', 'evaluate', 'main']
 
 # %% ../nbs/10_evaluate.ipynb #32307774
 def lat_weights(lat, kind: str = "area") -> torch.Tensor:
@@ -31,12 +33,12 @@ def spatial_mse(f, o, w):
     "Per-time weighted spatial MSE: `f`, `o` (..., lat, lon), `w` (lat,) -> (...)."
     return ((f - o).square() * w[:, None]).mean((-2, -1))
 
-
+# %% ../nbs/10_evaluate.ipynb #c9f02e2a
 def spatial_bias(f, o, w):
     "Per-time weighted spatial mean error f - o: (..., lat, lon) -> (...)."
     return ((f - o) * w[:, None]).mean((-2, -1))
 
-
+# %% ../nbs/10_evaluate.ipynb #f1424071
 def spatial_acc(f, o, c, w):
     "Per-time anomaly correlation of `f` and `o` about climatology `c` (broadcastable): (..., lat, lon) -> (...); 0 where f' = 0."
     fa, oa, w = f - c, o - c, w[:, None]
@@ -44,17 +46,17 @@ def spatial_acc(f, o, c, w):
     den = ((w * fa.square()).sum((-2, -1)) * (w * oa.square()).sum((-2, -1))).sqrt()
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
 
-
+# %% ../nbs/10_evaluate.ipynb #e789c2d7
 def rmse(f, o, w):
     "WB2 RMSE over initial times (axis 0): sqrt of the time mean of `spatial_mse`."
     return spatial_mse(f, o, w).mean(0).sqrt()
 
-
+# %% ../nbs/10_evaluate.ipynb #483004aa
 def bias(f, o, w):
     "Time mean of `spatial_bias` (axis 0)."
     return spatial_bias(f, o, w).mean(0)
 
-
+# %% ../nbs/10_evaluate.ipynb #5a8a9f34
 def acc(f, o, c, w):
     "Time mean of `spatial_acc` (axis 0)."
     return spatial_acc(f, o, c, w).mean(0)
@@ -87,15 +89,11 @@ class Scores:
 class EvalError(ValueError):
     "Evaluation cannot run; the message names the file and the problem."
 
-
+# %% ../nbs/10_evaluate.ipynb #ca2c6bca
 def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
-    "The one-process `WeatherMixer` (eval mode, float32) with the parameters of checkpoint `path`, and the checkpoint."
-    ck = load_checkpoint(path)
-    if not {"config", "params"} <= set(ck):
-        raise EvalError(f"{path}: no 'config'/'params' entries; is this a jigsaw_ref training checkpoint?")
-    try: cfg = MixerConfig(**ck["config"])
-    except (TypeError, ValueError) as e: raise EvalError(f"{path}: its model config cannot be built: {e}") from e
-    want, have = param_shapes(cfg), ck["params"]
+    "The one-process `WeatherMixer` (eval mode, float32) with the parameters of checkpoint `path`, and its metadata."
+    cfg, have, meta = load_full(path)
+    want = param_shapes(cfg)
     if set(want) != set(have):
         raise EvalError(f"{path}: parameters do not match its config (missing {sorted(set(want) - set(have))[:5]}, "
                         f"unexpected {sorted(set(have) - set(want))[:5]})")
@@ -104,50 +102,54 @@ def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
     m = WeatherMixer(cfg, torch.float32, device, seed=0)
     with torch.no_grad():
         for n, t in m.state().items(): t.copy_(have[n])
-    layout = ck.get("layout") or (1, 1, 1)
-    if ck.get("mode") == "faithful" and tuple(layout)[1:] != (1, 1):
+    layout = meta.get("layout") or (1, 1, 1)
+    if meta.get("mode") == "faithful" and tuple(layout)[1:] != (1, 1):
         print(f"jigsaw-eval: warning: {path} was trained in 'faithful' mode on layout {tuple(layout)}; it is evaluated "
               f"as the one-process model, which differs from that layout's forward pass", file=sys.stderr)
-    return m.eval(), ck
+    return m.eval(), meta
 
 # %% ../nbs/10_evaluate.ipynb #0cfeadd8
 def read_fields(src, cfg: MixerConfig, t0: int, t1: int, path="") -> torch.Tensor:
     "Physical `cfg.variables` at store time indices [t0, t1) of the opened store `src`: (t1 - t0, V, n_lat, n_lon) float64."
-    byvar = {}
-    for c in cfg.variables:
-        v, li = find_channel(src, c, str(path)); byvar.setdefault(v, []).append((c, li))
-    got = {}
+    chans = resolve_channels(src, cfg.variables, (), str(path))
+    byvar, got = {}, {}
+    for c in cfg.variables: byvar.setdefault(chans[c][0], []).append((c, chans[c][1]))
     for v, cl in byvar.items():
         a = src[v].isel(time=slice(t0, t1), latitude=slice(0, cfg.n_lat))
         if cl[0][1] is not None: a = a.isel(level=[li for _, li in cl])
-        a = np.asarray(a.values, np.float64)
+        a = np.asarray(_values(a, str(path), v, t0, f"times {t0}..{t1 - 1}", path or None), np.float64)
         for k, (c, li) in enumerate(cl): got[c] = a if li is None else a[:, k]
     x = torch.from_numpy(np.stack([got[c] for c in cfg.variables], 1))
-    if not torch.isfinite(x).all(): raise DataError(f"{path}: NaN or inf in the fields of times {t0}..{t1 - 1}")
+    if not torch.isfinite(x).all():
+        bad = [c for i, c in enumerate(cfg.variables) if not torch.isfinite(x[:, i]).all()]
+        raise DataError(f"{path}: NaN or inf in {bad} at time indices {t0}..{t1 - 1}; fill the gap or choose another --split")
     return x
 
 # %% ../nbs/10_evaluate.ipynb #131d453e
-def climatology(src, cfg: MixerConfig, split="train", path="", chunk: int = 64) -> torch.Tensor:
+def climatology(src, cfg: MixerConfig, split="train", path="", chunk: int = 64,
+                progress: bool = False,  # a progress bar over the times read
+               ) -> torch.Tensor:
     "Per-pixel mean of `cfg.variables` over every time of `split` of the opened store `src`: (V, n_lat, n_lon) float64."
-    t0, t1 = split_indices(src, split, str(path))
-    if t1 <= t0: raise EvalError(f"{path}: split {split!r} is empty; cannot compute a climatology")
+    t0, t1 = split_indices(src, split, str(path))  # a DataError naming the split if it is empty
     tot = 0.0
-    for a in range(t0, t1, chunk): tot = tot + read_fields(src, cfg, a, min(a + chunk, t1), path).sum(0)
+    with tqdm(total=t1 - t0, desc=f"climatology [{split}]", unit="time", disable=not progress, mininterval=1) as bar:
+        for a in range(t0, t1, chunk):
+            tot = tot + read_fields(src, cfg, a, min(a + chunk, t1), path).sum(0); bar.update(min(a + chunk, t1) - a)
     return tot / (t1 - t0)
 
 # %% ../nbs/10_evaluate.ipynb #c1191dfd
-def cached_climatology(src, cfg: MixerConfig, path, split="train") -> torch.Tensor:
-    "`climatology` of `split`, read from / saved to `<path>.clim.npz` when the key (channels, grid, times, mtime) matches."
+def cached_climatology(src, cfg: MixerConfig, path, split="train", progress: bool = False) -> torch.Tensor:
+    "`climatology` of `split`, read from / saved to `<path>.clim.npz` when the key (channels, grid, fingerprints) matches."
     t0, t1 = split_indices(src, split, str(path))
-    if t1 <= t0: return climatology(src, cfg, split, path)  # raises the empty-split error
-    key = json.dumps([list(cfg.variables), cfg.n_lat, str(src.time.values[t0]), str(src.time.values[t1 - 1]), t1 - t0,
-                      os.stat(path).st_mtime_ns])
+    chans = resolve_channels(src, cfg.variables, (), str(path))
+    key = json.dumps([list(cfg.variables), cfg.n_lat,
+                      {v: fingerprint(src, v, path, t0, t1) for v in sorted({chans[c][0] for c in cfg.variables})}])
     f = Path(str(path) + ".clim.npz")
     try:
         with np.load(f) as z:
             if str(z["key"]) == key: return torch.from_numpy(z["clim"])
     except (OSError, KeyError, ValueError): pass
-    c = climatology(src, cfg, split, path)
+    c = climatology(src, cfg, split, path, progress=progress)
     tmp = f.with_name(f".{f.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.npz")
     try:
         np.savez(tmp, clim=c.numpy(), key=np.array(key)); os.replace(tmp, f)
@@ -169,12 +171,16 @@ def rollout(model: WeatherMixer, x, steps: int):
 def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps: int, w,
                     batch: int = 8,  # initial times per forward pass
                     latent: bool = False,  # also score the latent rollout model(x0, k)
-                    device="cpu") -> tuple[Scores, dict]:
+                    device="cpu",
+                    progress: bool = False,  # a progress bar over initial times x leads
+                   ) -> tuple[Scores, dict]:
     "Scores of model, persistence and climatology at leads 1..`steps`, and the fields `{lead_h: (forecast, truth)}` of sample `idx[0]`."
     cfg = model.cfg; V, names, s = cfg.n_vars, list(cfg.variables), ds.stride
     statics = ds.get(0, 1)[0][V:]  # z-scored static channels (S, lat, lon)
     sc, kept = Scores(names, w), {}
     den = lambda y: denormalize(y.double().cpu(), names, ds.stats)
+    bar = tqdm(total=len(idx) * steps, desc="forecasts (initial times x leads)", unit="forecast", disable=not progress,
+               mininterval=1)
     for b in range(0, len(idx), batch):
         ii = [int(i) for i in idx[b: b + batch]]
         lo, hi = ds.i0 + min(ii), ds.i0 + max(ii) + steps * s + 1
@@ -189,11 +195,13 @@ def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps:
             sc.add("climatology", lead, clim.expand_as(o), o, clim)
             if latent: sc.add("latent", lead, den(model(x, k=k)[:, :V]), o, clim)
             if b == 0: kept[lead] = (f[0], o[0])
+            bar.update(len(ii))
+    bar.close()
     return sc, kept
 
 # %% ../nbs/10_evaluate.ipynb #3866a543
 HEADLINE = ("z500", "t850", "t2m", "u10", "v10", "msl")  # WB2 headline variables, plotted when present
-SCORECARD_LEADS = (6, 12, 24, 48, 120)  # hours
+SCORECARD_LEADS = (6, 12, 24, 48, 72, 120)  # hours
 
 
 def nested(rows) -> dict:
@@ -202,7 +210,7 @@ def nested(rows) -> dict:
     for r in rows: out.setdefault(r["metric"], {}).setdefault(r["model"], {}).setdefault(r["variable"], {})[r["lead_h"]] = r["value"]
     return out
 
-
+# %% ../nbs/10_evaluate.ipynb #3606602e
 def write_scores(rows, out, meta: dict):
     "Write `scores.csv` and `scores.json` into folder `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -212,20 +220,24 @@ def write_scores(rows, out, meta: dict):
 
 # %% ../nbs/10_evaluate.ipynb #1ed05e9a
 def scorecard(rows, variables, leads=SCORECARD_LEADS) -> str:
-    "Text table: rows variables, columns leads; each cell 'model RMSE / persistence RMSE', '*' where the model beats persistence."
+    "Text table (variables x leads) of 'model / persistence' RMSE; '*' where the model beats persistence, '+' where it beats climatology."
     r = nested(rows)["rmse"]
     have = sorted({l for v in r["model"].values() for l in v})
-    leads = [l for l in leads if l in have] or have[:5]
-    head = f"{'variable':>10} " + " ".join(f"{str(l) + ' h':>20}" for l in leads)
-    lines, wins = [head], 0
+    use = [l for l in leads if l in have] or have[:6]
+    head = f"{'variable':>10} " + " ".join(f"{str(l) + ' h':>23}" for l in use)
+    lines, wp, wc, both = [head], 0, 0, 0
     for v in variables:
         cells = []
-        for l in leads:
-            m, p = r["model"][v][l], r["persistence"][v][l]
-            wins += m < p
-            cells.append(f"{m:9.3g} / {p:<8.3g}{'*' if m < p else ' '}")
-        lines.append(f"{v:>10} " + " ".join(f"{c:>20}" for c in cells))
-    lines.append(f"RMSE model / persistence (physical units); * model better: {wins} of {len(variables) * len(leads)} cells")
+        for l in use:
+            m, p, c = r["model"][v][l], r["persistence"][v][l], r.get("climatology", {}).get(v, {}).get(l, math.inf)
+            wp += m < p; wc += m < c; both += m < p and m < c
+            cells.append(f"{m:9.3g} / {p:<8.3g} {'*' if m < p else ' '}{'+' if m < c else ' '}")  # 23 characters
+        lines.append(f"{v:>10} " + " ".join(cells))
+    n = len(variables) * len(use)
+    missing = [l for l in leads if l not in have]
+    lines.append(f"RMSE model / persistence (physical units); * model better than persistence: {wp} of {n} cells; "
+                 f"+ better than climatology: {wc} of {n}; both: {both} of {n}"
+                 + (f" (leads {missing} h not reached)" if missing else ""))
     return "\n".join(lines)
 
 # %% ../nbs/10_evaluate.ipynb #ef994ed2
@@ -238,7 +250,7 @@ def _plt():
 
 STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C0"), "climatology": (":", "0.4")}
 
-
+# %% ../nbs/10_evaluate.ipynb #5d40e303
 def plot_lead(rows, variables, metric: str, path):
     "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`."
     plt, r = _plt(), nested(rows)[metric]
@@ -252,7 +264,7 @@ def plot_lead(rows, variables, metric: str, path):
     axs[0][0].set_ylabel(metric.upper()); axs[0][0].legend(fontsize=7)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
-
+# %% ../nbs/10_evaluate.ipynb #ce146ebf
 def plot_map(f, o, lat, lon, title: str, path):
     "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`."
     plt = _plt()
@@ -268,6 +280,9 @@ def plot_map(f, o, lat, lon, title: str, path):
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 # %% ../nbs/10_evaluate.ipynb #ede512e8
+DEFAULT_LEADS = 20  # autoregressive steps when none are asked for (5 days at 6 h)
+
+
 def data_path(ck: dict, data: str | None = None) -> str:
     "The data to evaluate on: `data`, or the checkpoint's training data ('default': the generated store of its grid)."
     p = data or (ck.get("train") or {}).get("data") or "default"
@@ -276,31 +291,42 @@ def data_path(ck: dict, data: str | None = None) -> str:
     cfg = MixerConfig(**ck["config"])
     return str(default_dataset(grid=(cfg.n_lat, cfg.n_lon), verbose=True))
 
-
-def open_split(path, cfg: MixerConfig, split, steps: int, ckpt="") -> tuple[Era5Dataset, int]:
-    "The dataset of `split` with room for min(`steps`, what the split allows) leads, and that number of leads."
-    try:
-        ds = Era5Dataset(path, cfg, split, max_lead=1)
-        n = ds.i1 - ds.i0
-        steps = min(steps, (n - 1) // ds.stride)
-        if steps < 1: raise DataError(f"{path}: split {split!r} has {n} time step(s), too few for one lead of {cfg.dt_hours} h")
-        return (Era5Dataset(path, cfg, split, max_lead=steps, stats=ds.stats) if steps != 1 else ds), steps
+# %% ../nbs/10_evaluate.ipynb #342ab7ae
+def open_split(path, cfg: MixerConfig, split, leads: int | None = None, ckpt="") -> tuple[Era5Dataset, int]:
+    "The dataset of `split` with room for `leads` steps (None: `DEFAULT_LEADS` or fewer if the split is shorter), and that number."
+    if str(path).startswith("synthetic:"):
+        raise EvalError(f"{path}: a synthetic source has no stored truth to verify against; evaluate on a zarr store or "
+                        f"netCDF file (--data PATH)")
+    src = open_store(path)
+    dt = time_step_hours(src, str(path))
+    i0, i1 = split_indices(src, split, str(path))
+    n, stride = i1 - i0, cfg.dt_hours / dt
+    most = int((n - 1) // stride) if stride == int(stride) else None
+    want = DEFAULT_LEADS if leads is None else leads
+    if most is not None and (most < 1 or (leads is not None and leads > most)):
+        t = src.time.values
+        raise EvalError(f"{path}: {_split_origin(src, split)} has {n} time(s) ({t[i0]} .. {t[i1 - 1]}), room for {most} "
+                        f"lead(s) of {cfg.dt_hours} h, not {want}; "
+                        + (f"pass --leads {most} or " if most >= 1 else "") +
+                        f"choose a longer split (--split, or the store attribute split_<name> = [start, stop])")
+    try: return Era5Dataset(path, cfg, split, max_lead=min(want, most or want)), min(want, most or want)
     except DataError as e:
         raise EvalError(f"data {path} do not fit the model of checkpoint {ckpt} ({cfg.n_lat}x{cfg.n_lon} grid, "
                         f"variables {list(cfg.variables)[:4]}..., statics {list(cfg.statics)}): {e}") from e
 
 # %% ../nbs/10_evaluate.ipynb #ca1c3562
-def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
+def evaluate(ckpt,  # checkpoint written by `jigsaw-train` (a sharded store folder or a single file)
              out=None,  # output folder (default: `eval/` beside the checkpoint)
-             leads: int = 20,  # autoregressive steps of `cfg.dt_hours` (fewer if the split is shorter)
+             leads: int | None = None,  # autoregressive steps of the checkpoint's `dt_hours` (None: 20, fewer if the split is shorter)
              samples: int = 0,  # initial times spread evenly over the split (0: all)
-             lat_weights_kind: str = "area",  # 'area' (WB2) or 'cos' (released code)
+             lat_weights_kind: str = "area",  # 'area' (WB2, or the store's own weights) or 'cos' (released code)
              data=None,  # data path (default: the checkpoint's training data)
              split="test",  # split to forecast; the climatology always comes from 'train'
              batch: int = 8,  # initial times per forward pass
              latent: bool = False,  # also score the latent rollout model(x0, k)
              map_lead: int = 24,  # lead (h) of the maps (the nearest available)
-             device="cpu",
+             device="cpu",  # 'cpu' or 'cuda'
+             scorecard_leads=SCORECARD_LEADS,  # lead times (h) of the scorecard's columns
              verbose=True) -> dict:
     "Evaluate checkpoint `ckpt` on `split`; write scores, plots and the scorecard into `out`; return `{rows, meta, scorecard}`."
     t_start = time.perf_counter()
@@ -309,27 +335,28 @@ def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
     out = Path(out) if out else Path(ckpt).parent / "eval"
     path = data_path(ck, data)
     ds, steps = open_split(path, cfg, split, leads, ckpt)
-    if steps < leads and verbose: print(f"jigsaw-eval: split {split!r} allows {steps} leads of {cfg.dt_hours} h, not {leads}")
+    if leads is None and steps < DEFAULT_LEADS and verbose:
+        print(f"jigsaw-eval: split {split!r} allows {steps} leads of {cfg.dt_hours} h, not {DEFAULT_LEADS}")
     n = len(ds)
     idx = np.unique(np.linspace(0, n - 1, min(samples, n) if samples > 0 else n).round().astype(int))
-    w = lat_weights(ds.lat, lat_weights_kind)
+    w = ds.area_weights if lat_weights_kind == "area" else lat_weights(ds.lat, lat_weights_kind)
     src = open_store(path)
-    clim = cached_climatology(src, cfg, path, "train")
-    sc, kept = score_forecasts(model, ds, src, clim, idx, steps, w, batch, latent, device)
+    clim = cached_climatology(src, cfg, path, "train", progress=verbose)
+    sc, kept = score_forecasts(model, ds, src, clim, idx, steps, w, batch, latent, device, progress=verbose)
     rows = sc.rows()
     meta = dict(checkpoint=str(ckpt), data=str(path), split=str(split), samples=len(idx), leads=steps,
                 dt_hours=cfg.dt_hours, lat_weights=lat_weights_kind, climatology="per-pixel time mean of the training split",
                 step=ck.get("step"), init_times=[str(ds.times[i]) for i in idx[:3]] + (["..."] if len(idx) > 3 else []),
                 seconds=round(time.perf_counter() - t_start, 2))
     write_scores(rows, out, meta)
-    heads = [v for v in HEADLINE if v in cfg.variables] or list(cfg.variables[:4])
+    heads = [v for h in HEADLINE for v in cfg.variables if canonical(v) == h] or list(cfg.variables[:4])
     plot_lead(rows, heads, "rmse", out / "rmse_vs_lead.png")
     plot_lead(rows, heads, "acc", out / "acc_vs_lead.png")
-    mv = "z500" if "z500" in cfg.variables else cfg.variables[0]
+    mv = next((v for v in cfg.variables if canonical(v) == "z500"), cfg.variables[0])
     ml = min(kept, key=lambda l: (abs(l - map_lead), l))
     f, o = kept[ml]; c = cfg.variables.index(mv)
     plot_map(f[c], o[c], ds.lat, ds.lon, f"{mv} +{ml} h", out / f"map_{mv}_{ml}h.png")
-    card = scorecard(rows, list(cfg.variables))
+    card = scorecard(rows, list(cfg.variables), scorecard_leads)
     (out / "scorecard.txt").write_text(card + "\n")
     if verbose:
         print(f"jigsaw-eval: {ckpt} (step {ck.get('step')}) on {path} [{split}], {len(idx)} initial times, "
@@ -338,25 +365,41 @@ def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
     return dict(rows=rows, meta=meta, scorecard=card)
 
 # %% ../nbs/10_evaluate.ipynb #2aa9aa69
+def _hours(s: str) -> tuple:
+    "`'6,12,24'` as lead times in hours."
+    try: out = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated hours, e.g. 6,12,24,72; got {s!r}") from None
+    if not out or min(out) < 1: raise argparse.ArgumentTypeError(f"expected positive hours, e.g. 6,12,24,72; got {s!r}")
+    return out
+
+# %% ../nbs/10_evaluate.ipynb #4739ee9f
 def main(argv=None) -> int:
     "Entry point of `jigsaw-eval`."
     ap = argparse.ArgumentParser("jigsaw-eval", description="Score a jigsaw_ref checkpoint (one process) against "
                                  "persistence and climatology with WeatherBench2 metrics.")
     ap.add_argument("checkpoint", help="a checkpoint written by jigsaw-train (e.g. runs/latest/final.ckpt)")
     ap.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
-    ap.add_argument("--leads", type=int, default=20, help="autoregressive 6-h steps (default 20 = 5 days)")
+    ap.add_argument("--leads", type=int, default=None, help="autoregressive steps, each of the checkpoint's time step "
+                    "dt_hours (6 h for the presets, so 20 = 5 days; 12 h data with dt_hours=12: 20 = 10 days); default "
+                    f"{DEFAULT_LEADS}, or as many as the split holds; more than the split holds is an error")
     ap.add_argument("--samples", type=int, default=0, help="initial times, spread evenly over the split (0: all)")
-    ap.add_argument("--lat-weights", choices=("area", "cos"), default="area", help="area: WeatherBench2 (default); cos: released code")
+    ap.add_argument("--lat-weights", choices=("area", "cos"), default="area",
+                    help="area: cell areas as WeatherBench2 (or the store's own quadrature weights; default); cos: released code")
     ap.add_argument("--data", default=None, help="data path (default: the checkpoint's training data)")
-    ap.add_argument("--split", default="test", help="'test' (default), 'val' or 'train'")
-    ap.add_argument("--batch", type=int, default=8, help="initial times per forward pass")
+    ap.add_argument("--split", default="test", help="'test' (default), 'val' or 'train' (a store attribute split_<name>, "
+                    "else the last 10%% / next 10%% / first 80%% of the times)")
+    ap.add_argument("--batch", type=int, default=8, help="initial times per forward pass (default 8)")
     ap.add_argument("--latent", action="store_true", help="also score the latent rollout model(x0, k)")
-    ap.add_argument("--map-lead", type=int, default=24, help="lead (h) of the z500 maps")
-    ap.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    ap.add_argument("--map-lead", type=int, default=24, help="lead (h) of the z500 maps (the nearest available; default 24)")
+    ap.add_argument("--scorecard-leads", type=_hours, default=SCORECARD_LEADS, metavar="H,H,...",
+                    help=f"lead times (h) of the scorecard's columns (default {','.join(map(str, SCORECARD_LEADS))})")
+    ap.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
     a = ap.parse_args(argv)
-    if a.leads < 1 or a.samples < 0 or a.batch < 1: ap.error("--leads and --batch must be >= 1, --samples >= 0")
+    if (a.leads is not None and a.leads < 1) or a.samples < 0 or a.batch < 1:
+        ap.error("--leads and --batch must be >= 1, --samples >= 0")
     try:
-        evaluate(a.checkpoint, a.out, a.leads, a.samples, a.lat_weights, a.data, a.split, a.batch, a.latent, a.map_lead, a.device)
+        evaluate(a.checkpoint, a.out, a.leads, a.samples, a.lat_weights, a.data, a.split, a.batch, a.latent, a.map_lead,
+                 a.device, a.scorecard_leads)
     except (EvalError, CheckpointError, DataError) as e:
         print(f"jigsaw-eval: error: {e}", file=sys.stderr)
         return 2

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import xarray as xr
-from .config import CPU_CHANNELS, CPU_LEVELS, STATICS
+from tqdm.auto import tqdm
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from .config import CPU_CHANNELS, CPU_LEVELS, STATICS, WB2_NAMES
+from .data import cache_dir
 
 # %% auto #0
-__all__ = ['A_EARTH', 'OMEGA', 'G', 'R_DRY', 'F0', 'P1', 'P2', 'LN_P', 'WB2_NAMES', 'ERA5_SHORT', 'START', 'DT_OUT', 'GRIDS',
-           'VERSION', 'legendre', 'Sphere', 'geography', 't_std', 'z_std', 'qsat', 'level_weight', 'QGParams',
-           'TwoLayerQG', 'step', 'diagnose', 'wb2_name', 'short_name', 'grid_lat', 'simulate', 'to_wb2', 'write_zarr',
-           'cache_dir', 'default_dataset']
+__all__ = ['A_EARTH', 'OMEGA', 'G', 'R_DRY', 'F0', 'P1', 'P2', 'LN_P', 'START', 'DT_OUT', 'GRIDS', 'VERSION', 'legendre',
+           'Sphere', 'geography', 't_std', 'z_std', 'qsat', 'level_weight', 'QGParams', 'TwoLayerQG', 'step',
+           'diagnose', 'grid_lat', 'simulate', 'to_wb2', 'write_zarr', 'default_dataset']
 
 # %% ../nbs/07_generator.ipynb #cfa719be
 A_EARTH = 6.371e6  # Earth radius, m
@@ -27,7 +29,7 @@ F0 = 1e-4  # reference Coriolis parameter of the quasi-geostrophic balance, 1/s
 
 def _eps(l, m): return np.sqrt((l * l - m * m) / (4 * l * l - 1)) if l > 0 else 0.0
 
-
+# %% ../nbs/07_generator.ipynb #4f9036d1
 def legendre(L: int,  # triangular truncation: degrees l <= L, orders m <= L
              mu,  # sin(latitude) of the points, shape (K,)
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -101,10 +103,12 @@ def t_std(p):
     "Standard-atmosphere temperature (K) at pressure `p` (hPa)."
     return np.maximum(288.15 * (np.asarray(p, float) / 1013.25) ** 0.190263, 216.65)
 
+# %% ../nbs/07_generator.ipynb #f28c99b8
 def z_std(p):
     "Standard-atmosphere geopotential (m^2/s^2) at pressure `p` (hPa), troposphere formula."
     return G * 288.15 / 0.0065 * (1 - (np.asarray(p, float) / 1013.25) ** 0.190263)
 
+# %% ../nbs/07_generator.ipynb #8223dae0
 def qsat(T, p):
     "Saturation specific humidity (kg/kg) at temperature `T` (K) and pressure `p` (hPa)."
     es = 611.2 * np.exp(17.67 * (T - 273.15) / (T - 29.65))
@@ -120,7 +124,7 @@ def level_weight(p):
     pm = np.sqrt(P1 * P2)
     return np.clip(np.log(pm / np.asarray(p, float)) / np.log(pm / P1), -1, 1)
 
-
+# %% ../nbs/07_generator.ipynb #d1e9e3c7
 @dataclass(frozen=True)
 class QGParams:
     "Physical parameters of the two-layer model."
@@ -185,7 +189,7 @@ def _rhs(m: TwoLayerQG, y, teq):
     s5 = (0.25 * g[1] - g[0]) / (2 * 86400) - np.maximum(g[0] - qs5, 0) / (3 * 3600)
     return np.concatenate([dq, -adv[2:] + s.anal(np.stack([s5, s8]))])
 
-
+# %% ../nbs/07_generator.ipynb #e9c03e79
 def step(m: TwoLayerQG, dt: float):
     "Advance `m` by `dt` seconds (SSP-RK3, exact hyperdiffusion)."
     y = m.state; teq = m.tau_eq(m.t + dt / 2)
@@ -234,35 +238,6 @@ def diagnose(m: TwoLayerQG,
     every = s.nlon // (n_lon or s.nlon)
     return {k: np.asarray(out[k][..., ::every], np.float32) for k in CPU_CHANNELS}
 
-# %% ../nbs/07_generator.ipynb #7ce953ce
-WB2_NAMES = {
-    "msl": "mean_sea_level_pressure", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
-    "t2m": "2m_temperature", "z": "geopotential", "q": "specific_humidity", "t": "temperature",
-    "u": "u_component_of_wind", "v": "v_component_of_wind",
-    "lsm": "land_sea_mask", "slt": "soil_type", "orography": "geopotential_at_surface",
-}
-ERA5_SHORT = {  # WB2 name -> other names seen in ERA5 netCDF/GRIB conversions
-    "mean_sea_level_pressure": ("msl",), "10m_u_component_of_wind": ("u10", "10u"),
-    "10m_v_component_of_wind": ("v10", "10v"), "2m_temperature": ("t2m", "2t"),
-    "geopotential": ("z",), "specific_humidity": ("q",), "temperature": ("t",),
-    "u_component_of_wind": ("u",), "v_component_of_wind": ("v",), "land_sea_mask": ("lsm",),
-    "soil_type": ("slt",), "geopotential_at_surface": ("orography",),
-}
-
-
-def wb2_name(ch: str) -> tuple[str, int | None]:
-    "WB2 variable name and pressure level (None for single-level) of the short channel name `ch`."
-    if ch in WB2_NAMES: return WB2_NAMES[ch], None
-    head, digits = ch.rstrip("0123456789"), ch[len(ch.rstrip("0123456789")):]
-    if head in WB2_NAMES and digits: return WB2_NAMES[head], int(digits)
-    raise KeyError(f"unknown channel name {ch!r}: use one of {sorted(WB2_NAMES)} (atmospheric ones with a level, e.g. 'z500')")
-
-
-def short_name(var: str, level: int | None = None) -> str:
-    "Short channel name of WB2 variable `var` at `level`."
-    inv = {v: k for k, v in WB2_NAMES.items()}
-    return inv[var] + ("" if level is None else str(int(level)))
-
 # %% ../nbs/07_generator.ipynb #bcf6f81d
 START = np.datetime64("2000-01-01T00", "ns")
 DT_OUT = np.timedelta64(6, "h")
@@ -272,7 +247,7 @@ def grid_lat(n_lat: int) -> np.ndarray:
     "Cell-centred equiangular latitudes (degrees, south to north, no pole rows)."
     return -90 + 180 * (np.arange(n_lat) + 0.5) / n_lat
 
-
+# %% ../nbs/07_generator.ipynb #9c03f002
 def simulate(n_lat=32,  # output latitudes
              n_lon=64,  # output longitudes
              days=(240, 30, 30),  # days of the (train, val, test) periods
@@ -285,11 +260,16 @@ def simulate(n_lat=32,  # output latitudes
     m = TwoLayerQG(L, max(32, n_lat), max(64, n_lon), params, seed, t0=-spinup * 86400.0)
     if m.s.nlon % n_lon: raise ValueError(f"n_lon={n_lon} must divide {m.s.nlon}")
     t0 = time.perf_counter()
-    for _ in range(spinup * 4 * sub): step(m, 6 * 3600 / sub)
     n = 4 * sum(days); states = np.empty((n,) + m.state.shape, complex)
-    for i in range(n):
-        states[i] = m.state
-        for _ in range(sub): step(m, 6 * 3600 / sub)
+    with tqdm(total=spinup + sum(days), desc=f"simulating T{L} ({n_lat}x{n_lon})", unit="day", disable=not verbose, mininterval=1,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total} simulated days [{elapsed}<{remaining}]") as bar:
+        for _ in range(spinup * 4):
+            for _ in range(sub): step(m, 6 * 3600 / sub)
+            bar.update(0.25)
+        for i in range(n):
+            states[i] = m.state
+            for _ in range(sub): step(m, 6 * 3600 / sub)
+            bar.update(0.25)
     sec = time.perf_counter() - t0
     if verbose: print(f"T{L} model: {sec / (spinup + sum(days)):.3f} s per simulated day")
     times = START + DT_OUT * np.arange(n)
@@ -324,17 +304,13 @@ def write_zarr(ds: xr.Dataset, path, lon_chunks: int = 4, time_shard: int = 4):
     for k, v in ds.data_vars.items():
         chunks = tuple({"time": 1, "longitude": cl}.get(d, ds.sizes[d]) for d in v.dims)
         shards = tuple({"time": nt}.get(d, ds.sizes[d]) for d in v.dims)
-        enc[k] = dict(chunks=chunks, shards=shards) if "time" in v.dims else dict(chunks=chunks)
+        enc[k] = dict(chunks=chunks, compressors=[ZstdCodec(), Crc32cCodec()])
+        if "time" in v.dims: enc[k]["shards"] = shards
     ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
 
 # %% ../nbs/07_generator.ipynb #b5dc2263
 GRIDS = {"tiny": (16, 32), "small": (32, 64), "medium": (64, 128)}
-VERSION = 1  # bump when the generator's output changes
-
-
-def cache_dir() -> Path:
-    "Folder of generated stores: `$JIGSAW_DATA` or `~/.cache/jigsaw_ref`."
-    return Path(os.environ.get("JIGSAW_DATA") or Path.home() / ".cache" / "jigsaw_ref")
+VERSION = 2  # bump when the generator's output changes (2: chunk checksums)
 
 
 def default_dataset(path=None,  # store path; default: a name in `cache_dir()` made from the arguments
@@ -350,6 +326,7 @@ def default_dataset(path=None,  # store path; default: a name in `cache_dir()` m
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
+    if verbose: print(f"generating the default data (first use of this grid): {path}", flush=True)
     try:
         write_zarr(simulate(n_lat, n_lon, days, spinup, seed, verbose=verbose), tmp)
         try: os.rename(tmp, path)

@@ -4,13 +4,14 @@
 
 # %% ../nbs/02_loss.ipynb #e62bc219
 from __future__ import annotations
-import math, re
+import math
+import numpy as np
 import torch
-from .config import MixerConfig
+from .config import MixerConfig, canonical, wb2_name
 
 # %% auto #0
-__all__ = ['VAR_WEIGHTS', 'SURFACE_FACTOR', 'LEVEL_FACTOR', 'lat_weights_cos', 'lat_weights_area', 'channel_weight',
-           'variable_weights', 'weighted_mse']
+__all__ = ['VAR_WEIGHTS', 'SURFACE_FACTOR', 'LEVEL_FACTOR', 'DEFAULT_WEIGHT', 'lat_weights_cos', 'lat_edges', 'gaussian_weights',
+           'lat_weights_area', 'channel_weight', 'variable_weights', 'weighted_mse']
 
 # %% ../nbs/02_loss.ipynb #621455e2
 def lat_weights_cos(lat):
@@ -18,35 +19,60 @@ def lat_weights_cos(lat):
     w = torch.cos(torch.deg2rad(torch.as_tensor(lat, dtype=torch.float64))).clamp(min=0)
     return w / w.mean()
 
+# %% ../nbs/02_loss.ipynb #95af8a02
+def lat_edges(lat) -> torch.Tensor:
+    "The `len(lat) + 1` cell edges (degrees, clipped to +-90) of rows `lat` (any order, monotonic): midpoints, outer half spacings."
+    lat = torch.tensor(np.asarray(lat, np.float64))
+    if len(lat) < 2: return torch.tensor([-90.0, 90.0], dtype=torch.float64)
+    mid = (lat[1:] + lat[:-1]) / 2
+    return torch.cat([2 * lat[:1] - mid[:1], mid, 2 * lat[-1:] - mid[-1:]]).clamp(-90, 90)
 
-def lat_weights_area(lat):
-    "WeatherBench2 cell-area weights normalised to mean 1; `lat` (degrees) equally spaced, any order."
-    lat = torch.as_tensor(lat, dtype=torch.float64)
-    d = (lat[1] - lat[0]).abs() if len(lat) > 1 else torch.tensor(180.0, dtype=torch.float64)
-    up = torch.deg2rad((lat + d / 2).clamp(-90, 90))
-    lo = torch.deg2rad((lat - d / 2).clamp(-90, 90))
-    w = (torch.sin(up) - torch.sin(lo)).abs()
+# %% ../nbs/02_loss.ipynb #ee1db3dd
+def gaussian_weights(lat, tol: float = 1e-3) -> torch.Tensor | None:
+    "Gauss-Legendre quadrature weights of rows `lat` (degrees, either order) if they are the Gaussian latitudes, else None."
+    lat = np.asarray(lat, np.float64); n = len(lat)
+    if n < 2: return None
+    mu, w = np.polynomial.legendre.leggauss(n)
+    nodes = np.rad2deg(np.arcsin(mu))
+    order = np.argsort(lat)
+    if np.abs(lat[order] - nodes).max() > tol: return None
+    out = np.empty(n); out[order] = w
+    return torch.from_numpy(out)
+
+# %% ../nbs/02_loss.ipynb #332210bf
+def lat_weights_area(lat,
+                     edges=None,  # optional cell edges (n + 1, degrees) or bounds (n, 2), e.g. from the store's `lat_bnds`
+                    ):
+    "Cell-area weights normalised to mean 1 (WeatherBench2): from `edges`, Gaussian quadrature, or edges at midpoints."
+    lat = torch.tensor(np.asarray(lat, np.float64))
+    if edges is None and (g := gaussian_weights(lat)) is not None: return g / g.mean()
+    e = lat_edges(lat) if edges is None else torch.as_tensor(edges, dtype=torch.float64)
+    up, lo = (e[:, 0], e[:, 1]) if e.ndim == 2 else (e[1:], e[:-1])
+    w = (torch.sin(torch.deg2rad(up.clamp(-90, 90))) - torch.sin(torch.deg2rad(lo.clamp(-90, 90)))).abs()
     return w / w.mean()
 
-# %% ../nbs/02_loss.ipynb #4e40527a
+# %% ../nbs/02_loss.ipynb #bb729b31
 VAR_WEIGHTS = {"msl": 1.5, "u10": 0.77, "v10": 0.77, "t2m": 3.0, "z": 3.0, "q": 0.6, "t": 1.5, "u": 0.9, "v": 0.9}
 SURFACE_FACTOR = 4.0
 LEVEL_FACTOR = {400: 0.9, 300: 0.8, 250: 0.7, 200: 0.6, 150: 0.5, 100: 0.4, 50: 0.3}  # others: 1
+DEFAULT_WEIGHT = 1.0  # channels outside the released recipe
 
 
-def channel_weight(name: str) -> float:
-    "Loss weight of one channel name (`msl`, `z500`, ...) in the released recipe."
-    if name in ("msl", "u10", "v10", "t2m"): return VAR_WEIGHTS[name] * SURFACE_FACTOR
-    m = re.fullmatch(r"([a-z]+?)(\d+)", name)
-    if not m or m[1] not in VAR_WEIGHTS:
-        raise ValueError(f"no loss weight for channel {name!r}: expected a surface name "
-                         f"(msl, u10, v10, t2m) or one of {sorted(set(VAR_WEIGHTS) - {'msl','u10','v10','t2m'})} with a level")
-    return VAR_WEIGHTS[m[1]] * LEVEL_FACTOR.get(int(m[2]), 1.0)
+def channel_weight(name: str, overrides: dict | None = None) -> float:
+    "Loss weight of channel `name`: `overrides`, else the released recipe (any spelling), else `DEFAULT_WEIGHT`."
+    if overrides and name in overrides: return float(overrides[name])
+    c = canonical(name)
+    if c in ("msl", "u10", "v10", "t2m"): return VAR_WEIGHTS[c] * SURFACE_FACTOR
+    try: var, level = wb2_name(c)
+    except KeyError: return DEFAULT_WEIGHT
+    head = c[: len(c) - len(str(level))] if level is not None else c
+    return VAR_WEIGHTS[head] * LEVEL_FACTOR.get(level, 1.0) if head in VAR_WEIGHTS else DEFAULT_WEIGHT
 
-
+# %% ../nbs/02_loss.ipynb #c053506e
 def variable_weights(cfg: MixerConfig) -> torch.Tensor:
-    "Weights of the `cfg.n_out` predicted channels, padding targets 0."
-    w = [channel_weight(n) for n in cfg.variables] + [0.0] * cfg.out_pad
+    "Weights of the `cfg.n_out` predicted channels (`cfg.loss_weights` first), padding targets 0."
+    over = dict(cfg.loss_weights)
+    w = [channel_weight(n, over) for n in cfg.variables] + [0.0] * cfg.out_pad
     return torch.tensor(w, dtype=torch.float64)
 
 # %% ../nbs/02_loss.ipynb #75a0d0ee

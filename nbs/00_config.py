@@ -61,6 +61,106 @@ CPU_CHANNELS = channel_names(levels=CPU_LEVELS)
 test_eq(len(CPU_CHANNELS), 19)
 
 # %% [markdown]
+# ## Channel names and the variables of a store
+#
+# A WeatherBench2 store has one variable per quantity, the pressure-level ones with a `level` dimension.
+# `WB2_NAMES` maps our short prefixes to WB2 long names; `ERA5_SHORT` lists the other names a file may use
+# for the same variable (the ERA5 short names cfgrib writes: `z`, `t`, ...). `wb2_name('z500')` reads a
+# known short name. This is the one place channel names are parsed: `loss` (weights), `data` (reading) and
+# `evaluate` (scores) all use it.
+
+# %%
+#| export
+WB2_NAMES = {
+    "msl": "mean_sea_level_pressure", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
+    "t2m": "2m_temperature", "z": "geopotential", "q": "specific_humidity", "t": "temperature",
+    "u": "u_component_of_wind", "v": "v_component_of_wind",
+    "lsm": "land_sea_mask", "slt": "soil_type", "orography": "geopotential_at_surface",
+}
+SINGLE_LEVEL = ("msl", "u10", "v10", "t2m", "lsm", "slt", "orography")  # short names without a level
+ERA5_SHORT = {  # WB2 name -> other names seen in ERA5 netCDF/GRIB conversions
+    "mean_sea_level_pressure": ("msl",), "10m_u_component_of_wind": ("u10", "10u"),
+    "10m_v_component_of_wind": ("v10", "10v"), "2m_temperature": ("t2m", "2t"),
+    "geopotential": ("z",), "specific_humidity": ("q",), "temperature": ("t",),
+    "u_component_of_wind": ("u",), "v_component_of_wind": ("v",), "land_sea_mask": ("lsm",),
+    "soil_type": ("slt",), "geopotential_at_surface": ("orography",),
+}
+
+
+_SHORT_OF = {v: k for k, v in WB2_NAMES.items()} | {a: k for k, v in WB2_NAMES.items() for a in ERA5_SHORT.get(v, ())}
+
+
+def _split_level(ch: str) -> tuple[str, int | None]:
+    "`('z', 500)` for 'z500' or 'z@500'; `(ch, None)` when there is no level."
+    if "@" in ch:
+        head, _, lev = ch.rpartition("@")
+        if not (head and lev.isdigit()): raise KeyError(f"channel {ch!r}: write a level as NAME@LEVEL, e.g. 'geopotential@500'")
+        return head, int(lev)
+    head = ch.rstrip("0123456789")
+    return (head, int(ch[len(head):])) if head and head != ch else (ch, None)
+
+# %%
+#| export
+def wb2_name(ch: str) -> tuple[str, int | None]:
+    "WB2 variable name and pressure level (None for single-level) of the known short channel name `ch`."
+    if ch in SINGLE_LEVEL: return WB2_NAMES[ch], None
+    head, level = _split_level(ch) if "@" not in ch else (None, None)
+    if head in WB2_NAMES and head not in SINGLE_LEVEL and level is not None: return WB2_NAMES[head], level
+    raise KeyError(f"unknown channel name {ch!r}: use one of {sorted(WB2_NAMES)} (atmospheric ones with a level, e.g. 'z500')")
+
+# %%
+#| export
+def short_name(var: str, level: int | None = None) -> str:
+    "Short channel name of WB2 (or ERA5 short) variable `var` at `level`; `var@level` or `var` for other variables."
+    k = _SHORT_OF.get(var)
+    if k is None or (k in SINGLE_LEVEL) != (level is None): return var if level is None else f"{var}@{int(level)}"
+    return k + ("" if level is None else str(int(level)))
+
+# %%
+test_eq(wb2_name("z500"), ("geopotential", 500))
+test_eq(wb2_name("orography"), ("geopotential_at_surface", None))
+test_eq(short_name("10m_u_component_of_wind"), "u10")
+test_eq(short_name("t", 850), "t850")
+test_eq(short_name("vertical_velocity", 500), "vertical_velocity@500")
+test_eq([short_name(*wb2_name(c)) for c in CPU_CHANNELS], list(CPU_CHANNELS))
+test_fail(lambda: wb2_name("w500"), contains="unknown channel name 'w500'")
+
+# %% [markdown]
+# **Any variable of a store can be a channel.** Besides the short names above, a channel may name a store
+# variable directly: `surface_pressure` (a single-level variable), `vertical_velocity@500` (a level of a
+# pressure-level variable) or `w500` when the store's variable is called `w`. `channel_candidates` lists the
+# readings of a name, most specific first; the reader takes the first one the store has, and `canonical`
+# turns any spelling of a known channel into its short name (`geopotential@500` and `z@500` are `z500`).
+
+# %%
+#| export
+def channel_candidates(ch: str) -> list[tuple[str, int | None]]:
+    "`(variable, level)` readings of channel name `ch`, most specific first (the store decides which exists)."
+    if ch.startswith("pad"): raise KeyError(f"channel name {ch!r} is reserved for padding targets; rename the channel")
+    out = [] if "@" in ch else [(ch, None)]  # first: a store variable of exactly that name
+    head, level = _split_level(ch)
+    if ch in SINGLE_LEVEL: out.append((WB2_NAMES[ch], None))
+    elif level is not None: out.append((WB2_NAMES.get(head, head) if head not in SINGLE_LEVEL else head, level))
+    return list(dict.fromkeys(out))
+
+# %%
+#| export
+def canonical(ch: str) -> str:
+    "The short name of a known channel in any spelling ('geopotential@500' -> 'z500'); other names unchanged."
+    var, level = channel_candidates(ch)[-1]
+    k = _SHORT_OF.get(var)
+    if k is None or (k in SINGLE_LEVEL) != (level is None): return ch
+    return k + ("" if level is None else str(level))
+
+# %%
+test_eq(channel_candidates("z500"), [("z500", None), ("geopotential", 500)])
+test_eq(channel_candidates("surface_pressure"), [("surface_pressure", None)])
+test_eq(channel_candidates("vertical_velocity@500"), [("vertical_velocity", 500)])
+test_eq(channel_candidates("w500")[-1], ("w", 500))
+test_eq(channel_candidates("u10"), [("u10", None), ("10m_u_component_of_wind", None)])  # u10 is the 10 m wind, not u at 10 hPa
+test_eq([canonical(c) for c in ("geopotential@500", "z@500", "t2m", "surface_pressure")], ["z500", "z500", "t2m", "surface_pressure"])
+
+# %% [markdown]
 # ## The model configuration
 #
 # One frozen dataclass holds everything that fixes the parameter shapes and the forward pass.
@@ -81,7 +181,8 @@ test_eq(len(CPU_CHANNELS), 19)
 class ConfigError(ValueError):
     "A configuration that cannot be built; the message names the field and the fix."
 
-
+# %%
+#| export
 @dataclass(frozen=True)
 class MixerConfig:
     "Shapes and hyper-parameters of one WeatherMixer."
@@ -100,10 +201,12 @@ class MixerConfig:
     dt_hours: int = 6  # time step of one rollout step
     res_inputs: str = "dynamic"  # input channels the linear residual sees: 'dynamic' (1-way code) or 'all' (2/4-way code)
     dec_bias: str = "channel"  # decoder bias: one per output 'channel' (1-way code) or per channel and 'pixel' of a patch
+    loss_weights: tuple = ()  # (channel, weight) pairs overriding `loss.channel_weight` ('name=w' strings or a dict work too)
 
     def __post_init__(self):
         object.__setattr__(self, "variables", tuple(self.variables))
         object.__setattr__(self, "statics", tuple(self.statics))
+        object.__setattr__(self, "loss_weights", _weight_pairs(self.loss_weights))
         object.__setattr__(self, "rollout", tuple(int(k) for k in self.rollout))
         validate(self)
 
@@ -127,6 +230,25 @@ class MixerConfig:
     def replace(self, **kw) -> MixerConfig:
         "A copy with the fields in `kw` changed (validated again)."
         return dataclasses.replace(self, **kw)
+
+# %% [markdown]
+# `loss_weights` arrives from many places (a TOML table, `--set loss_weights=sp=1.5,w500=0.5`, a checkpoint's
+# JSON lists), so it is brought to one form, sorted `(name, weight)` pairs:
+
+# %%
+#| export
+def _weight_pairs(w) -> tuple:
+    "`loss_weights` in any accepted spelling as sorted `(name, float)` pairs."
+    if isinstance(w, str): w = [x for x in w.split(",") if x.strip()]
+    items = w.items() if isinstance(w, dict) else w
+    out = {}
+    for it in items:
+        if isinstance(it, str):
+            if "=" not in it: raise ConfigError(f"loss_weights item {it!r}: expected NAME=WEIGHT, e.g. 'z500=3.0'")
+            it = it.split("=", 1)
+        try: name, val = it; out[str(name).strip()] = float(val)
+        except (TypeError, ValueError): raise ConfigError(f"loss_weights item {it!r}: expected NAME=WEIGHT with a number") from None
+    return tuple(sorted(out.items()))
 
 # %% [markdown]
 # Validation names the field at fault and what would fix it:
@@ -157,11 +279,20 @@ def validate(c: MixerConfig):
     need(isinstance(c.dt_hours, int) and c.dt_hours > 0, f"dt_hours={c.dt_hours!r}: must be a positive whole number of hours")
     need(len(c.rollout) == 2 and 1 <= c.rollout[0] <= c.rollout[1],
          f"rollout={c.rollout}: must be (k_min, k_max) with 1 <= k_min <= k_max")
+    bad = [n for n in c.variables + c.statics if n.startswith("pad")]
+    need(not bad, f"channel names {bad} are reserved for padding targets (out_pad); rename them")
+    unknown = [n for n, _ in c.loss_weights if n not in c.variables]
+    need(not unknown, f"loss_weights names {unknown}, which are not predicted variables {list(c.variables)[:6]}...; "
+                      f"name a channel of `variables`")
+    need(all(math.isfinite(w) and w >= 0 for _, w in c.loss_weights), f"loss_weights={c.loss_weights}: weights must be finite and >= 0")
 
 # %%
 test_fail(lambda: MixerConfig(n_lon=1440, patch=7), contains="not divisible by patch=7")
 test_fail(lambda: MixerConfig(rollout=(2, 1)), contains="rollout=(2, 1)")
 test_fail(lambda: MixerConfig(f_s=0.0), contains="f_s=0.0")
+test_eq(MixerConfig(loss_weights="z500=2,msl=1").loss_weights, (("msl", 1.0), ("z500", 2.0)))
+test_eq(MixerConfig(loss_weights={"z500": 2}).loss_weights, MixerConfig(loss_weights=[["z500", 2.0]]).loss_weights)
+test_fail(lambda: MixerConfig(loss_weights="sp=1"), contains="loss_weights names ['sp']")
 
 # %% [markdown]
 # ## Presets
@@ -177,7 +308,10 @@ test_fail(lambda: MixerConfig(f_s=0.0), contains="f_s=0.0")
 # | `tiny` | 16x32 | 4 | 32 | 0.5 | 1 | unit tests, milliseconds |
 # | `small` | 32x64 | 2 | 1024 | 0.25 | 1 | about 1 s per training step on one core (49 GFLOP) |
 # | `medium` | 64x128 | 2 | 1536 | 0.25 | 1 | about 10 s per training step on one core (584 GFLOP) |
+# | `h1024` | 720x1440 | 60 | 1024 | 0.125 | 0.25 | the released H=1024 configuration, 238.5 M (the 720x1440 scale runs on `synthetic:720x1440` data) |
 # | `demo` | 32x64 | 4 | 256 | 0.25 | 1 | the README's 4-minute job: ~0.03 s per step, so it sees thousands of samples |
+#
+# The 720x1440 presets predict the 69 ERA5 channels from 72 inputs (with the 3 statics).
 
 # %%
 #| export
@@ -187,6 +321,7 @@ PRESETS = {
     "c3": MixerConfig(hidden=4896, f_s=0.5, f_c=1.0),
     "c4_2way": MixerConfig(hidden=8192, f_s=0.5, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
     "c4_4way": MixerConfig(hidden=10352, f_s=1.0, f_c=1.0, out_pad=3, res_inputs="all", dec_bias="pixel"),
+    "h1024": MixerConfig(hidden=1024, f_s=0.125, f_c=0.25),
     "tiny": MixerConfig(n_lat=16, n_lon=32, patch=4, hidden=32, f_s=0.5, f_c=1.0, **_CPU),
     "small": MixerConfig(n_lat=32, n_lon=64, patch=2, hidden=1024, f_s=0.25, f_c=1.0, **_CPU),
     "medium": MixerConfig(n_lat=64, n_lon=128, patch=2, hidden=1536, f_s=0.25, f_c=1.0, **_CPU),
@@ -202,6 +337,7 @@ def preset(name: str, **overrides) -> MixerConfig:
 
 # %%
 test_eq(preset("c3").tokens, 17280)
+test_eq((preset("h1024").n_in, preset("h1024").n_vars, preset("h1024").channel_hidden), (72, 69, 256))
 test_eq(preset("tiny", hidden=16).hidden, 16)
 test_fail(lambda: preset("huge"), contains="unknown preset 'huge'")
 
@@ -220,7 +356,8 @@ def split_sizes(n: int, parts: int) -> list[int]:
     q, r = divmod(n, parts)
     return [q + (i < r) for i in range(parts)]
 
-
+# %%
+#| export
 def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
     "`(start, stop)` of shard `index` of `n` items cut into `parts`."
     sizes = split_sizes(n, parts)

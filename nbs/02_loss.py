@@ -4,9 +4,10 @@
 # %%
 #| export
 from __future__ import annotations
-import math, re
+import math
+import numpy as np
 import torch
-from jigsaw_ref.config import MixerConfig
+from jigsaw_ref.config import MixerConfig, canonical, wb2_name
 
 # %%
 #| hide
@@ -33,14 +34,52 @@ def lat_weights_cos(lat):
     w = torch.cos(torch.deg2rad(torch.as_tensor(lat, dtype=torch.float64))).clamp(min=0)
     return w / w.mean()
 
+# %% [markdown]
+# **Cell edges.** Not every grid is equally spaced: a Gaussian grid's rows sit at the roots of a Legendre
+# polynomial, closer to the pole than half a spacing. Edges are the midpoints between neighbouring rows, and
+# the outer edges lie half the neighbouring spacing beyond the first and last rows, clipped to $\pm 90°$; on
+# an equally spaced grid this is exactly WeatherBench2's rule.
 
-def lat_weights_area(lat):
-    "WeatherBench2 cell-area weights normalised to mean 1; `lat` (degrees) equally spaced, any order."
-    lat = torch.as_tensor(lat, dtype=torch.float64)
-    d = (lat[1] - lat[0]).abs() if len(lat) > 1 else torch.tensor(180.0, dtype=torch.float64)
-    up = torch.deg2rad((lat + d / 2).clamp(-90, 90))
-    lo = torch.deg2rad((lat - d / 2).clamp(-90, 90))
-    w = (torch.sin(up) - torch.sin(lo)).abs()
+# %%
+#| export
+def lat_edges(lat) -> torch.Tensor:
+    "The `len(lat) + 1` cell edges (degrees, clipped to +-90) of rows `lat` (any order, monotonic): midpoints, outer half spacings."
+    lat = torch.tensor(np.asarray(lat, np.float64))
+    if len(lat) < 2: return torch.tensor([-90.0, 90.0], dtype=torch.float64)
+    mid = (lat[1:] + lat[:-1]) / 2
+    return torch.cat([2 * lat[:1] - mid[:1], mid, 2 * lat[-1:] - mid[-1:]]).clamp(-90, 90)
+
+# %% [markdown]
+# **Gaussian grids.** There the exact answer is known: the rows are the Gauss-Legendre nodes
+# $\mu_k = \sin\phi_k$ and the area each row stands for is its quadrature weight $w_k$ (they sum to 2, the
+# integral of $d\mu$). Edges from midpoints are up to 1% off those weights at the polar rows, equal-spacing
+# edges 1.8%; so a grid whose rows are Gaussian latitudes (to 1e-3 degrees, as stores round them) gets its
+# quadrature weights.
+
+# %%
+#| export
+def gaussian_weights(lat, tol: float = 1e-3) -> torch.Tensor | None:
+    "Gauss-Legendre quadrature weights of rows `lat` (degrees, either order) if they are the Gaussian latitudes, else None."
+    lat = np.asarray(lat, np.float64); n = len(lat)
+    if n < 2: return None
+    mu, w = np.polynomial.legendre.leggauss(n)
+    nodes = np.rad2deg(np.arcsin(mu))
+    order = np.argsort(lat)
+    if np.abs(lat[order] - nodes).max() > tol: return None
+    out = np.empty(n); out[order] = w
+    return torch.from_numpy(out)
+
+# %%
+#| export
+def lat_weights_area(lat,
+                     edges=None,  # optional cell edges (n + 1, degrees) or bounds (n, 2), e.g. from the store's `lat_bnds`
+                    ):
+    "Cell-area weights normalised to mean 1 (WeatherBench2): from `edges`, Gaussian quadrature, or edges at midpoints."
+    lat = torch.tensor(np.asarray(lat, np.float64))
+    if edges is None and (g := gaussian_weights(lat)) is not None: return g / g.mean()
+    e = lat_edges(lat) if edges is None else torch.as_tensor(edges, dtype=torch.float64)
+    up, lo = (e[:, 0], e[:, 1]) if e.ndim == 2 else (e[1:], e[:-1])
+    w = (torch.sin(torch.deg2rad(up.clamp(-90, 90))) - torch.sin(torch.deg2rad(lo.clamp(-90, 90)))).abs()
     return w / w.mean()
 
 # %% [markdown]
@@ -60,40 +99,66 @@ assert _wa[0] > 0
 test_close(lat_weights_area(torch.flip(_lat, [0])), torch.flip(_wa, [0]))
 
 # %% [markdown]
+# A Gaussian grid (64 rows, as a T42 model writes them, rounded to 4 decimals) gets its quadrature weights
+# exactly; explicit bounds win over everything; an unequal non-Gaussian grid's weights still add up to the sphere.
+
+# %%
+_mu, _gw = np.polynomial.legendre.leggauss(64)
+_glat = np.round(np.rad2deg(np.arcsin(_mu))[::-1], 4)  # north to south
+test_close(lat_weights_area(_glat), torch.from_numpy(_gw[::-1] / _gw.mean()), eps=1e-12)
+_s3 = math.degrees(math.asin(1 / 3))  # three bands of equal area: sin(edges) = -1, -1/3, 1/3, 1
+test_close(lat_weights_area([-60., 0, 60], edges=[-90, -_s3, _s3, 90]), torch.ones(3), eps=1e-12)
+test_eq(lat_edges([-80., -50, -10]).tolist(), [-90.0, -65.0, -30.0, 10.0])  # outer edges: -95 clipped, -10 + 20
+
+# %% [markdown]
 # ## Variable weights
 #
 # The released training recipe weights each variable: MSL 1.5, U10 0.77, V10 0.77, T2M 3.0 (the
 # surface weights are all multiplied by 4), Z 3.0, Q 0.6, T 1.5, U 0.9, V 0.9, times a level factor:
 # 1 for 1000..500 hPa, then 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3 for 400, 300, 250, 200, 150, 100, 50 hPa.
-# Padding channels get weight 0. Unknown names are an error, not a silent weight.
+# Padding channels get weight 0.
+#
+# **Other channels.** A channel outside the recipe (any variable of your store, e.g. `surface_pressure` or
+# `vertical_velocity@500`) gets `DEFAULT_WEIGHT` = 1.0: the weight of a mid-range recipe channel (between T's 1.5
+# and the winds' 0.9, far below the surface fields' 3 to 12), so a new channel neither dominates the loss nor
+# vanishes from it. Any channel's weight, known or not, can be set in the config:
+# `MixerConfig(loss_weights={"surface_pressure": 6.0})`, or `--set loss_weights=surface_pressure=6,z500=2`.
 
 # %%
 #| export
 VAR_WEIGHTS = {"msl": 1.5, "u10": 0.77, "v10": 0.77, "t2m": 3.0, "z": 3.0, "q": 0.6, "t": 1.5, "u": 0.9, "v": 0.9}
 SURFACE_FACTOR = 4.0
 LEVEL_FACTOR = {400: 0.9, 300: 0.8, 250: 0.7, 200: 0.6, 150: 0.5, 100: 0.4, 50: 0.3}  # others: 1
+DEFAULT_WEIGHT = 1.0  # channels outside the released recipe
 
 
-def channel_weight(name: str) -> float:
-    "Loss weight of one channel name (`msl`, `z500`, ...) in the released recipe."
-    if name in ("msl", "u10", "v10", "t2m"): return VAR_WEIGHTS[name] * SURFACE_FACTOR
-    m = re.fullmatch(r"([a-z]+?)(\d+)", name)
-    if not m or m[1] not in VAR_WEIGHTS:
-        raise ValueError(f"no loss weight for channel {name!r}: expected a surface name "
-                         f"(msl, u10, v10, t2m) or one of {sorted(set(VAR_WEIGHTS) - {'msl','u10','v10','t2m'})} with a level")
-    return VAR_WEIGHTS[m[1]] * LEVEL_FACTOR.get(int(m[2]), 1.0)
+def channel_weight(name: str, overrides: dict | None = None) -> float:
+    "Loss weight of channel `name`: `overrides`, else the released recipe (any spelling), else `DEFAULT_WEIGHT`."
+    if overrides and name in overrides: return float(overrides[name])
+    c = canonical(name)
+    if c in ("msl", "u10", "v10", "t2m"): return VAR_WEIGHTS[c] * SURFACE_FACTOR
+    try: var, level = wb2_name(c)
+    except KeyError: return DEFAULT_WEIGHT
+    head = c[: len(c) - len(str(level))] if level is not None else c
+    return VAR_WEIGHTS[head] * LEVEL_FACTOR.get(level, 1.0) if head in VAR_WEIGHTS else DEFAULT_WEIGHT
 
-
+# %%
+#| export
 def variable_weights(cfg: MixerConfig) -> torch.Tensor:
-    "Weights of the `cfg.n_out` predicted channels, padding targets 0."
-    w = [channel_weight(n) for n in cfg.variables] + [0.0] * cfg.out_pad
+    "Weights of the `cfg.n_out` predicted channels (`cfg.loss_weights` first), padding targets 0."
+    over = dict(cfg.loss_weights)
+    w = [channel_weight(n, over) for n in cfg.variables] + [0.0] * cfg.out_pad
     return torch.tensor(w, dtype=torch.float64)
 
 # %%
 test_eq(channel_weight("t2m"), 12.0)
 test_close(channel_weight("z250"), 2.1)
+test_close(channel_weight("geopotential@250"), 2.1)  # the same channel, spelt as a store variable
 test_eq(channel_weight("t850"), 1.5)
-test_fail(lambda: channel_weight("sst"), contains="no loss weight for channel 'sst'")
+test_eq(channel_weight("surface_pressure"), DEFAULT_WEIGHT)
+test_eq(channel_weight("lsm"), DEFAULT_WEIGHT)  # statics are inputs, never weighted in the loss; no recipe entry
+_c = MixerConfig(n_lat=4, n_lon=8, patch=4, hidden=4, variables=("z500", "sp"), statics=(), out_pad=1, loss_weights="sp=6")
+test_eq(variable_weights(_c).tolist(), [3.0, 6.0, 0.0])
 
 # %% [markdown]
 # ## The weighted MSE

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import xarray as xr
-from jigsaw_ref.config import CPU_CHANNELS, CPU_LEVELS, STATICS
+from tqdm.auto import tqdm
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from jigsaw_ref.config import CPU_CHANNELS, CPU_LEVELS, STATICS, WB2_NAMES
+from jigsaw_ref.data import cache_dir
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
-import tempfile
+import json, tempfile
 
 # %% [markdown]
 # # Generator
@@ -58,7 +61,8 @@ F0 = 1e-4  # reference Coriolis parameter of the quasi-geostrophic balance, 1/s
 
 def _eps(l, m): return np.sqrt((l * l - m * m) / (4 * l * l - 1)) if l > 0 else 0.0
 
-
+# %%
+#| export
 def legendre(L: int,  # triangular truncation: degrees l <= L, orders m <= L
              mu,  # sin(latitude) of the points, shape (K,)
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -192,10 +196,14 @@ def t_std(p):
     "Standard-atmosphere temperature (K) at pressure `p` (hPa)."
     return np.maximum(288.15 * (np.asarray(p, float) / 1013.25) ** 0.190263, 216.65)
 
+# %%
+#| export
 def z_std(p):
     "Standard-atmosphere geopotential (m^2/s^2) at pressure `p` (hPa), troposphere formula."
     return G * 288.15 / 0.0065 * (1 - (np.asarray(p, float) / 1013.25) ** 0.190263)
 
+# %%
+#| export
 def qsat(T, p):
     "Saturation specific humidity (kg/kg) at temperature `T` (K) and pressure `p` (hPa)."
     es = 611.2 * np.exp(17.67 * (T - 273.15) / (T - 29.65))
@@ -247,7 +255,8 @@ def level_weight(p):
     pm = np.sqrt(P1 * P2)
     return np.clip(np.log(pm / np.asarray(p, float)) / np.log(pm / P1), -1, 1)
 
-
+# %%
+#| export
 @dataclass(frozen=True)
 class QGParams:
     "Physical parameters of the two-layer model."
@@ -319,7 +328,8 @@ def _rhs(m: TwoLayerQG, y, teq):
     s5 = (0.25 * g[1] - g[0]) / (2 * 86400) - np.maximum(g[0] - qs5, 0) / (3 * 3600)
     return np.concatenate([dq, -adv[2:] + s.anal(np.stack([s5, s8]))])
 
-
+# %%
+#| export
 def step(m: TwoLayerQG, dt: float):
     "Advance `m` by `dt` seconds (SSP-RK3, exact hyperdiffusion)."
     y = m.state; teq = m.tau_eq(m.t + dt / 2)
@@ -404,49 +414,11 @@ def diagnose(m: TwoLayerQG,
 
 
 # %% [markdown]
-# ## Names: WeatherBench2 long names and our short channel names
+# ## Names
 #
-# A WB2 store has one variable per quantity, pressure-level variables with a `level` dimension.
-# `WB2_NAMES` maps our short prefixes to WB2 names; `ERA5_SHORT` lists the ERA5/netCDF short names a
-# file may use instead (as in the cfgrib sample: `z`, `t`). `wb2_name('z500') == ('geopotential', 500)`.
-
-# %%
-#| export
-WB2_NAMES = {
-    "msl": "mean_sea_level_pressure", "u10": "10m_u_component_of_wind", "v10": "10m_v_component_of_wind",
-    "t2m": "2m_temperature", "z": "geopotential", "q": "specific_humidity", "t": "temperature",
-    "u": "u_component_of_wind", "v": "v_component_of_wind",
-    "lsm": "land_sea_mask", "slt": "soil_type", "orography": "geopotential_at_surface",
-}
-ERA5_SHORT = {  # WB2 name -> other names seen in ERA5 netCDF/GRIB conversions
-    "mean_sea_level_pressure": ("msl",), "10m_u_component_of_wind": ("u10", "10u"),
-    "10m_v_component_of_wind": ("v10", "10v"), "2m_temperature": ("t2m", "2t"),
-    "geopotential": ("z",), "specific_humidity": ("q",), "temperature": ("t",),
-    "u_component_of_wind": ("u",), "v_component_of_wind": ("v",), "land_sea_mask": ("lsm",),
-    "soil_type": ("slt",), "geopotential_at_surface": ("orography",),
-}
-
-
-def wb2_name(ch: str) -> tuple[str, int | None]:
-    "WB2 variable name and pressure level (None for single-level) of the short channel name `ch`."
-    if ch in WB2_NAMES: return WB2_NAMES[ch], None
-    head, digits = ch.rstrip("0123456789"), ch[len(ch.rstrip("0123456789")):]
-    if head in WB2_NAMES and digits: return WB2_NAMES[head], int(digits)
-    raise KeyError(f"unknown channel name {ch!r}: use one of {sorted(WB2_NAMES)} (atmospheric ones with a level, e.g. 'z500')")
-
-
-def short_name(var: str, level: int | None = None) -> str:
-    "Short channel name of WB2 variable `var` at `level`."
-    inv = {v: k for k, v in WB2_NAMES.items()}
-    return inv[var] + ("" if level is None else str(int(level)))
-
-
-# %%
-test_eq(wb2_name("z500"), ("geopotential", 500))
-test_eq(wb2_name("orography"), ("geopotential_at_surface", None))
-test_eq(short_name("10m_u_component_of_wind"), "u10")
-test_eq([short_name(*wb2_name(c)) for c in CPU_CHANNELS], list(CPU_CHANNELS))
-test_fail(lambda: wb2_name("w500"), contains="unknown channel name 'w500'")
+# The store uses WeatherBench2's variable names, pressure-level variables with a `level` dimension; the map
+# from our short channel names (`z500`) to them lives in `config` (`WB2_NAMES`, `wb2_name`), where the
+# reader, the loss and the evaluation find it too.
 
 # %% [markdown]
 # ## Simulate and write
@@ -468,7 +440,8 @@ def grid_lat(n_lat: int) -> np.ndarray:
     "Cell-centred equiangular latitudes (degrees, south to north, no pole rows)."
     return -90 + 180 * (np.arange(n_lat) + 0.5) / n_lat
 
-
+# %%
+#| export
 def simulate(n_lat=32,  # output latitudes
              n_lon=64,  # output longitudes
              days=(240, 30, 30),  # days of the (train, val, test) periods
@@ -481,11 +454,16 @@ def simulate(n_lat=32,  # output latitudes
     m = TwoLayerQG(L, max(32, n_lat), max(64, n_lon), params, seed, t0=-spinup * 86400.0)
     if m.s.nlon % n_lon: raise ValueError(f"n_lon={n_lon} must divide {m.s.nlon}")
     t0 = time.perf_counter()
-    for _ in range(spinup * 4 * sub): step(m, 6 * 3600 / sub)
     n = 4 * sum(days); states = np.empty((n,) + m.state.shape, complex)
-    for i in range(n):
-        states[i] = m.state
-        for _ in range(sub): step(m, 6 * 3600 / sub)
+    with tqdm(total=spinup + sum(days), desc=f"simulating T{L} ({n_lat}x{n_lon})", unit="day", disable=not verbose, mininterval=1,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total} simulated days [{elapsed}<{remaining}]") as bar:
+        for _ in range(spinup * 4):
+            for _ in range(sub): step(m, 6 * 3600 / sub)
+            bar.update(0.25)
+        for i in range(n):
+            states[i] = m.state
+            for _ in range(sub): step(m, 6 * 3600 / sub)
+            bar.update(0.25)
     sec = time.perf_counter() - t0
     if verbose: print(f"T{L} model: {sec / (spinup + sum(days)):.3f} s per simulated day")
     times = START + DT_OUT * np.arange(n)
@@ -524,6 +502,10 @@ def to_wb2(ch: dict, times, lat, lon, days, seed, s_per_day) -> xr.Dataset:
 # thousands of files, so they are grouped into zarr v3 *shards* of one day (four time steps; one file
 # per variable and day). A reader fetches single chunks from inside a shard by byte range, after
 # reading the shard's small index (16 bytes per chunk), which every rank reads alike.
+#
+# Every chunk carries a CRC-32C checksum (zarr's `crc32c` codec after the zstd compressor; the shard index
+# has its own): a flipped or truncated byte is an error on read, which the reader reports with the file,
+# variable and time (see `data`), never garbage that trains silently.
 
 # %%
 #| export
@@ -534,24 +516,20 @@ def write_zarr(ds: xr.Dataset, path, lon_chunks: int = 4, time_shard: int = 4):
     for k, v in ds.data_vars.items():
         chunks = tuple({"time": 1, "longitude": cl}.get(d, ds.sizes[d]) for d in v.dims)
         shards = tuple({"time": nt}.get(d, ds.sizes[d]) for d in v.dims)
-        enc[k] = dict(chunks=chunks, shards=shards) if "time" in v.dims else dict(chunks=chunks)
+        enc[k] = dict(chunks=chunks, compressors=[ZstdCodec(), Crc32cCodec()])
+        if "time" in v.dims: enc[k]["shards"] = shards
     ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=enc)
 
 
 # %% [markdown]
-# `default_dataset` caches the store under `$JIGSAW_DATA` (default `~/.cache/jigsaw_ref`). It
+# `default_dataset` caches the store under `$JIGSAW_DATA` (default `~/.cache/jigsaw_ref`; `data.cache_dir`). It
 # writes into a temporary folder beside the target and renames it into place only when complete, so
 # a crashed or concurrent writer never leaves a half-written store where a reader would use it.
 
 # %%
 #| export
 GRIDS = {"tiny": (16, 32), "small": (32, 64), "medium": (64, 128)}
-VERSION = 1  # bump when the generator's output changes
-
-
-def cache_dir() -> Path:
-    "Folder of generated stores: `$JIGSAW_DATA` or `~/.cache/jigsaw_ref`."
-    return Path(os.environ.get("JIGSAW_DATA") or Path.home() / ".cache" / "jigsaw_ref")
+VERSION = 2  # bump when the generator's output changes (2: chunk checksums)
 
 
 def default_dataset(path=None,  # store path; default: a name in `cache_dir()` made from the arguments
@@ -567,6 +545,7 @@ def default_dataset(path=None,  # store path; default: a name in `cache_dir()` m
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
+    if verbose: print(f"generating the default data (first use of this grid): {path}", flush=True)
     try:
         write_zarr(simulate(n_lat, n_lon, days, spinup, seed, verbose=verbose), tmp)
         try: os.rename(tmp, path)
@@ -589,6 +568,8 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(ds.geopotential.dims, ("time", "level", "latitude", "longitude"))
     test_eq(ds.sizes["time"], 24)
     test_eq(ds.level.values.tolist(), [250, 500, 850])
+    test_eq([c["name"] for c in json.loads((p / "temperature" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]],
+            ["bytes", "zstd", "crc32c"])  # every chunk checksummed
     test_close(float(ds.geopotential.sel(level=500).mean()), 5.5e4, eps=3e3)
     test_close(float(ds.mean_sea_level_pressure.weighted(np.cos(np.deg2rad(ds.latitude))).mean()), 101325, eps=300)
     assert 230 < float(ds["2m_temperature"].mean()) < 300

@@ -8,11 +8,13 @@ import argparse, json, math, os, sys, time, uuid
 from pathlib import Path
 import numpy as np
 import torch
-from jigsaw_ref.config import MixerConfig
+from tqdm.auto import tqdm
+from jigsaw_ref.config import MixerConfig, canonical
 from jigsaw_ref.mixer import WeatherMixer, param_shapes
 from jigsaw_ref.loss import lat_weights_area, lat_weights_cos
-from jigsaw_ref.data import DataError, Era5Dataset, denormalize, find_channel, normalize, open_store, split_indices
-from jigsaw_ref.train import CheckpointError, load_checkpoint
+from jigsaw_ref.data import (DataError, Era5Dataset, denormalize, fingerprint, normalize, open_store, resolve_channels,
+                             split_indices, time_step_hours, _split_origin, _values)
+from jigsaw_ref.checkpoint import CheckpointError, load_full
 
 # %%
 #| hide
@@ -21,7 +23,7 @@ import tempfile
 from dataclasses import asdict
 from jigsaw_ref.config import preset
 from jigsaw_ref.generator import default_dataset
-from jigsaw_ref.train import TrainConfig, save_checkpoint
+from jigsaw_ref.checkpoint import save_checkpoint
 
 # %% [markdown]
 # # Evaluation
@@ -29,9 +31,9 @@ from jigsaw_ref.train import TrainConfig, save_checkpoint
 # > `jigsaw-eval`: autoregressive forecasts from a checkpoint on the test split, scored with WeatherBench2's latitude-weighted RMSE, ACC and bias against persistence and climatology.
 
 # %% [markdown]
-# A checkpoint always holds the **full** one-process model, whatever layout trained it (see `train`), so
+# A checkpoint always holds the **full** one-process model, whatever layout trained it (see `checkpoint`), so
 # evaluation runs in **one process** (rank 0 of nothing): it builds the one-process `WeatherMixer`, copies
-# the parameters in and rolls it forward. Forecasts, truths and scores are in physical units, in float64.
+# the parameters in and rolls it forward. (It imports `checkpoint`, never the trainer.) Forecasts, truths and scores are in physical units, in float64.
 #
 # Notation for this notebook: a forecast $f_{t,c,i,j}$ and the verifying truth $o_{t,c,i,j}$ for initial
 # time $t$ (of $T$), channel $c$, latitude row $i$ (of $I$) and longitude $j$ (of $J$), at one lead time.
@@ -84,12 +86,14 @@ def spatial_mse(f, o, w):
     "Per-time weighted spatial MSE: `f`, `o` (..., lat, lon), `w` (lat,) -> (...)."
     return ((f - o).square() * w[:, None]).mean((-2, -1))
 
-
+# %%
+#| export
 def spatial_bias(f, o, w):
     "Per-time weighted spatial mean error f - o: (..., lat, lon) -> (...)."
     return ((f - o) * w[:, None]).mean((-2, -1))
 
-
+# %%
+#| export
 def spatial_acc(f, o, c, w):
     "Per-time anomaly correlation of `f` and `o` about climatology `c` (broadcastable): (..., lat, lon) -> (...); 0 where f' = 0."
     fa, oa, w = f - c, o - c, w[:, None]
@@ -97,17 +101,20 @@ def spatial_acc(f, o, c, w):
     den = ((w * fa.square()).sum((-2, -1)) * (w * oa.square()).sum((-2, -1))).sqrt()
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
 
-
+# %%
+#| export
 def rmse(f, o, w):
     "WB2 RMSE over initial times (axis 0): sqrt of the time mean of `spatial_mse`."
     return spatial_mse(f, o, w).mean(0).sqrt()
 
-
+# %%
+#| export
 def bias(f, o, w):
     "Time mean of `spatial_bias` (axis 0)."
     return spatial_bias(f, o, w).mean(0)
 
-
+# %%
+#| export
 def acc(f, o, c, w):
     "Time mean of `spatial_acc` (axis 0)."
     return spatial_acc(f, o, c, w).mean(0)
@@ -187,26 +194,24 @@ test_close([_r["acc", "b"], _r["bias", "a"]], [acc(_f, _o, _c, _w)[1].item(), bi
 # %% [markdown]
 # ## Loading a checkpoint
 #
-# `train.load_checkpoint` verifies the file; here we check that its parameters are exactly those of the
-# one-process model of its config (names and shapes of `mixer.param_shapes`) and copy them in. A checkpoint
-# written in the released code's *faithful* mode by a tensor- or domain-parallel layout is a different
-# function from the one-process model (per-rank LayerNorm statistics and biases); it is evaluated as the
-# one-process model with a warning.
+# `checkpoint.load_full` reads a checkpoint in either format (the sharded store or the single file) as the
+# one-process model's config and full tensors, verifying checksums; here we check that its parameters are
+# exactly those of the one-process model of its config (names and shapes of `mixer.param_shapes`) and copy them
+# in. A checkpoint written in the released code's *faithful* mode by a tensor- or domain-parallel layout is a
+# different function from the one-process model (per-rank LayerNorm statistics and biases); it is evaluated as
+# the one-process model with a warning.
 
 # %%
 #| export
 class EvalError(ValueError):
     "Evaluation cannot run; the message names the file and the problem."
 
-
+# %%
+#| export
 def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
-    "The one-process `WeatherMixer` (eval mode, float32) with the parameters of checkpoint `path`, and the checkpoint."
-    ck = load_checkpoint(path)
-    if not {"config", "params"} <= set(ck):
-        raise EvalError(f"{path}: no 'config'/'params' entries; is this a jigsaw_ref training checkpoint?")
-    try: cfg = MixerConfig(**ck["config"])
-    except (TypeError, ValueError) as e: raise EvalError(f"{path}: its model config cannot be built: {e}") from e
-    want, have = param_shapes(cfg), ck["params"]
+    "The one-process `WeatherMixer` (eval mode, float32) with the parameters of checkpoint `path`, and its metadata."
+    cfg, have, meta = load_full(path)
+    want = param_shapes(cfg)
     if set(want) != set(have):
         raise EvalError(f"{path}: parameters do not match its config (missing {sorted(set(want) - set(have))[:5]}, "
                         f"unexpected {sorted(set(have) - set(want))[:5]})")
@@ -215,11 +220,11 @@ def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
     m = WeatherMixer(cfg, torch.float32, device, seed=0)
     with torch.no_grad():
         for n, t in m.state().items(): t.copy_(have[n])
-    layout = ck.get("layout") or (1, 1, 1)
-    if ck.get("mode") == "faithful" and tuple(layout)[1:] != (1, 1):
+    layout = meta.get("layout") or (1, 1, 1)
+    if meta.get("mode") == "faithful" and tuple(layout)[1:] != (1, 1):
         print(f"jigsaw-eval: warning: {path} was trained in 'faithful' mode on layout {tuple(layout)}; it is evaluated "
               f"as the one-process model, which differs from that layout's forward pass", file=sys.stderr)
-    return m.eval(), ck
+    return m.eval(), meta
 
 # %% [markdown]
 # ## Reading the truth
@@ -233,17 +238,18 @@ def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
 #| export
 def read_fields(src, cfg: MixerConfig, t0: int, t1: int, path="") -> torch.Tensor:
     "Physical `cfg.variables` at store time indices [t0, t1) of the opened store `src`: (t1 - t0, V, n_lat, n_lon) float64."
-    byvar = {}
-    for c in cfg.variables:
-        v, li = find_channel(src, c, str(path)); byvar.setdefault(v, []).append((c, li))
-    got = {}
+    chans = resolve_channels(src, cfg.variables, (), str(path))
+    byvar, got = {}, {}
+    for c in cfg.variables: byvar.setdefault(chans[c][0], []).append((c, chans[c][1]))
     for v, cl in byvar.items():
         a = src[v].isel(time=slice(t0, t1), latitude=slice(0, cfg.n_lat))
         if cl[0][1] is not None: a = a.isel(level=[li for _, li in cl])
-        a = np.asarray(a.values, np.float64)
+        a = np.asarray(_values(a, str(path), v, t0, f"times {t0}..{t1 - 1}", path or None), np.float64)
         for k, (c, li) in enumerate(cl): got[c] = a if li is None else a[:, k]
     x = torch.from_numpy(np.stack([got[c] for c in cfg.variables], 1))
-    if not torch.isfinite(x).all(): raise DataError(f"{path}: NaN or inf in the fields of times {t0}..{t1 - 1}")
+    if not torch.isfinite(x).all():
+        bad = [c for i, c in enumerate(cfg.variables) if not torch.isfinite(x[:, i]).all()]
+        raise DataError(f"{path}: NaN or inf in {bad} at time indices {t0}..{t1 - 1}; fill the gap or choose another --split")
     return x
 
 # %% [markdown]
@@ -258,34 +264,38 @@ def read_fields(src, cfg: MixerConfig, t0: int, t1: int, path="") -> torch.Tenso
 
 # %%
 #| export
-def climatology(src, cfg: MixerConfig, split="train", path="", chunk: int = 64) -> torch.Tensor:
+def climatology(src, cfg: MixerConfig, split="train", path="", chunk: int = 64,
+                progress: bool = False,  # a progress bar over the times read
+               ) -> torch.Tensor:
     "Per-pixel mean of `cfg.variables` over every time of `split` of the opened store `src`: (V, n_lat, n_lon) float64."
-    t0, t1 = split_indices(src, split, str(path))
-    if t1 <= t0: raise EvalError(f"{path}: split {split!r} is empty; cannot compute a climatology")
+    t0, t1 = split_indices(src, split, str(path))  # a DataError naming the split if it is empty
     tot = 0.0
-    for a in range(t0, t1, chunk): tot = tot + read_fields(src, cfg, a, min(a + chunk, t1), path).sum(0)
+    with tqdm(total=t1 - t0, desc=f"climatology [{split}]", unit="time", disable=not progress, mininterval=1) as bar:
+        for a in range(t0, t1, chunk):
+            tot = tot + read_fields(src, cfg, a, min(a + chunk, t1), path).sum(0); bar.update(min(a + chunk, t1) - a)
     return tot / (t1 - t0)
 
 # %% [markdown]
 # Reading every training time is the slowest part of an evaluation on small grids (thousands of small chunks),
 # so `cached_climatology` keeps the result beside the data, like the normalisation statistics, under a key of
-# the channels, the grid, the time range and the store's modification time; a key that does not match, or a
-# folder that cannot be written, means computing it again.
+# the channels, the grid and the fingerprints of the variables over the split (`data.fingerprint`: shapes, times,
+# and the size and modification time of every file); a key that does not match, or a folder that cannot be
+# written, means computing it again.
 
 # %%
 #| export
-def cached_climatology(src, cfg: MixerConfig, path, split="train") -> torch.Tensor:
-    "`climatology` of `split`, read from / saved to `<path>.clim.npz` when the key (channels, grid, times, mtime) matches."
+def cached_climatology(src, cfg: MixerConfig, path, split="train", progress: bool = False) -> torch.Tensor:
+    "`climatology` of `split`, read from / saved to `<path>.clim.npz` when the key (channels, grid, fingerprints) matches."
     t0, t1 = split_indices(src, split, str(path))
-    if t1 <= t0: return climatology(src, cfg, split, path)  # raises the empty-split error
-    key = json.dumps([list(cfg.variables), cfg.n_lat, str(src.time.values[t0]), str(src.time.values[t1 - 1]), t1 - t0,
-                      os.stat(path).st_mtime_ns])
+    chans = resolve_channels(src, cfg.variables, (), str(path))
+    key = json.dumps([list(cfg.variables), cfg.n_lat,
+                      {v: fingerprint(src, v, path, t0, t1) for v in sorted({chans[c][0] for c in cfg.variables})}])
     f = Path(str(path) + ".clim.npz")
     try:
         with np.load(f) as z:
             if str(z["key"]) == key: return torch.from_numpy(z["clim"])
     except (OSError, KeyError, ValueError): pass
-    c = climatology(src, cfg, split, path)
+    c = climatology(src, cfg, split, path, progress=progress)
     tmp = f.with_name(f".{f.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.npz")
     try:
         np.savez(tmp, clim=c.numpy(), key=np.array(key)); os.replace(tmp, f)
@@ -361,12 +371,16 @@ test_eq(len(_p), 2); test_close(_p[0], _y1); test_close(_p[1], _y2)
 def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps: int, w,
                     batch: int = 8,  # initial times per forward pass
                     latent: bool = False,  # also score the latent rollout model(x0, k)
-                    device="cpu") -> tuple[Scores, dict]:
+                    device="cpu",
+                    progress: bool = False,  # a progress bar over initial times x leads
+                   ) -> tuple[Scores, dict]:
     "Scores of model, persistence and climatology at leads 1..`steps`, and the fields `{lead_h: (forecast, truth)}` of sample `idx[0]`."
     cfg = model.cfg; V, names, s = cfg.n_vars, list(cfg.variables), ds.stride
     statics = ds.get(0, 1)[0][V:]  # z-scored static channels (S, lat, lon)
     sc, kept = Scores(names, w), {}
     den = lambda y: denormalize(y.double().cpu(), names, ds.stats)
+    bar = tqdm(total=len(idx) * steps, desc="forecasts (initial times x leads)", unit="forecast", disable=not progress,
+               mininterval=1)
     for b in range(0, len(idx), batch):
         ii = [int(i) for i in idx[b: b + batch]]
         lo, hi = ds.i0 + min(ii), ds.i0 + max(ii) + steps * s + 1
@@ -381,6 +395,8 @@ def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps:
             sc.add("climatology", lead, clim.expand_as(o), o, clim)
             if latent: sc.add("latent", lead, den(model(x, k=k)[:, :V]), o, clim)
             if b == 0: kept[lead] = (f[0], o[0])
+            bar.update(len(ii))
+    bar.close()
     return sc, kept
 
 # %% [markdown]
@@ -388,12 +404,14 @@ def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps:
 #
 # `scores.csv` has one row per (variable, lead, metric, system); `scores.json` holds the same numbers nested
 # as `scores[metric][model][variable][lead_h]` with the settings of the run. The scorecard prints model RMSE
-# and persistence RMSE side by side for the headline leads.
+# and persistence RMSE side by side at the scorecard's leads (6, 12, 24, 48, 72 and 120 h unless
+# `--scorecard-leads` says otherwise) and marks each cell twice: `*` where the model beats persistence, `+` where
+# it beats climatology. A forecast worth having carries both.
 
 # %%
 #| export
 HEADLINE = ("z500", "t850", "t2m", "u10", "v10", "msl")  # WB2 headline variables, plotted when present
-SCORECARD_LEADS = (6, 12, 24, 48, 120)  # hours
+SCORECARD_LEADS = (6, 12, 24, 48, 72, 120)  # hours
 
 
 def nested(rows) -> dict:
@@ -402,7 +420,8 @@ def nested(rows) -> dict:
     for r in rows: out.setdefault(r["metric"], {}).setdefault(r["model"], {}).setdefault(r["variable"], {})[r["lead_h"]] = r["value"]
     return out
 
-
+# %%
+#| export
 def write_scores(rows, out, meta: dict):
     "Write `scores.csv` and `scores.json` into folder `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -413,28 +432,36 @@ def write_scores(rows, out, meta: dict):
 # %%
 #| export
 def scorecard(rows, variables, leads=SCORECARD_LEADS) -> str:
-    "Text table: rows variables, columns leads; each cell 'model RMSE / persistence RMSE', '*' where the model beats persistence."
+    "Text table (variables x leads) of 'model / persistence' RMSE; '*' where the model beats persistence, '+' where it beats climatology."
     r = nested(rows)["rmse"]
     have = sorted({l for v in r["model"].values() for l in v})
-    leads = [l for l in leads if l in have] or have[:5]
-    head = f"{'variable':>10} " + " ".join(f"{str(l) + ' h':>20}" for l in leads)
-    lines, wins = [head], 0
+    use = [l for l in leads if l in have] or have[:6]
+    head = f"{'variable':>10} " + " ".join(f"{str(l) + ' h':>23}" for l in use)
+    lines, wp, wc, both = [head], 0, 0, 0
     for v in variables:
         cells = []
-        for l in leads:
-            m, p = r["model"][v][l], r["persistence"][v][l]
-            wins += m < p
-            cells.append(f"{m:9.3g} / {p:<8.3g}{'*' if m < p else ' '}")
-        lines.append(f"{v:>10} " + " ".join(f"{c:>20}" for c in cells))
-    lines.append(f"RMSE model / persistence (physical units); * model better: {wins} of {len(variables) * len(leads)} cells")
+        for l in use:
+            m, p, c = r["model"][v][l], r["persistence"][v][l], r.get("climatology", {}).get(v, {}).get(l, math.inf)
+            wp += m < p; wc += m < c; both += m < p and m < c
+            cells.append(f"{m:9.3g} / {p:<8.3g} {'*' if m < p else ' '}{'+' if m < c else ' '}")  # 23 characters
+        lines.append(f"{v:>10} " + " ".join(cells))
+    n = len(variables) * len(use)
+    missing = [l for l in leads if l not in have]
+    lines.append(f"RMSE model / persistence (physical units); * model better than persistence: {wp} of {n} cells; "
+                 f"+ better than climatology: {wc} of {n}; both: {both} of {n}"
+                 + (f" (leads {missing} h not reached)" if missing else ""))
     return "\n".join(lines)
+
+# %% [markdown]
+# A model that beats persistence at 6 h but not climatology, then both at 12 h:
 
 # %%
 _rows = [dict(variable="z500", lead_h=l, metric="rmse", model=m, value=v)
-         for l in (6, 12) for m, v in (("model", 10.0 * l), ("persistence", 90.0))]
-_card = scorecard(_rows, ["z500"])
-test_eq(_card.splitlines()[1].split(), ["z500", "60", "/", "90", "*", "120", "/", "90"])
-test_eq(_card.splitlines()[-1].split(": ")[-1], "1 of 2 cells")
+         for l, mv, cv in ((6, 60.0, 50.0), (12, 80.0, 95.0)) for m, v in (("model", mv), ("persistence", 90.0), ("climatology", cv))]
+_card = scorecard(_rows, ["z500"], leads=(6, 12, 72))
+test_eq(_card.splitlines()[1].split(), ["z500", "60", "/", "90", "*", "80", "/", "90", "*+"])
+test_eq(_card.splitlines()[-1].split("; ")[1:], ["* model better than persistence: 2 of 2 cells", "+ better than climatology: 1 of 2",
+                                                  "both: 1 of 2 (leads [72] h not reached)"])
 test_eq(nested(_rows)["rmse"]["persistence"]["z500"][12], 90.0)
 
 # %% [markdown]
@@ -452,7 +479,8 @@ def _plt():
 
 STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C0"), "climatology": (":", "0.4")}
 
-
+# %%
+#| export
 def plot_lead(rows, variables, metric: str, path):
     "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`."
     plt, r = _plt(), nested(rows)[metric]
@@ -466,7 +494,8 @@ def plot_lead(rows, variables, metric: str, path):
     axs[0][0].set_ylabel(metric.upper()); axs[0][0].legend(fontsize=7)
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
-
+# %%
+#| export
 def plot_map(f, o, lat, lon, title: str, path):
     "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`."
     plt = _plt()
@@ -486,11 +515,18 @@ def plot_map(f, o, lat, lon, title: str, path):
 #
 # `evaluate` loads the checkpoint, opens its data (the path it was trained on, `'default'` for the generated
 # store, or another path with the same grid and channels), computes the climatology, forecasts `samples`
-# initial times spread evenly over the split out to `leads` steps (fewer if the split is shorter) and writes
-# everything into `out`. Data that do not fit the checkpoint's model raise an `EvalError` naming both.
+# initial times spread evenly over the split out to `leads` steps and writes everything into `out`.
+#
+# What can be wrong with the split is checked first, each a one-line error naming the store, the split and the
+# fix: a split with no times, or too few for one lead, or fewer than `leads` asked for explicitly (`leads=None`,
+# the default, means 20 steps or as many as the split holds). Data that do not fit the checkpoint's model raise
+# an `EvalError` naming both. Synthetic sources (`synthetic:...`) have no stored truth and are refused.
 
 # %%
 #| export
+DEFAULT_LEADS = 20  # autoregressive steps when none are asked for (5 days at 6 h)
+
+
 def data_path(ck: dict, data: str | None = None) -> str:
     "The data to evaluate on: `data`, or the checkpoint's training data ('default': the generated store of its grid)."
     p = data or (ck.get("train") or {}).get("data") or "default"
@@ -499,32 +535,44 @@ def data_path(ck: dict, data: str | None = None) -> str:
     cfg = MixerConfig(**ck["config"])
     return str(default_dataset(grid=(cfg.n_lat, cfg.n_lon), verbose=True))
 
-
-def open_split(path, cfg: MixerConfig, split, steps: int, ckpt="") -> tuple[Era5Dataset, int]:
-    "The dataset of `split` with room for min(`steps`, what the split allows) leads, and that number of leads."
-    try:
-        ds = Era5Dataset(path, cfg, split, max_lead=1)
-        n = ds.i1 - ds.i0
-        steps = min(steps, (n - 1) // ds.stride)
-        if steps < 1: raise DataError(f"{path}: split {split!r} has {n} time step(s), too few for one lead of {cfg.dt_hours} h")
-        return (Era5Dataset(path, cfg, split, max_lead=steps, stats=ds.stats) if steps != 1 else ds), steps
+# %%
+#| export
+def open_split(path, cfg: MixerConfig, split, leads: int | None = None, ckpt="") -> tuple[Era5Dataset, int]:
+    "The dataset of `split` with room for `leads` steps (None: `DEFAULT_LEADS` or fewer if the split is shorter), and that number."
+    if str(path).startswith("synthetic:"):
+        raise EvalError(f"{path}: a synthetic source has no stored truth to verify against; evaluate on a zarr store or "
+                        f"netCDF file (--data PATH)")
+    src = open_store(path)
+    dt = time_step_hours(src, str(path))
+    i0, i1 = split_indices(src, split, str(path))
+    n, stride = i1 - i0, cfg.dt_hours / dt
+    most = int((n - 1) // stride) if stride == int(stride) else None
+    want = DEFAULT_LEADS if leads is None else leads
+    if most is not None and (most < 1 or (leads is not None and leads > most)):
+        t = src.time.values
+        raise EvalError(f"{path}: {_split_origin(src, split)} has {n} time(s) ({t[i0]} .. {t[i1 - 1]}), room for {most} "
+                        f"lead(s) of {cfg.dt_hours} h, not {want}; "
+                        + (f"pass --leads {most} or " if most >= 1 else "") +
+                        f"choose a longer split (--split, or the store attribute split_<name> = [start, stop])")
+    try: return Era5Dataset(path, cfg, split, max_lead=min(want, most or want)), min(want, most or want)
     except DataError as e:
         raise EvalError(f"data {path} do not fit the model of checkpoint {ckpt} ({cfg.n_lat}x{cfg.n_lon} grid, "
                         f"variables {list(cfg.variables)[:4]}..., statics {list(cfg.statics)}): {e}") from e
 
 # %%
 #| export
-def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
+def evaluate(ckpt,  # checkpoint written by `jigsaw-train` (a sharded store folder or a single file)
              out=None,  # output folder (default: `eval/` beside the checkpoint)
-             leads: int = 20,  # autoregressive steps of `cfg.dt_hours` (fewer if the split is shorter)
+             leads: int | None = None,  # autoregressive steps of the checkpoint's `dt_hours` (None: 20, fewer if the split is shorter)
              samples: int = 0,  # initial times spread evenly over the split (0: all)
-             lat_weights_kind: str = "area",  # 'area' (WB2) or 'cos' (released code)
+             lat_weights_kind: str = "area",  # 'area' (WB2, or the store's own weights) or 'cos' (released code)
              data=None,  # data path (default: the checkpoint's training data)
              split="test",  # split to forecast; the climatology always comes from 'train'
              batch: int = 8,  # initial times per forward pass
              latent: bool = False,  # also score the latent rollout model(x0, k)
              map_lead: int = 24,  # lead (h) of the maps (the nearest available)
-             device="cpu",
+             device="cpu",  # 'cpu' or 'cuda'
+             scorecard_leads=SCORECARD_LEADS,  # lead times (h) of the scorecard's columns
              verbose=True) -> dict:
     "Evaluate checkpoint `ckpt` on `split`; write scores, plots and the scorecard into `out`; return `{rows, meta, scorecard}`."
     t_start = time.perf_counter()
@@ -533,27 +581,28 @@ def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
     out = Path(out) if out else Path(ckpt).parent / "eval"
     path = data_path(ck, data)
     ds, steps = open_split(path, cfg, split, leads, ckpt)
-    if steps < leads and verbose: print(f"jigsaw-eval: split {split!r} allows {steps} leads of {cfg.dt_hours} h, not {leads}")
+    if leads is None and steps < DEFAULT_LEADS and verbose:
+        print(f"jigsaw-eval: split {split!r} allows {steps} leads of {cfg.dt_hours} h, not {DEFAULT_LEADS}")
     n = len(ds)
     idx = np.unique(np.linspace(0, n - 1, min(samples, n) if samples > 0 else n).round().astype(int))
-    w = lat_weights(ds.lat, lat_weights_kind)
+    w = ds.area_weights if lat_weights_kind == "area" else lat_weights(ds.lat, lat_weights_kind)
     src = open_store(path)
-    clim = cached_climatology(src, cfg, path, "train")
-    sc, kept = score_forecasts(model, ds, src, clim, idx, steps, w, batch, latent, device)
+    clim = cached_climatology(src, cfg, path, "train", progress=verbose)
+    sc, kept = score_forecasts(model, ds, src, clim, idx, steps, w, batch, latent, device, progress=verbose)
     rows = sc.rows()
     meta = dict(checkpoint=str(ckpt), data=str(path), split=str(split), samples=len(idx), leads=steps,
                 dt_hours=cfg.dt_hours, lat_weights=lat_weights_kind, climatology="per-pixel time mean of the training split",
                 step=ck.get("step"), init_times=[str(ds.times[i]) for i in idx[:3]] + (["..."] if len(idx) > 3 else []),
                 seconds=round(time.perf_counter() - t_start, 2))
     write_scores(rows, out, meta)
-    heads = [v for v in HEADLINE if v in cfg.variables] or list(cfg.variables[:4])
+    heads = [v for h in HEADLINE for v in cfg.variables if canonical(v) == h] or list(cfg.variables[:4])
     plot_lead(rows, heads, "rmse", out / "rmse_vs_lead.png")
     plot_lead(rows, heads, "acc", out / "acc_vs_lead.png")
-    mv = "z500" if "z500" in cfg.variables else cfg.variables[0]
+    mv = next((v for v in cfg.variables if canonical(v) == "z500"), cfg.variables[0])
     ml = min(kept, key=lambda l: (abs(l - map_lead), l))
     f, o = kept[ml]; c = cfg.variables.index(mv)
     plot_map(f[c], o[c], ds.lat, ds.lon, f"{mv} +{ml} h", out / f"map_{mv}_{ml}h.png")
-    card = scorecard(rows, list(cfg.variables))
+    card = scorecard(rows, list(cfg.variables), scorecard_leads)
     (out / "scorecard.txt").write_text(card + "\n")
     if verbose:
         print(f"jigsaw-eval: {ckpt} (step {ck.get('step')}) on {path} [{split}], {len(idx)} initial times, "
@@ -564,8 +613,18 @@ def evaluate(ckpt,  # checkpoint file written by `jigsaw-train`
 # %% [markdown]
 # ## The command line
 #
-# `jigsaw-eval CHECKPOINT [--out DIR] [--leads 20] [--samples N] [--lat-weights area|cos]` (the console script
-# calls `main`). Errors about the checkpoint or the data print one line and exit with status 2.
+# `jigsaw-eval CHECKPOINT [--out DIR] [--leads N] [--samples N] [--scorecard-leads 6,12,24,48,72,120] ...` (the
+# console script calls `main`; `jigsaw-eval --help` describes every flag). Errors about the checkpoint, the data
+# or the split print one line and exit with status 2.
+
+# %%
+#| export
+def _hours(s: str) -> tuple:
+    "`'6,12,24'` as lead times in hours."
+    try: out = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated hours, e.g. 6,12,24,72; got {s!r}") from None
+    if not out or min(out) < 1: raise argparse.ArgumentTypeError(f"expected positive hours, e.g. 6,12,24,72; got {s!r}")
+    return out
 
 # %%
 #| export
@@ -575,19 +634,27 @@ def main(argv=None) -> int:
                                  "persistence and climatology with WeatherBench2 metrics.")
     ap.add_argument("checkpoint", help="a checkpoint written by jigsaw-train (e.g. runs/latest/final.ckpt)")
     ap.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
-    ap.add_argument("--leads", type=int, default=20, help="autoregressive 6-h steps (default 20 = 5 days)")
+    ap.add_argument("--leads", type=int, default=None, help="autoregressive steps, each of the checkpoint's time step "
+                    "dt_hours (6 h for the presets, so 20 = 5 days; 12 h data with dt_hours=12: 20 = 10 days); default "
+                    f"{DEFAULT_LEADS}, or as many as the split holds; more than the split holds is an error")
     ap.add_argument("--samples", type=int, default=0, help="initial times, spread evenly over the split (0: all)")
-    ap.add_argument("--lat-weights", choices=("area", "cos"), default="area", help="area: WeatherBench2 (default); cos: released code")
+    ap.add_argument("--lat-weights", choices=("area", "cos"), default="area",
+                    help="area: cell areas as WeatherBench2 (or the store's own quadrature weights; default); cos: released code")
     ap.add_argument("--data", default=None, help="data path (default: the checkpoint's training data)")
-    ap.add_argument("--split", default="test", help="'test' (default), 'val' or 'train'")
-    ap.add_argument("--batch", type=int, default=8, help="initial times per forward pass")
+    ap.add_argument("--split", default="test", help="'test' (default), 'val' or 'train' (a store attribute split_<name>, "
+                    "else the last 10%% / next 10%% / first 80%% of the times)")
+    ap.add_argument("--batch", type=int, default=8, help="initial times per forward pass (default 8)")
     ap.add_argument("--latent", action="store_true", help="also score the latent rollout model(x0, k)")
-    ap.add_argument("--map-lead", type=int, default=24, help="lead (h) of the z500 maps")
-    ap.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    ap.add_argument("--map-lead", type=int, default=24, help="lead (h) of the z500 maps (the nearest available; default 24)")
+    ap.add_argument("--scorecard-leads", type=_hours, default=SCORECARD_LEADS, metavar="H,H,...",
+                    help=f"lead times (h) of the scorecard's columns (default {','.join(map(str, SCORECARD_LEADS))})")
+    ap.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
     a = ap.parse_args(argv)
-    if a.leads < 1 or a.samples < 0 or a.batch < 1: ap.error("--leads and --batch must be >= 1, --samples >= 0")
+    if (a.leads is not None and a.leads < 1) or a.samples < 0 or a.batch < 1:
+        ap.error("--leads and --batch must be >= 1, --samples >= 0")
     try:
-        evaluate(a.checkpoint, a.out, a.leads, a.samples, a.lat_weights, a.data, a.split, a.batch, a.latent, a.map_lead, a.device)
+        evaluate(a.checkpoint, a.out, a.leads, a.samples, a.lat_weights, a.data, a.split, a.batch, a.latent, a.map_lead,
+                 a.device, a.scorecard_leads)
     except (EvalError, CheckpointError, DataError) as e:
         print(f"jigsaw-eval: error: {e}", file=sys.stderr)
         return 2
@@ -602,7 +669,7 @@ def main(argv=None) -> int:
 _d = Path(_tmp.name)
 save_checkpoint(_d / "m.ckpt", {"format": "jigsaw_ref/1", "config": asdict(_cfg), "step": 0,
                                 "params": {n: t.detach().clone() for n, t in _m.state().items()},
-                                "train": asdict(TrainConfig(model="tiny", data=str(_path)))})
+                                "train": {"model": "tiny", "data": str(_path)}})
 test_eq(main([str(_d / "m.ckpt"), "--out", str(_d / "ev"), "--leads", "3", "--samples", "3"]), 0)
 test_eq(sorted(p.name for p in (_d / "ev").iterdir()),
         ["acc_vs_lead.png", "map_z500_18h.png", "rmse_vs_lead.png", "scorecard.txt", "scores.csv", "scores.json"])
@@ -616,6 +683,9 @@ assert 0 < _pz["6"] < _pz["18"], _pz
 _other = default_dataset(_d / "w.zarr", grid=(8, 32), days=(2, 1, 1), spinup=2, verbose=False)
 test_fail(lambda: evaluate(_d / "m.ckpt", _d / "ev2", data=str(_other), verbose=False), contains="8 latitude rows but cfg.n_lat=16")
 test_fail(lambda: evaluate(_d / "nope.ckpt", verbose=False), contains="no such checkpoint file")
+test_fail(lambda: evaluate(_d / "m.ckpt", _d / "ev3", leads=9, verbose=False),  # the 2-day test split holds 8 times
+          contains="split 'test' (store attribute split_test=['2000-01-06T00:00:00.000000000', '2000-01-08T00:00:00.000000000']) has 8 time(s)")
+test_fail(lambda: evaluate(_d / "m.ckpt", _d / "ev3", leads=9, verbose=False), contains="room for 7 lead(s) of 6 h, not 9; pass --leads 7")
 
 # %%
 _tmp.cleanup()

@@ -6,7 +6,8 @@
 # %% [markdown]
 # Everything here runs on CPU cores with the MPI that comes with the virtual environment (the MPICH wheel
 # behind `mpi4py`); no GPU and no system MPI are needed. Commands that start several MPI ranks are shown as
-# shell lines; the cells of this page run in one process, on the `tiny` preset, in a few seconds.
+# shell lines; the cells of this page run in one process, on the `tiny` preset: once the default store exists,
+# about 25 s of CPU time (80 s wall, measured on a 2-core AMD EPYC shared with other jobs at load average 8).
 
 # %%
 import json, tempfile
@@ -34,13 +35,19 @@ from jigsaw_ref.train import Trainer, TrainConfig
 #   and 250 hPa, plus the statics `lsm`, `slt`, `orography`;
 # - 6-hourly, 240 days of training, 30 of validation, 30 of test (after 90 days of spin-up), on the preset's
 #   grid (16x32 for `tiny`, 32x64 for `demo` and `small`);
-# - generated once, atomically, into `~/.cache/jigsaw_ref` (or `$JIGSAW_DATA`), with its normalisation
-#   statistics beside it. The first call for a grid takes a minute or more; later calls find the store.
+# - generated once, atomically, into `~/.cache/jigsaw_ref` (or `$JIGSAW_DATA`; the cell below prints the path),
+#   with its normalisation statistics beside it, every chunk checksummed. Later calls find the store.
+#
+# **How long the first call takes.** A progress bar counts the simulated days (390: spin-up and the three
+# periods). Measured while writing this page on an AMD EPYC with 2 cores shared with other jobs (load average
+# 8 to 9): 7 to 7.5 minutes for either grid (0.9 s per simulated day), about 2 minutes of it CPU time; the
+# statistics then take another 1 to 2 minutes under the same load. `python -c "from jigsaw_ref.generator import
+# default_dataset; default_dataset(grid='tiny')"` makes the `tiny` store ahead of time.
 
 # %%
 path = default_dataset(grid="tiny", verbose=False)
 ds = xr.open_zarr(path, consolidated=False)
-print(path.name)
+print(path)
 print({v: ds[v].dims for v in list(ds.data_vars)[:4]}, "...")
 print("levels", ds.level.values.tolist(), "| times", ds.sizes["time"],
       "| splits", {s: ds.attrs[f"split_{s}"][0][:10] for s in ("train", "val", "test")})
@@ -55,10 +62,12 @@ assert set(ds.level.values.tolist()) == {250, 500, 850} and ds.sizes["latitude"]
 # jigsaw-demo
 # ```
 #
-# runs `mpiexec -n 4 python -m jigsaw_ref.train --model demo --way 4 --epochs 50 --max-minutes 4 --lr 1e-3
-# --lr-encdec 1e-3 --warmup-steps 50 --batch 1 --out runs/demo` (4-way Jigsaw on 4 ranks, four minutes of
-# training) and then scores `runs/demo/final.ckpt` with `jigsaw-eval` into `runs/demo/eval/`. `--minutes`,
-# `--ranks`, `--way`, `--model` and `--out` change those settings (`jigsaw-demo --help`).
+# runs `mpiexec -n 4 python -m jigsaw_ref.train --model demo --way 4 --epochs 50 --max-steps 1500 --seed 0
+# --lr 1e-3 --lr-encdec 1e-3 --warmup-steps 50 --batch 1 --out runs/demo` (4-way Jigsaw on 4 ranks, a fixed
+# number of steps from a fixed seed, so the same scorecard on any machine) and then scores `runs/demo/final.ckpt`
+# with `jigsaw-eval` into `runs/demo/eval/` (both folders relative to where you run it). `--steps`, `--seed`,
+# `--ranks`, `--way`, `--model` and `--out` change those settings (`jigsaw-demo --help`). On first use it makes
+# the 32x64 default store first (see above).
 
 # %% [markdown]
 # ## Step by step
@@ -140,7 +149,8 @@ tc = TrainConfig(model="tiny", max_steps=60, lr=1e-3, lr_encdec=1e-3, warmup_ste
                  ckpt_every=30, out=str(out), progress=False)
 trainer = Trainer(tc, groups=ONE)
 hist = trainer.fit()
-print(f"{trainer.total_steps} steps of {trainer.steps_per_epoch} per epoch; files:", sorted(p.name for p in out.iterdir()))
+print(f"run folder {out}: {trainer.total_steps} steps of {trainer.steps_per_epoch} per epoch; files:",
+      sorted(p.name for p in out.iterdir()))
 
 # %% [markdown]
 # ## Reading `metrics.csv` and `summary.json`
@@ -192,7 +202,8 @@ rc = jigsaw_eval([str(out / "final.ckpt"), "--out", str(out / "eval"), "--leads"
 assert rc == 0 and (out / "eval" / "scores.json").exists()
 
 # %% [markdown]
-# The scorecard prints the model's RMSE before persistence's and stars the cells where the model is better.
-# Sixty steps of a 65-thousand-parameter model do not beat persistence at 6 h. Longer runs do better: in the
+# The scorecard prints the model's RMSE before persistence's at 6, 12, 24, 48, 72 and 120 h (the leads that
+# the forecast reached; `--scorecard-leads` chooses others), marks with `*` the cells where the model beats
+# persistence and with `+` those where it beats climatology, and counts both in its last line. Sixty steps of a 65-thousand-parameter model do not beat persistence at 6 h. Longer runs do better: in the
 # *Large batches* page, two epochs of the same preset on 4 ranks beat persistence for msl and t2m (not yet for
 # z500 or t850), and the smaller the global batch the lower the error.

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Bringing your own WeatherBench2 ERA5 zarr
 #
-# > What the reader expects of an ERA5 store, how to choose variables and levels, computing the normalisation statistics once, which block of each sample every rank reads, and the launch lines of the paper's configurations, worked on a small real ERA5 sample.
+# > What the reader expects of an ERA5 store, how to choose variables and levels (any variable of the store), computing the normalisation statistics once with `jigsaw-stats`, which block of each sample every rank reads, what the errors look like, and the launch lines of the paper's configurations, worked on a small real ERA5 sample.
 
 # %% [markdown]
 # The paper trains on ERA5 at 0.25 degrees as WeatherBench2 (WB2) lays it out. A full store is several
@@ -11,16 +11,17 @@
 # is the one you make on the full store; only the sizes change.
 
 # %%
-import json, tempfile
+import json, shutil
 from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
 import jigsaw_ref.comm
-from jigsaw_ref.config import MixerConfig, channel_names, preset, ERA5_CHANNELS, STATICS
-from jigsaw_ref.data import (Era5Dataset, compute_stats, counting_store, load_stats, open_store, shard_block,
-                             stats_path)
-from jigsaw_ref.generator import WB2_NAMES, wb2_name
+from jigsaw_ref.config import MixerConfig, channel_names, preset, wb2_name, ERA5_CHANNELS, STATICS
+from jigsaw_ref.data import (DataError, Era5Dataset, cache_dir, compute_stats, counting_store, load_stats, open_store,
+                             shard_block, stats_main, stats_path)
+from jigsaw_ref.evaluate import main as jigsaw_eval
+from jigsaw_ref.loss import variable_weights
 from jigsaw_ref.mixer import param_count
 from jigsaw_ref.train import Trainer, TrainConfig
 
@@ -41,9 +42,11 @@ if not SAMPLE.exists(): SAMPLE = Path("tests/data/era5-levels-members-2.nc")  # 
 #   `land_sea_mask`, `soil_type`, `geopotential_at_surface` (our `lsm`, `slt`, `orography`);
 # - `level` in hPa (`isobaricInhPa`, `pressure_level` or `plev` are renamed; levels in Pa are divided by 100),
 #   an optional ensemble `member`/`number` dimension (one member is selected, `member=0` by default);
-# - a regular time axis whose step divides `dt_hours` (6 h for the paper; the sample's is 12 h).
+# - a regular time axis of datetimes whose step divides `dt_hours` (6 h for the paper; the sample's is 12 h).
 #
-# A channel is a short name: the variable prefix, then the level for atmospheric ones (`z500`, `t850`).
+# A channel is a short name: the variable prefix, then the level for atmospheric ones (`z500`, `t850`); any
+# other variable of the store is a channel by its own name (`surface_pressure`) or with a level
+# (`vertical_velocity@500`), see *Any variable is a channel* below.
 
 # %%
 print({c: wb2_name(c) for c in ("z500", "t850", "msl", "orography")})
@@ -64,7 +67,9 @@ print("latitude", ds.latitude.values[:2], "...", ds.latitude.values[-2:])
 # ## A store in the WB2 layout
 #
 # We write the sample as a small WB2-style zarr store: WB2 variable and dimension names, float32, one member,
-# the named splits as store attributes, and chunks of one time, one level and a quarter of the longitudes.
+# the named splits as store attributes, and chunks of one time, one level and a quarter of the longitudes. It goes
+# to a fixed place, `era5_sample.zarr` in the data cache (`~/.cache/jigsaw_ref`, or `$JIGSAW_DATA`), so the shell
+# commands further down find it as `$STORE`:
 #
 # **Splits.** `'train'`, `'val'`, `'test'` come from the attributes `split_train` etc. (`[start, stop)` dates);
 # a store without them is cut 80/10/10 in time. For the paper (training 1980-2016, validation 2018) add
@@ -76,14 +81,16 @@ print("latitude", ds.latitude.values[:2], "...", ds.latitude.values[-2:])
 # its partner).
 
 # %%
-tmp = Path(tempfile.mkdtemp())
-store = tmp / "era5_sample.zarr"
+store = cache_dir() / "era5_sample.zarr"
+shutil.rmtree(store, ignore_errors=True)  # a fresh copy each time this page runs
+for f in (stats_path(store), Path(f"{store}.clim.npz")): f.unlink(missing_ok=True)
 wb2 = (ds.drop_vars([v for v in ("valid_time", "step", "number") if v in ds.coords])
          .rename({"z": "geopotential", "t": "temperature"}).astype("float32"))
 t = [str(x)[:19] for x in wb2.time.values]
 wb2.attrs = {"split_train": [t[0], t[2]], "split_val": [t[2], "2017-01-03T00:00:00"]}
 enc = {v: {"chunks": (1, 1, 61, 30)} for v in wb2.data_vars}
-wb2.to_zarr(store, zarr_format=3, consolidated=False, encoding=enc)
+wb2.to_zarr(store, mode="w", zarr_format=3, consolidated=False, encoding=enc)
+print(f"export STORE={store}")
 print(xr.open_zarr(store, consolidated=False))
 
 # %% [markdown]
@@ -116,19 +123,67 @@ cfg = MixerConfig(n_lat=60, n_lon=120, variables=("z500", "z850", "t500", "t850"
 print(f"tokens {cfg.tokens}, parameters {param_count(cfg):,}")
 
 # %% [markdown]
+# ## Any variable is a channel
+#
+# The channels are not limited to the 69 of the paper. Any variable of the store with the WB2 dims is a channel
+# under its own name, a level of a pressure-level variable as `NAME@LEVEL` (or `NAME` followed by the level when
+# that is unambiguous). Here we add a derived single-level field to the store, the 500-850 hPa thickness, and
+# use it beside two known channels:
+
+# %%
+thick = (wb2.geopotential.sel(level=500) - wb2.geopotential.sel(level=850)).reset_coords(drop=True)
+xr.Dataset({"thickness_500_850": thick}, attrs=wb2.attrs).to_zarr(store, mode="a", consolidated=False,  # attrs: keep the splits
+                                                 encoding={"thickness_500_850": {"chunks": (1, 61, 30)}})
+mine = MixerConfig(n_lat=60, n_lon=120, variables=("z500", "t850", "thickness_500_850"), statics=(), patch=6, hidden=8,
+                   dt_hours=12, dropout=0.0)
+x, _ = Era5Dataset(store, mine, split="train", stats=False).get(0, 1)
+print("thickness range (m^2/s^2):", float(x[2].min()), float(x[2].max()))
+assert 3e4 < float(x[2].mean()) < 5e4
+
+# %% [markdown]
+# **Loss weights.** A channel outside the released recipe gets the default weight `loss.DEFAULT_WEIGHT` = 1.0;
+# `loss_weights` sets any channel's weight (`--set loss_weights=thickness_500_850=2.5` on the command line):
+
+# %%
+print(variable_weights(mine).tolist(), variable_weights(mine.replace(loss_weights={"thickness_500_850": 2.5})).tolist())
+
+# %% [markdown]
+# **Missing channels** are reported all at once, with the setting that removes them and what the store has:
+
+# %%
+try: Era5Dataset(store, mine.replace(variables=("z500", "q850", "surface_pressure"), statics=("lsm",)), stats=False)
+except DataError as e: print(str(e).replace(str(store), "$STORE"))
+
+# %% [markdown]
+# **Latitude weights on other grids.** The loss and the scores weight rows by cell area. On an equally spaced grid
+# that is WeatherBench2's formula; on a Gaussian grid (rows at Gauss-Legendre latitudes, as spectral models write
+# them) the reader uses the exact quadrature weights; a store that carries its own weights (a 1-D variable `gw`,
+# `latitude_weights`, `gaussian_weights` or `area_weights` over latitude) or CF cell bounds (`lat_bnds`) has
+# those used instead. `Era5Dataset.area_weights` holds what was chosen.
+
+# %% [markdown]
 # ## Normalisation statistics, once
 #
 # Every channel is z-scored with a global mean and standard deviation over the training split (the land-sea
-# mask stays in [0, 1]). `compute_stats` streams through the split once (one time step at a time, merging
-# partial sums in float64) and saves `<store>.stats.json` beside the store, which every later run loads. Run it
-# **once, in one process, before launching** a parallel job: a reader that finds no statistics computes them
-# itself, and a thousand ranks each streaming 37 years of ERA5 is not what you want. On the full store this is a
-# long single pass; a subset of years (`split=("2000-01-01", "2005-01-01")`) gives estimates from fewer years, faster.
+# mask stays in [0, 1]). The statistics live in `<store>.stats.json` beside the store (or under
+# `$JIGSAW_DATA/stats/` when the data folder is read-only), each entry with a fingerprint of the data it came
+# from (shapes, times, file sizes and modification times): data that changed are noticed and their statistics
+# recomputed. Compute them **once, in one process, before launching** a parallel job: a reader that finds none
+# computes them itself, and a thousand ranks each streaming 37 years of ERA5 is not what you want.
+#
+# ```sh
+# jigsaw-stats $STORE                                   # every channel the store has
+# jigsaw-stats $STORE --channels z500,z850,t500,t850 --statics ''   # or just these
+# ```
+#
+# streams the training split once, with a progress bar (`compute_stats` is the same in Python). Here it is,
+# called in this process:
 
 # %%
-stats = compute_stats(store, cfg, split="train")
+assert stats_main([str(store)]) == 0
+stats = load_stats(store)
 print(stats_path(store).name, {c: tuple(round(v, 1) for v in ms) for c, ms in stats.items()})
-assert load_stats(store) == stats and 5.0e4 < stats["z500"][0] < 5.8e4 and 230 < stats["t850"][0] < 290
+assert 5.0e4 < stats["z500"][0] < 5.8e4 and 230 < stats["t850"][0] < 290
 
 # %% [markdown]
 # ## What each rank reads
@@ -186,21 +241,40 @@ assert max(nbytes.values()) < 0.3 * n1  # a quarter, up to compression
 # %%
 over = ("n_lat=60", "n_lon=120", "patch=6", "hidden=32", "f_s=0.25", "blocks=2", "dt_hours=12",
         "variables=z500,z850,t500,t850", "statics=[]")
+run = cache_dir() / "era5_sample_run"
+shutil.rmtree(run, ignore_errors=True)
 tc = TrainConfig(model="tiny", model_overrides=over, data=str(store), epochs=2, lr=1e-3, val_batches=0,
-                 out=str(tmp / "run"), progress=False)
+                 out=str(run), progress=False)
 ONE = {k: jigsaw_ref.comm.Group() for k in ("world", "model", "tensor", "domain", "dp")}
 tr = Trainer(tc, groups=ONE)
 hist = tr.fit()
 assert tr.cfg == cfg and len(hist) == 2
-print([round(h["loss"], 3) for h in hist], {k: round(v, 1) for k, v in hist[-1].items() if k.startswith("rmse")})
+print(f"run folder {run}:", [round(h["loss"], 3) for h in hist], {k: round(v, 1) for k, v in hist[-1].items() if k.startswith("rmse")})
 
 # %% [markdown]
-# The same under MPI, 4-way on 4 ranks (`$STORE`: the store written above, its statistics already beside it):
+# The same under MPI, 4-way on 4 ranks, from a shell (`STORE` as printed above; its statistics are already
+# beside it):
 #
 # ```sh
+# export STORE=~/.cache/jigsaw_ref/era5_sample.zarr      # the path printed when the store was written
 # mpiexec -n 4 jigsaw-train --way 4 --model tiny --data $STORE --set n_lat=60 --set n_lon=120 \
-#     --set patch=6 --set dt_hours=12 --set variables=z500,z850,t500,t850 --set statics=[] --epochs 2
+#     --set patch=6 --set dt_hours=12 --set variables=z500,z850,t500,t850 --set statics=[] --epochs 2 --out runs/era5
+# jigsaw-eval runs/era5/final.ckpt --split val --leads 1
 # ```
+#
+# (Run as written while making this page, on a 2-core AMD EPYC shared with other jobs: 44 s for the training
+# line, most of it starting 4 ranks, and 23 s for the evaluation.)
+#
+# **Evaluating on a short store.** The sample has 4 times and no `split_test` attribute, so `jigsaw-eval`'s
+# default test split (the last 10% of the times) is empty; that, and a lead longer than a split holds, is one
+# line and exit status 2, naming the split and the fix. `--split val --leads 1` is what this store allows (the
+# validation split's two times, 12 h apart):
+
+# %%
+ck = run / "final.ckpt"
+assert jigsaw_eval([str(ck), "--out", str(run / "eval")]) == 2  # the message went to stderr: the test split is empty
+assert jigsaw_eval([str(ck), "--out", str(run / "eval"), "--split", "val", "--leads", "3"]) == 2  # room for 1 lead only
+assert jigsaw_eval([str(ck), "--out", str(run / "eval"), "--split", "val", "--leads", "1"]) == 0
 
 # %% [markdown]
 # ## The paper's configurations

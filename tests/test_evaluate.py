@@ -14,8 +14,9 @@ from jigsaw_ref.data import Era5Dataset, denormalize, open_store
 from jigsaw_ref.evaluate import (EvalError, Scores, acc, bias, cached_climatology, climatology, evaluate, lat_weights, load_model, main,
                                  rmse, rollout, score_forecasts, spatial_acc)
 from jigsaw_ref.generator import default_dataset
+from jigsaw_ref.checkpoint import save_checkpoint
 from jigsaw_ref.mixer import WeatherMixer
-from jigsaw_ref.train import TrainConfig, Trainer, save_checkpoint
+from jigsaw_ref.train import TrainConfig, Trainer
 
 LAT = torch.tensor([-78.75, -56.25, -33.75, -11.25, 11.25, 33.75, 56.25, 78.75], dtype=torch.float64)
 
@@ -193,7 +194,8 @@ def test_a_trained_checkpoint_is_evaluated_end_to_end(trained, tmp_path, capsys)
     out = tmp_path / "eval"
     assert main([str(ck), "--out", str(out), "--samples", "4", "--leads", "20", "--lat-weights", "cos"]) == 0
     printed = capsys.readouterr().out
-    assert "120 h" in printed and "z500" in printed and "model better" in printed
+    assert "120 h" in printed and "72 h" in printed and "z500" in printed and "model better than persistence" in printed
+    assert "+ better than climatology" in printed
     names = {p.name for p in out.iterdir()}
     assert {"scores.csv", "scores.json", "scorecard.txt", "rmse_vs_lead.png", "acc_vs_lead.png", "map_z500_24h.png"} <= names
     lines = (out / "scores.csv").read_text().splitlines()
@@ -209,3 +211,88 @@ def test_a_trained_checkpoint_is_evaluated_end_to_end(trained, tmp_path, capsys)
     assert 0 < pz["6"] < pz["48"] and pz["6"] < r["climatology"]["z500"]["6"]
     assert all(-1 <= v <= 1 for d in res["scores"]["acc"].values() for x in d.values() for v in x.values())
     assert set(res["scores"]["acc"]["climatology"]["t850"].values()) == {0.0}
+
+
+
+# ---------------------------------------------------------------- splits, leads, flags, progress
+
+def _ckpt(tmp_path, data, cfg=None, name="m.ckpt"):
+    cfg = cfg or preset("tiny")
+    m = WeatherMixer(cfg, seed=0)
+    save_checkpoint(tmp_path / name, {"format": "jigsaw_ref/1", "config": asdict(cfg), "step": 0,
+                                      "params": {n: t.detach().clone() for n, t in m.state().items()},
+                                      "train": {"model": "tiny", "data": str(data)}})
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def four_times(store, tmp_path_factory):
+    "The ERA5 tutorial's case: 4 times, a training split of 2, no test split."
+    import xarray as xr
+    ds = xr.open_zarr(store, consolidated=False).isel(time=slice(0, 4)).load()
+    for v in ds.variables: ds[v].encoding = {}
+    t = [str(x)[:19] for x in ds.time.values]
+    ds.attrs = {"split_train": [t[0], t[2]], "split_val": [t[2], "2000-01-02T00:00:00"]}
+    p = tmp_path_factory.mktemp("four") / "four.zarr"
+    ds.to_zarr(p, consolidated=False)
+    return p
+
+
+def test_a_short_store_is_a_one_line_error_with_exit_2_not_a_traceback(four_times, tmp_path, capsys):
+    ck = _ckpt(tmp_path, four_times)
+    assert main([str(ck), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"jigsaw-eval: error: {four_times}: split 'test' (the store has no "
+                                                   "attribute split_test, so 'test' is the default last 10% of its 4 times) is empty")
+    assert "--split" in err  # the fix
+    # the split exists but is too short for the leads asked for: the most it allows is named
+    assert main([str(ck), "--out", str(tmp_path / "ev"), "--split", "val", "--leads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'val' (store attribute split_val=" in err and "has 2 time(s)" in err and "room for 1 lead(s) of 6 h, not 3; pass --leads 1" in err
+    assert main([str(ck), "--out", str(tmp_path / "ev"), "--split", "val", "--leads", "1"]) == 0  # what it says works
+    assert (tmp_path / "ev" / "scores.json").exists()
+
+
+def test_leads_default_to_what_the_split_holds_and_synthetic_data_are_refused(store, tmp_path, capsys):
+    ck = _ckpt(tmp_path, store)
+    assert main([str(ck), "--out", str(tmp_path / "ev"), "--split", "val", "--samples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "split 'val' allows 3 leads of 6 h, not 20" in out  # 1 day of validation: 4 times
+    assert main([str(ck), "--data", "synthetic:16x32"]) == 2
+    assert "a synthetic source has no stored truth" in capsys.readouterr().err
+
+
+def test_scorecard_leads_are_configurable_and_both_marks_are_explained(store, tmp_path, capsys):
+    ck = _ckpt(tmp_path, store)
+    Path(str(store) + ".clim.npz").unlink(missing_ok=True)  # so the climatology is computed (with its progress bar)
+    assert main([str(ck), "--out", str(tmp_path / "ev"), "--samples", "2", "--leads", "4", "--scorecard-leads", "6,24"]) == 0
+    card = (tmp_path / "ev" / "scorecard.txt").read_text().splitlines()
+    assert card[0].split() == ["variable", "6", "h", "24", "h"]
+    assert "* model better than persistence:" in card[-1] and "+ better than climatology:" in card[-1] and "both:" in card[-1]
+    res = json.loads((tmp_path / "ev" / "scores.json").read_text())["scores"]["rmse"]
+    for line in card[1:-1]:  # each '+' is exactly a cell where the model beats climatology
+        v = line.split()[0]
+        for j, lead in enumerate((6, 24)):
+            cell = line[11 + 24 * j: 11 + 24 * j + 23][-2:]  # the two marks end each 23-character cell
+            assert ("+" in cell) == (res["model"][v][str(lead)] < res["climatology"][v][str(lead)]), (v, lead, cell)
+            assert ("*" in cell) == (res["model"][v][str(lead)] < res["persistence"][v][str(lead)]), (v, lead, cell)
+    err = capsys.readouterr().err
+    assert "forecasts (initial times x leads)" in err and "climatology [train]" in err  # progress on the long waits
+    with pytest.raises(SystemExit):
+        main([str(ck), "--scorecard-leads", "6,x"])
+
+
+def test_every_jigsaw_eval_flag_has_a_help_line(capsys):
+    import re
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    flags = ["--out", "--leads", "--samples", "--lat-weights", "--data", "--split", "--batch", "--latent", "--map-lead",
+             "--scorecard-leads", "--device"]
+    for f in flags:
+        i = next(i for i, l in enumerate(lines) if re.match(rf"\s+{f}\b", l))
+        same_line = re.match(rf"\s+{f}( \S+)?\s{{2,}}\S", lines[i])
+        next_line = i + 1 < len(lines) and re.match(r"\s{10,}\S", lines[i + 1])
+        assert same_line or next_line, f"{f} has no help line"
+    text = "\n".join(lines)
+    assert "dt_hours" in text and "6-h steps" not in text  # --leads says what a step is, whatever dt_hours is
