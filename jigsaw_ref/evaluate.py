@@ -241,11 +241,10 @@ def scorecard(rows, variables, leads=SCORECARD_LEADS) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/10_evaluate.ipynb #ef994ed2
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kw):
+    "A matplotlib figure that belongs to no pyplot state (saved with `savefig`, never shown)."
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 
 STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C0"), "climatology": (":", "0.4")}
@@ -253,8 +252,8 @@ STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C
 # %% ../nbs/10_evaluate.ipynb #5d40e303
 def plot_lead(rows, variables, metric: str, path):
     "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`."
-    plt, r = _plt(), nested(rows)[metric]
-    n = len(variables); fig, axs = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    r = nested(rows)[metric]
+    n = len(variables); fig = _figure(figsize=(3.2 * n, 2.8)); axs = fig.subplots(1, n, squeeze=False)
     for ax, v in zip(axs[0], variables):
         for model in sorted(r, key=lambda k: list(STYLES).index(k) if k in STYLES else 9):
             d = r[model][v]
@@ -262,13 +261,12 @@ def plot_lead(rows, variables, metric: str, path):
                     marker=".", label=model)
         ax.set_title(v); ax.set_xlabel("lead (h)"); ax.grid(alpha=.3)
     axs[0][0].set_ylabel(metric.upper()); axs[0][0].legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
 
 # %% ../nbs/10_evaluate.ipynb #ce146ebf
 def plot_map(f, o, lat, lon, title: str, path):
     "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`."
-    plt = _plt()
-    fig, axs = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig = _figure(figsize=(13, 3.2)); axs = fig.subplots(1, 3)
     ext, org = [lon[0], lon[-1], min(lat[0], lat[-1]), max(lat[0], lat[-1])], "lower" if lat[0] < lat[-1] else "upper"
     lo, hi = float(min(f.min(), o.min())), float(max(f.max(), o.max()))
     e = (f - o); m = float(e.abs().max()) or 1.0
@@ -277,7 +275,7 @@ def plot_map(f, o, lat, lon, title: str, path):
         im = ax.imshow(a.numpy(), extent=ext, origin=org, aspect="auto", **kw)
         ax.set_title(f"{title}: {t}", fontsize=9); ax.set_xlabel("longitude"); fig.colorbar(im, ax=ax)
     axs[0].set_ylabel("latitude")
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
 
 # %% ../nbs/10_evaluate.ipynb #ede512e8
 DEFAULT_LEADS = 20  # autoregressive steps when none are asked for (5 days at 6 h)

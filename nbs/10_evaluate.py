@@ -24,6 +24,7 @@ from dataclasses import asdict
 from jigsaw_ref.config import preset
 from jigsaw_ref.generator import default_dataset
 from jigsaw_ref.checkpoint import save_checkpoint
+from IPython.display import Image, display
 
 # %% [markdown]
 # # Evaluation
@@ -465,16 +466,15 @@ test_eq(_card.splitlines()[-1].split("; ")[1:], ["* model better than persistenc
 test_eq(nested(_rows)["rmse"]["persistence"]["z500"][12], 90.0)
 
 # %% [markdown]
-# Plots (matplotlib, no display needed): RMSE and ACC against lead time for the headline variables, and
-# maps of forecast, truth and error at one lead.
+# Plots (matplotlib figures drawn without pyplot, so a notebook's backend is left alone): RMSE and ACC against
+# lead time for the headline variables, and maps of forecast, truth and error at one lead.
 
 # %%
 #| export
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(**kw):
+    "A matplotlib figure that belongs to no pyplot state (saved with `savefig`, never shown)."
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 
 STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C0"), "climatology": (":", "0.4")}
@@ -483,8 +483,8 @@ STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C
 #| export
 def plot_lead(rows, variables, metric: str, path):
     "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`."
-    plt, r = _plt(), nested(rows)[metric]
-    n = len(variables); fig, axs = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    r = nested(rows)[metric]
+    n = len(variables); fig = _figure(figsize=(3.2 * n, 2.8)); axs = fig.subplots(1, n, squeeze=False)
     for ax, v in zip(axs[0], variables):
         for model in sorted(r, key=lambda k: list(STYLES).index(k) if k in STYLES else 9):
             d = r[model][v]
@@ -492,14 +492,13 @@ def plot_lead(rows, variables, metric: str, path):
                     marker=".", label=model)
         ax.set_title(v); ax.set_xlabel("lead (h)"); ax.grid(alpha=.3)
     axs[0][0].set_ylabel(metric.upper()); axs[0][0].legend(fontsize=7)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
 
 # %%
 #| export
 def plot_map(f, o, lat, lon, title: str, path):
     "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`."
-    plt = _plt()
-    fig, axs = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig = _figure(figsize=(13, 3.2)); axs = fig.subplots(1, 3)
     ext, org = [lon[0], lon[-1], min(lat[0], lat[-1]), max(lat[0], lat[-1])], "lower" if lat[0] < lat[-1] else "upper"
     lo, hi = float(min(f.min(), o.min())), float(max(f.max(), o.max()))
     e = (f - o); m = float(e.abs().max()) or 1.0
@@ -508,7 +507,7 @@ def plot_map(f, o, lat, lon, title: str, path):
         im = ax.imshow(a.numpy(), extent=ext, origin=org, aspect="auto", **kw)
         ax.set_title(f"{title}: {t}", fontsize=9); ax.set_xlabel("longitude"); fig.colorbar(im, ax=ax)
     axs[0].set_ylabel("latitude")
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
 
 # %% [markdown]
 # ## Putting it together
@@ -686,6 +685,13 @@ test_fail(lambda: evaluate(_d / "nope.ckpt", verbose=False), contains="no such c
 test_fail(lambda: evaluate(_d / "m.ckpt", _d / "ev3", leads=9, verbose=False),  # the 2-day test split holds 8 times
           contains="split 'test' (store attribute split_test=['2000-01-06T00:00:00.000000000', '2000-01-08T00:00:00.000000000']) has 8 time(s)")
 test_fail(lambda: evaluate(_d / "m.ckpt", _d / "ev3", leads=9, verbose=False), contains="room for 7 lead(s) of 6 h, not 9; pass --leads 7")
+
+# %% [markdown]
+# The plots that run wrote (an untrained model, so the model's line is far from the baselines):
+
+# %%
+#| echo: false
+display(Image(filename=str(_d / "ev" / "rmse_vs_lead.png"), width=720), Image(filename=str(_d / "ev" / "map_z500_18h.png"), width=900))
 
 # %%
 _tmp.cleanup()
