@@ -24,7 +24,7 @@ ROOT = Path("..") if Path("../benchmarks").exists() else Path(".")
 # ```sh
 # # Slurm, 2 nodes of 4 GPUs: two data-parallel replicas of a 4-way model
 # export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-# srun -N 2 --ntasks-per-node 4 --gpus-per-task 1 --cpus-per-task 8 \
+# srun --mpi=pmi2 -N 2 --ntasks-per-node 4 --gpus-per-task 1 --cpus-per-task 8 \
 #     jigsaw-train --backend torch --device cuda --precision tf32 --way 4 --model c3 --data $DATA
 #
 # # any MPI launcher (here Open MPI), same thing
@@ -38,7 +38,8 @@ ROOT = Path("..") if Path("../benchmarks").exists() else Path(".")
 #
 # Under `torchrun` the ranks come from `RANK`/`WORLD_SIZE` and `torch.distributed` initialises from torchrun's
 # rendezvous. Under `srun`/`mpirun` they come from MPI (mpi4py must be able to start under that launcher, e.g.
-# built against the cluster's MPI, or `srun --mpi=pmi2` for an MPICH build); rank 0 picks a free port and
+# built against the cluster's MPI, or `srun --mpi=pmi2` for the PyPI MPICH wheel: see
+# [Slurm for real](#slurm-for-real-one-node-four-cpu-tasks) below); rank 0 picks a free port and
 # broadcasts it, and every rank connects to `MASTER_ADDR` (default `127.0.0.1`, so **set it** on more than one
 # node). `jigsaw_ref.comm.launcher()` reports which of the three started the process, and rank 0 prints it in
 # its first line.
@@ -158,3 +159,152 @@ assert r["correctness_vs_cpu_float64"]["float64"]["output_rel_err"] < 1e-12
 #   on an A100 is the figure to compare the TF32 row with, across cards.
 # - Peak memory is about 28 GiB per GPU for this 1.10 B model at batch 1, well inside an H200 (and inside the
 #   A100 40 GB the paper used).
+
+# %% [markdown]
+# ## Slurm for real: one node, four CPU tasks
+#
+# Everything above about `srun` can be tried without a cluster: Debian's `slurm-wlm` runs a real Slurm
+# controller (`slurmctld`) and node daemon (`slurmd`) on one machine, authenticated by `munge`.
+# `benchmarks/slurm/start_slurm.sh` installs them (`apt-get install slurm-wlm munge`), writes a
+# `/etc/slurm/slurm.conf` for this one node, starts `munged`, `slurmctld` and `slurmd`, and checks `sinfo` and
+# `srun hostname`; run again, it only reports what is already in place. From the repository root, as root (it
+# starts system daemons), with the project's venv active:
+#
+# ```sh
+# benchmarks/slurm/start_slurm.sh          # the first time it installs the packages too
+# sinfo                                    # partition "debug", one node, idle
+# srun -n 4 hostname
+# ```
+#
+# The node advertises 4 CPUs whatever the machine has (`CPUs=4` with `SlurmdParameters=config_overrides`), so
+# a 4-task job fits on a 2-core machine, oversubscribed. `SLURM_NODE_CPUS=8 benchmarks/slurm/start_slurm.sh`
+# advertises 8. No cgroup plugins (`ProctrackType=proctrack/linuxproc`, `TaskPlugin=task/none`), no accounting
+# database, and `AuthInfo=cred_expire=30` so that a requeued job may start again sooner (here about a minute
+# after the requeue instead of 2 min 45 s with the default 120 s). `benchmarks/slurm/stop_slurm.sh` stops the
+# three daemons.
+#
+# The batch script is the tutorial's `srun` line scaled to 4 CPU tasks: one 4-way (2 x 2) `tiny` model,
+# 24 steps, a checkpoint every 8, in a job folder:
+#
+# ```sh
+# mkdir -p runs/slurm                       # where the job's log goes: sbatch does not create it
+# sbatch benchmarks/slurm/train_4way.sbatch # "Submitted batch job 1"
+# squeue                                    # R (running) in a few seconds
+# tail -f runs/slurm/jigsaw-4way-1.log      # the job's output (1: the job id sbatch printed)
+# ls runs/slurm/job1                        # step0000008.ckpt, step0000016.ckpt, ..., final.ckpt, metrics.csv
+# ```
+#
+# On this shared 2-core machine an 8-step job took between 36 s (the recorded run below) and 2 min 20 s, and
+# the default 24 steps 1 min 24 s, depending on the other work running; most of it is start-up (four Pythons
+# importing torch and opening the data), then under a second to a few seconds per step.
+# `STEPS=48 CKPT_EVERY=4 sbatch ...` changes the bound (sbatch passes the environment to the job), `OUT=...`
+# the job folder. The script, without its comments:
+
+# %%
+sbatch_text = (ROOT / "benchmarks/slurm/train_4way.sbatch").read_text()
+code = [l for l in sbatch_text.splitlines() if not l.startswith("# ") and l != "#"]  # the script, less its comments
+print("\n".join(l for i, l in enumerate(code) if l or (i and code[i - 1])))
+
+# %%
+assert "#SBATCH --requeue" in sbatch_text and "#SBATCH --signal=B:USR1@120" in sbatch_text
+assert "srun --mpi=pmi2" in sbatch_text and "--way 4" in sbatch_text and "--ckpt-every" in sbatch_text
+
+# %% [markdown]
+# ### How the MPICH wheel finds its ranks under srun
+#
+# The project's MPI is the PyPI `mpich` wheel (MPICH 5.0.2) under `mpi4py`; `srun` starts the 4 processes
+# itself, so each one's `MPI_Init` must learn its rank and the others from Slurm through a PMI. Tried with
+# Debian's Slurm 22.05.8 (`srun -n 4 python -c "from mpi4py import MPI; print(MPI.COMM_WORLD.Get_size())"`):
+#
+# | srun option | result |
+# |---|---|
+# | `--mpi=pmi2` | **works**: 4 ranks of one world. MPICH's default PMI client (PMI-1; `MPIR_CVAR_PMI_VERSION=1` works the same) talks to Slurm's pmi2 plugin |
+# | `--mpi=pmi2` with `MPIR_CVAR_PMI_VERSION=2` | fails in `MPI_Init` ("Internal MPI error") |
+# | `--mpi=none` (the default here) | 4 separate worlds of 1 rank each, **silently**: `jigsaw-train --way 4` then fails on every task with `ConfigError: world size 1 is not a multiple of the model group size 2x2=4`, and `--way 1` would run 4 unrelated trainings into one folder |
+# | `--mpi=pmix` | needs `libpmix-dev` for Slurm's plugin to load at all; then the wheel stops: "Runtime environment uses unsupported PMI version PMIx" (it is built without PMIx) |
+#
+# So: `srun --mpi=pmi2` (or `MpiDefault=pmi2` in slurm.conf). The other route also works: one batch script
+# running the wheel's own `mpiexec -n $SLURM_NTASKS ...`, whose Hydra launcher starts its proxies with `srun`
+# inside the allocation. A cluster's own MPI (Open MPI or MPICH built with PMIx) goes with `--mpi=pmix`.
+
+# %% [markdown]
+# ### Requeue and resume
+#
+# The batch script resumes by itself: when its job folder holds a `step*.ckpt` it adds `--resume auto` (the
+# newest one), else it starts fresh. So a job that Slurm requeues (`scontrol requeue`, a node failure,
+# preemption; `#SBATCH --requeue` allows it) runs the script again from the top and continues where its last
+# checkpoint left it, and submitting the script again with the same `OUT` continues a finished run to a larger
+# `STEPS` (the learning-rate schedule then follows the new bound from the resumed step on, so that is not the
+# same as one run of the larger bound; a requeued run continues its own schedule). `#SBATCH --open-mode=append`
+# keeps all runs of a job in one log.
+#
+# ```sh
+# scontrol requeue 1                       # while job 1 trains: its processes get SIGTERM, then SIGKILL 30 s later
+# squeue                                   # PD (BeginTime) for about a minute, then R: "restart 1" in the log
+# ```
+#
+# Two things were needed that a reader would not guess:
+#
+# - **A requeued job's first MPI step hangs in `MPI_Init`** when the killed run's MPI step had the same step id
+#   (`<jobid>.0`: a requeued job numbers its steps from 0 again). Requeued mid-step, the same `srun --mpi=pmi2`
+#   step hung in `MPI_Init` after the restart in 3 of 3 tries (the trainer once, a 4-rank `mpi4py` barrier
+#   twice), and ran at once when a throwaway `srun --ntasks=1 true` came first, making the MPI step
+#   `<jobid>.1`. The batch script does that on every restart (`SLURM_RESTART_COUNT > 0`).
+# - **The time-limit signal.** `#SBATCH --signal=B:USR1@120` sends SIGUSR1 to the batch shell (`B:`) about
+#   120 s before the time limit (Slurm may send it up to a minute early). The script traps it, sends SIGTERM to
+#   the training step's tasks with `scancel --signal=TERM <jobid>.<step>` (not to `srun`: `srun` receiving
+#   SIGTERM kills its tasks outright), waits for them and runs `scontrol requeue` on its own job. The signal
+#   lead must exceed a checkpoint write, and the time limit must leave room for the start-up (up to 75 s here) plus some
+#   steps, or every restart is stopped again before its first checkpoint (seen with a 3-minute limit). With a
+#   4-minute limit and `--signal=B:USR1@90` the whole path ran: `benchmarks/results/slurm_signal.log`.
+#
+# What the trainer does with SIGTERM decides how much is lost: a trainer that is simply killed resumes from its
+# last periodic checkpoint (`--ckpt-every`), losing the steps since; one that writes a checkpoint when
+# signalled and exits loses nothing.
+
+# %% [markdown]
+# ### One recorded run
+#
+# `tests/test_slurm.py` (marked slow; root; `python -m pytest tests/test_slurm.py -m slow -x`, 3 to 7 minutes
+# here) starts Slurm with the script above, submits the batch script with `sbatch --wait` for 8 steps (a
+# checkpoint every 4), submits it again on the same folder for 24 steps, requeues that job with `scontrol
+# requeue` right after its step-16 checkpoint, and checks: 4 ranks in one 2 x 2 group, the checkpoints, the
+# second submission resuming from step 8, the requeued run from step 16, one history of steps 1 to 24 whose
+# first steps were restored rather than recomputed (their measured step times are those of the earlier runs).
+# `sbatch --wait` returns only when the requeued job has finished for good.
+# With `JIGSAW_SLURM_RECORD=benchmarks/results/slurm_run.log` it writes the commands and their output; the
+# saved record's key lines:
+
+# %%
+record = (ROOT / "benchmarks/results/slurm_run.log").read_text()
+keys = ("== ", "jigsaw-train:", "slurmstepd", "$ sbatch", "$ scontrol requeue", "job ", "4 ranks")
+print(record.splitlines()[0])
+print("\n".join(l[:160] for l in record.splitlines() if l.startswith(keys)))
+
+# %%
+assert record.count("jigsaw-train: srun world=4 layout dp=1 x domain=2 x tensor=2") == 3
+assert "DUE TO JOB REQUEUE" in record and "restart 1" in record and "history steps 1..24" in record
+
+# %% [markdown]
+# ## What differs on a real cluster
+#
+# - **Nobody starts Slurm.** The administrators run `slurmctld` on a head node, `slurmd` on every compute node,
+#   and `munged` everywhere with one shared key; `start_slurm.sh` is only for trying the job on one machine.
+# - **Accounts and partitions.** Jobs are charged to an account and go to a partition with its own time limits:
+#   `#SBATCH --account=<project>`, `#SBATCH --partition=<gpu partition>` (`sinfo -s` lists them,
+#   `sacctmgr show assoc user=$USER` your accounts), often a `--qos`. `sacct -j <jobid>` shows finished jobs
+#   where accounting exists (not on the node above).
+# - **GPUs are generic resources (GRES).** `#SBATCH --nodes=2 --ntasks-per-node=4 --gpus-per-task=1
+#   --cpus-per-task=8` gives each rank its own GPU (it sees it as `cuda:0`), and the flags become `--backend
+#   torch --device cuda --precision tf32`; the node's cgroups confine each task to its GPU and cores. Set
+#   `MASTER_ADDR` to the first node as in the `srun` line at the top of this page.
+# - **Software comes from modules.** `module load` the site's CUDA, Python and MPI before activating the venv,
+#   and build `mpi4py` against the site MPI (`MPICC=mpicc pip install --no-binary mpi4py mpi4py`) so that it
+#   uses the fast network; then `--mpi=pmix` is usually the right srun option (`srun --mpi=list`).
+# - **Shared file systems.** The job folder (`OUT`), the data and the venv must be on a file system every node
+#   sees (home, project or scratch space): every rank writes its own blocks of a checkpoint and rank 0 commits
+#   it. Scratch space is often purged; copy `final.ckpt` somewhere safe.
+# - **Time limits and requeue.** Partitions cap a job's time; `--signal=B:USR1@120` and `--requeue` as in the
+#   batch script let a long training run continue over several jobs. Some sites do not allow `--requeue`
+#   or preempt jobs; then chain jobs instead: `sbatch --dependency=afterany:<jobid> benchmarks/slurm/train_4way.sbatch`
+#   with the same `OUT`. A requeued job waits at least the cluster's credential lifetime (120 s by default).
