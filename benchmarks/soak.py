@@ -90,24 +90,24 @@ def main(argv=None) -> int:
 
     class SoakTrainer(Trainer):
         "A Trainer that records (seconds, step, RSS MiB) after every training step."
-        samples: list
+        rss_samples: list
 
         def train_step(self, idx, k):
             rec = super().train_step(idx, k)
-            self.samples.append((time.perf_counter() - self.t0, self.step, rss_mib()))
+            self.rss_samples.append((time.perf_counter() - self.t0, self.step, rss_mib()))
             return rec
 
     tc = TrainConfig(model=a.model, way=a.way, epochs=10_000, max_minutes=a.minutes, ckpt_every=a.ckpt_every,
                      lr=1e-3, lr_encdec=1e-3, warmup_steps=50, val_batches=2, progress=False, out=out)
     rss0 = rss_mib()
     t = SoakTrainer(tc, comm=comm)
-    t.samples, t.t0 = [], time.perf_counter()
+    t.rss_samples, t.t0 = [], time.perf_counter()
     if rank == 0:
         print(f"soak: {a.minutes:g} min of {a.model} on {world} ranks (dp={t.grid.dp} x domain={t.grid.domain} x "
               f"tensor={t.grid.tensor}), checkpoint every {a.ckpt_every} steps, RSS at start {rss0:.0f} MiB "
               f"(rank 0), out={out}", flush=True)
     t.fit()
-    per_rank = comm.gather(t.samples, root=0)
+    per_rank = comm.gather(t.rss_samples, root=0)
     code = 0
     if rank == 0:
         warm = 60 * (min(2.0, a.minutes / 10) if a.warmup is None else a.warmup)

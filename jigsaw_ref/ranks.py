@@ -68,6 +68,7 @@ class _Recv:
 class ThreadComm:
     "The part of an mpi4py communicator that `comm.Group` uses, between the threads of one process."
     SUM = "sum"  # the reduction op `Group` passes (`MPI.SUM` on MPI)
+    cuda_aware = False  # messages are host numpy arrays: `Group` stages device tensors for it
 
     def __init__(self, world: _World, rank: int):
         self.world, self.rank = world, rank

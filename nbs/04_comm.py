@@ -108,8 +108,8 @@ def cuda_aware_mpi() -> bool:
     env = os.environ.get("JIGSAW_CUDA_AWARE_MPI")
     if env in ("0", "1"): return env == "1"
     try:
-        from mpi4py import MPI  # noqa: F401 -- loads libmpi into the process
-        lib = ctypes.CDLL(None)
+        from mpi4py import MPI
+        lib = ctypes.CDLL(MPI.__file__)  # mpi4py's extension: its handle sees the libmpi it was loaded with
     except (ImportError, OSError): return False
     if hasattr(lib, "MPIX_Query_cuda_support"): return bool(lib.MPIX_Query_cuda_support())
     if hasattr(lib, "MPIX_GPU_query_support"):
@@ -171,7 +171,9 @@ class Group:
     def _stage(self, t) -> bool:
         if self.staging == "always": return True
         if not t.is_cuda or self.staging == "never": return False
-        if self._aware is None: self._aware = cuda_aware_mpi()
+        if self._aware is None:  # a communicator may say itself (thread ranks move host arrays only)
+            self._aware = getattr(self.comm, "cuda_aware", None)
+            if self._aware is None: self._aware = cuda_aware_mpi()
         return not self._aware
 
 # %% [markdown]
@@ -507,7 +509,7 @@ def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
     for b in xs.split(sizes):
         pb = xs.new_zeros((m,) + xs.shape[1:]); pb[: b.shape[0]] = b
         blocks.append(pb)
-    if xs.device.type == "cpu":  # gloo has no reduce_scatter: all-reduce, keep my block
+    if xs.device.type == "cpu":  # gloo: an all-reduce, keeping my block (works with every torch's gloo)
         full = torch.stack(blocks)
         self.dist.all_reduce(full, group=self.pg)
         out = full[self.rank]

@@ -5,7 +5,7 @@
 
 # %%
 #| hide
-import contextlib, hashlib, io, os, subprocess, sys, tempfile, time
+import contextlib, hashlib, io, os, shutil, subprocess, sys, tempfile, time
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
@@ -14,22 +14,25 @@ import torch
 import xarray as xr
 from fastcore.test import test_eq, test_fail
 from IPython.display import display
-from jigsaw_ref.comm import Group
-from jigsaw_ref.config import preset
-from jigsaw_ref.data import Era5Dataset
+from jigsaw_ref.checkpoint import MAGIC, CheckpointError, fault_point, load_checkpoint, save_checkpoint
+from jigsaw_ref.comm import Group, make_groups
+from jigsaw_ref.config import ConfigError, preset
+from jigsaw_ref.data import DataError, Era5Dataset
 from jigsaw_ref.generator import default_dataset
-from jigsaw_ref.train import (MAGIC, NonFiniteError, Trainer, TrainConfig, check_settings,
-                              fault_point, install_abort_hook, load_checkpoint, parse_args, save_checkpoint)
+from jigsaw_ref.grid import Grid
+from jigsaw_ref.ranks import run_ranks
+from jigsaw_ref.train import NonFiniteError, Trainer, TrainConfig, check_settings, install_abort_hook, parse_args
 
 torch.set_num_threads(1)
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # the groups of a one-rank job
 work = Path(tempfile.mkdtemp(prefix="jigsaw-reliability-"))
 
 # %% [markdown]
-# This notebook exports nothing: it documents, and checks, the failure behaviour that `train` builds in. The
-# multi-rank evidence (every fault point on 2 and 4 ranks, `kill -9` in the middle of a checkpoint write, the
-# time from a fault to the end of the job) is in `tests/test_reliability.py`, which launches `jigsaw-train` under
-# `mpiexec` with faults injected; the cheap checks run here, in one process.
+# This notebook exports nothing: it documents, and checks, the failure behaviour that `train` and `checkpoint`
+# build in. The multi-rank evidence (every fault point on 2 and 4 ranks, `kill -9` of a writer in the middle of a
+# checkpoint, a full disk, the time from a fault to the end of the job) is in `tests/test_reliability.py`, which
+# launches `jigsaw-train` under `mpiexec` with faults injected; the cheap checks run here, in one process or on
+# in-process thread ranks.
 
 # %% [markdown]
 # ## A failure on one rank ends the whole job
@@ -111,8 +114,9 @@ test_eq([load_checkpoint(p)["step"] for p in sorted(out.glob("step*.ckpt"))], [1
 # | `data@R:S` | reading rank R's block of a sample | non-zero exit within 30 s of the error line, `[jigsaw_ref rank R]` and the message on stderr, every checkpoint of the steps done present and verified, no temp file |
 # | `forward@R:S` | after the forward pass | same |
 # | `backward@R:S` | after the backward pass, before the gradient all-reduces | same |
-# | `checkpoint@0:S` | rank 0, halfway through writing `stepS.ckpt` (raises) | same, and the earlier checkpoints intact |
-# | `kill-checkpoint@0:S` | rank 0, halfway through writing, `SIGKILL` (no hook runs) | `mpiexec` ends the job (exit 9); `stepS-1` loads and verifies; the half-written temp file fails its checksum and is not a `*.ckpt`; `--resume auto` continues from `stepS-1` |
+# | `checkpoint@R:S` | rank R, halfway through writing its share of `stepS.ckpt` (raises) | same, the earlier checkpoints intact, the temporary folder removed |
+# | `enospc-checkpoint@R:S` | rank R, halfway through its share: `OSError(ENOSPC)`, as a full disk | every rank raises `CheckpointError` naming the checkpoint ("not written", the rank, "No space left on device", "the previous checkpoint is intact"); `--resume auto` continues |
+# | `kill-checkpoint@R:S` | rank R, halfway through its share, `SIGKILL` (no hook runs) | `mpiexec` ends the job (exit 9); `stepS-1` loads and verifies; the half-written temporary folder has no manifest, is not a `*.ckpt` and is refused as "not a committed checkpoint"; `--resume auto` continues from `stepS-1` and the stale folder is removed when `stepS` is written again |
 #
 # The injected faults are `RuntimeError`s that nothing catches, like a real bug. `SIGKILL` is what the
 # out-of-memory killer or a scheduler's time limit sends: no Python code runs, and `mpiexec` notices the dead
@@ -121,32 +125,63 @@ test_eq([load_checkpoint(p)["step"] for p in sorted(out.glob("step*.ckpt"))], [1
 # %% [markdown]
 # ## Atomic, checksummed checkpoints
 #
-# A checkpoint file is an 8-byte magic, the SHA-256 of the payload in hex (64 bytes), then the `torch.save`
-# payload. `save_checkpoint` writes `.NAME.tmp-PID` beside the target, flushes and `fsync`s it, then renames
-# it over `NAME`: a rename within a folder is atomic, so a reader sees the old file or the new one, never half
-# of one; the folder is fsynced too, so the rename survives a power cut. `load_checkpoint` checks the magic and
-# the checksum before unpickling anything.
+# A checkpoint is a store folder of the `checkpoint` module: every rank writes its blocks into a temporary folder
+# `.NAME.tmp-XXXXXXXX` beside the target, each chunk followed by its CRC32C; the ranks agree that every write
+# succeeded; rank 0 writes `manifest.json` (the replicated state, every block's place, the SHA-256 of the manifest
+# itself), fsyncs, and renames the folder to `NAME` (swapping atomically with an old `NAME`). A reader sees the
+# old checkpoint or the new one, never half of one. Here, two in-process ranks of a 2-way job write step 1, then
+# rank 1 finds the disk full halfway through step 2:
 
 # %%
 ck = work / "ck"
-save_checkpoint(ck / "step0000001.ckpt", {"step": 1, "w": torch.arange(4.0)})
-raw = (ck / "step0000001.ckpt").read_bytes()
-print(raw[:8], raw[8:72].decode()[:16] + "...", f"{len(raw) - 72} payload bytes")
-test_eq(hashlib.sha256(raw[72:]).hexdigest(), raw[8:72].decode())
+ONE_TINY = dict(model="tiny", max_steps=3, progress=False, val_batches=1, out=str(ck))
+
+def two_way(comm, fault=None):
+    "A 2-way trainer on thread ranks: save step 1, then try step 2 (with `fault` injected); what step 2 raised."
+    t = Trainer(TrainConfig(**ONE_TINY, way="2"), groups=make_groups(Grid(1, 1, 2), comm=comm))
+    t.train_step(t.next_indices(), 1); t.save()
+    t.train_step(t.next_indices(), 1)
+    if comm.Get_rank() == 0 and fault: os.environ["JIGSAW_FAULT"] = fault
+    comm.Barrier()
+    try: t.save(); return None
+    except Exception as e: return f"{type(e).__name__}: {e}"
+    finally: comm.Barrier(); os.environ.pop("JIGSAW_FAULT", None)
+
+errs = run_ranks(2, two_way, "enospc-checkpoint@1:2")
+for r, e in enumerate(errs): print(f"rank {r}: {e.replace(str(work), '$WORK')}")
+print(sorted(p.name for p in ck.iterdir()))
+assert all(e and "checkpoint not written" in e and "the previous checkpoint is intact" in e for e in errs)
+test_eq(sorted(p.name for p in ck.glob("*.ckpt")), ["step0000001.ckpt"])
+test_eq([p.name for p in ck.iterdir() if ".tmp-" in p.name], [])
+test_eq(load_checkpoint(ck / "step0000001.ckpt")["step"], 1)
 
 # %% [markdown]
-# A write that fails halfway (here the injected `checkpoint` fault; in life a full disk or an I/O error) leaves
-# the previous checkpoint untouched. The half-written temp file, when one is left, is no `*.ckpt`, so
-# `--resume auto` (the newest `step*.ckpt`) never picks it, and its checksum would not match anyway:
+# Damage to a committed store is named, down to the tensor, its block and the chunk: one flipped byte in a
+# chunk file, for example, is refused before any of it reaches a model:
 
 # %%
+bad = work / "flipped.ckpt"; shutil.copytree(ck / "step0000001.ckpt", bad)
+chunk = sorted(p for p in (bad / "params/blocks.0.tok1.w/i0j1/c").rglob("*") if p.is_file())[0]
+raw = bytearray(chunk.read_bytes()); raw[100] ^= 0x08; chunk.write_bytes(raw)
+test_fail(lambda: load_checkpoint(bad), contains="params of 'blocks.0.tok1.w', block i0j1, chunk (0, 0): checksum mismatch")
+
+# %% [markdown]
+# Checkpoints of the first format (one file: an 8-byte magic, the SHA-256 of the payload in hex, then the
+# `torch.save` payload of the full model) still load, and are written the same careful way by
+# `checkpoint.save_checkpoint`: temp file, fsync, rename, the folder fsynced. A write that fails halfway leaves
+# the previous file untouched, and the half-written temp file, when one is left, is no `*.ckpt` and would not
+# match its checksum anyway:
+
+# %%
+old = work / "old"
+save_checkpoint(old / "step0000001.ckpt", {"step": 1, "w": torch.arange(4.0)})
+raw = (old / "step0000001.ckpt").read_bytes()
+test_eq(hashlib.sha256(raw[72:]).hexdigest(), raw[8:72].decode())
 os.environ["JIGSAW_FAULT"] = "checkpoint@0:2"
-try: test_fail(lambda: save_checkpoint(ck / "step0000002.ckpt", {"step": 2, "w": torch.zeros(10_000)}), contains="injected fault")
+try: test_fail(lambda: save_checkpoint(old / "step0000002.ckpt", {"step": 2, "w": torch.zeros(10_000)}), contains="injected fault")
 finally: del os.environ["JIGSAW_FAULT"]
-print(sorted(p.name for p in ck.iterdir()))
-test_eq([p.name for p in ck.glob("*.ckpt")], ["step0000001.ckpt"])
-test_eq(load_checkpoint(ck / "step0000001.ckpt")["step"], 1)
-for tmp in ck.glob(".*.tmp-*"): test_fail(lambda: load_checkpoint(tmp), contains="checksum mismatch")
+test_eq([p.name for p in old.glob("*.ckpt")], ["step0000001.ckpt"])
+for tmp in old.glob(".*.tmp-*"): test_fail(lambda: load_checkpoint(tmp), contains="checksum mismatch")
 
 # %% [markdown]
 # ## Non-finite losses
@@ -202,7 +237,9 @@ def tried(category, what, fn, want=None):
         kind, message = f"usage error (exit {e.code})", stderr.getvalue().strip().splitlines()[-1]
     except Exception as e:
         kind, message = type(e).__name__, str(e)
-    clear = kind in ("ConfigError", "DataError", "CheckpointError") or kind.startswith("usage error")
+        if isinstance(e, (ConfigError, DataError, CheckpointError)): kind = f"{kind} (clear)"
+    clear = kind.endswith("(clear)") or kind.startswith("usage error")
+    kind = kind.removesuffix(" (clear)")
     rows.append(dict(category=category, input=what, error=kind if clear else f"gap: {kind}", message=message))
     if want is not None: assert clear and want in message, (what, kind, message)
 
@@ -243,12 +280,15 @@ for name, text, want in [("unknown.toml", "learning_rate = 2\n", "unknown settin
     tried("command line", f"--config {name}: {text.strip()}", lambda: parse_args(["--config", str(work / name)]), want)
 
 # %% [markdown]
-# Checkpoints: one good checkpoint of the `tiny` model, then damaged or foreign copies of it, each given to a
-# trainer's `load` (what `--resume FILE` calls, on every rank):
+# Checkpoints: one good checkpoint of the `tiny` model, in the first format (one file) and as a store, then
+# damaged or foreign copies of it, each given to a trainer's `load` (what `--resume PATH` calls, on every rank):
 
 # %%
 t = Trainer(TrainConfig(model="tiny", max_steps=1, progress=False, out=str(work / "good")), groups=ONE())
-good = t.save("good.ckpt").read_bytes()
+store = t.save("good.ckpt")
+first = {k: v for k, v in load_checkpoint(store).items() if k in ("config", "params", "adam", "scheduler", "step", "lrs", "history", "train")}
+save_checkpoint(work / "good" / "first.ckpt", {**first, "format": "jigsaw_ref/1"})
+good = (work / "good" / "first.ckpt").read_bytes()  # the first format: one file
 
 def sealed(payload) -> bytes:
     "A file with a valid header and checksum around `payload` (torch.save'd, or raw bytes)."
@@ -276,7 +316,28 @@ for what, data, want in [
     f = work / "bad.ckpt"; f.write_bytes(data)
     tried("checkpoint", what, lambda: t.load(f), want)
 tried("checkpoint", "no such file", lambda: t.load(work / "nope.ckpt"), "no such checkpoint file")
-tried("checkpoint", "a folder", lambda: t.load(work), "no such checkpoint file")
+tried("checkpoint", "a folder that is no checkpoint", lambda: t.load(work), "not a committed checkpoint")
+
+def damaged(name, how):
+    "A copy of the good store with one thing wrong."
+    f = work / f"{name}.ckpt"; shutil.rmtree(f, ignore_errors=True); shutil.copytree(store, f)
+    c = sorted(p for p in (f / "exp_avg/dec.w/i0j0/c").rglob("*") if p.is_file())[0]
+    if how == "flip": r = bytearray(c.read_bytes()); r[len(r) // 3] ^= 0x40; c.write_bytes(r)
+    if how == "truncate": c.write_bytes(c.read_bytes()[:-100])
+    if how == "delete": c.unlink()
+    if how == "manifest": (f / "manifest.json").write_text((f / "manifest.json").read_text().replace('"exact"', '"Exact"'))
+    if how == "uncommitted": (f / "manifest.json").unlink()
+    if how == "metadata": (f / "exp_avg/dec.w/i0j0/zarr.json").write_text("{")
+    return f
+
+for what, how, want in [("store: one chunk byte flipped", "flip", "exp_avg of 'dec.w', block i0j0, chunk (0, 0, 0): checksum mismatch"),
+                        ("store: a chunk truncated", "truncate", "checksum mismatch"),
+                        ("store: a chunk deleted", "delete", "chunk (0, 0, 0): missing"),
+                        ("store: manifest edited", "manifest", "the manifest is corrupted"),
+                        ("store: no manifest (a write interrupted)", "uncommitted", "not a committed checkpoint"),
+                        ("store: an array's metadata broken", "metadata", "its array cannot be opened")]:
+    f = damaged(how, how)
+    tried("checkpoint", what, lambda: t.load(f), want)
 tried("checkpoint", "--resume auto, no checkpoint in --out",
       lambda: Trainer(TrainConfig(model="tiny", progress=False, out=str(work / "empty"), resume="auto"), groups=ONE()),
       "--resume auto: no step*.ckpt")

@@ -2,6 +2,12 @@
 
 Ranks never assert alone: `agree` runs the check on every rank, gathers every rank's verdict, and
 raises the same error everywhere, so no rank is left waiting in a collective while another fails.
+
+The suites in tests/mpi build every group through `make_group(comm)`, so one suite runs on either backend
+and algorithm, chosen by two environment variables (tests/test_mpi.py sets them per mpiexec run):
+- `JIGSAW_TEST_BACKEND`: `mpi` (default) gives `comm.Group` on the mpi4py communicator; `torch` gives a
+  `comm.TorchGroup` on a torch.distributed (gloo) process group with the same members, in the same rank order.
+- `JIGSAW_TEST_ALGO`: `p2p` (default) or `coll`, the algorithm of every group the suite makes.
 """
 import os
 import traceback
@@ -9,13 +15,47 @@ import traceback
 import torch
 from mpi4py import MPI
 
-from jigsaw_ref.config import shard_range
+from jigsaw_ref.comm import Group, TorchGroup, init_torch_distributed
+from jigsaw_ref.config import shard_range, split_sizes
 from jigsaw_ref.grid import Grid, split_comms
 
 COMM = MPI.COMM_WORLD
 WORLD = COMM.Get_size()
 RANK = COMM.Get_rank()
 torch.set_num_threads(1)
+
+BACKEND = os.environ.get("JIGSAW_TEST_BACKEND", "mpi")
+ALGO = os.environ.get("JIGSAW_TEST_ALGO", "p2p")
+if BACKEND not in ("mpi", "torch"):
+    raise ValueError(f"JIGSAW_TEST_BACKEND={BACKEND!r}: choose 'mpi' or 'torch'")
+if ALGO not in ("p2p", "coll"):
+    raise ValueError(f"JIGSAW_TEST_ALGO={ALGO!r}: choose 'p2p' or 'coll'")
+
+_PGS = {}  # members (world ranks) -> torch.distributed process group, shared by every test of the session
+
+
+def torch_pg(comm):
+    """The torch.distributed process group with the members of the mpi4py communicator `comm` (None: the world).
+
+    Collective over COMM: every rank publishes its communicator's members and every rank creates every group it
+    has not made yet, in the same order (what `torch.distributed.new_group` requires of non-members too)."""
+    init_torch_distributed(COMM)
+    import torch.distributed as dist
+    members = tuple(comm.allgather(RANK)) if comm is not None else (RANK,)
+    for m in COMM.allgather(members):
+        if m not in _PGS:
+            _PGS[m] = None if m == tuple(range(WORLD)) else dist.new_group(list(m))
+    return _PGS[members]
+
+
+def make_group(comm, algo=None, backend=None):
+    "A group on the ranks of the mpi4py communicator `comm`: `Group(comm)`, or a `TorchGroup` on the same members."
+    algo, backend = algo or ALGO, backend or BACKEND
+    if backend == "mpi":
+        return Group(comm, algo)
+    if comm is None or comm.Get_size() == 1 and WORLD == 1:
+        return Group(None, algo)  # one process: no torch.distributed to set up, and nothing to send
+    return TorchGroup(torch_pg(comm), algo)
 
 
 def layouts(world=WORLD):
@@ -67,3 +107,18 @@ def block(t, dims_parts_index):
         a, b = shard_range(t.shape[dim], n_parts, k)
         t = t.narrow(dim, a, b - a)
     return t
+
+
+def _sized(fn, kind):
+    "`fn` (a token or channel MLP of jigsaw_ref.pmatmul) as `call(x, w1, b1, w2, b2, tensor, domain, T, H, K)`, K its hidden width (S or G)."
+    def call(x, w1, b1, w2, b2, tensor, domain, T, H, K):
+        k_sizes = split_sizes(K, tensor.size if kind == "token" else domain.size)  # S over q, G over p
+        return fn(x, w1, b1, w2, b2, tensor, domain, split_sizes(T, domain.size), split_sizes(H, tensor.size), k_sizes)
+    return call
+
+
+def mlp_variants(kind, schedules=("", "_overlap")):
+    """name -> uniform caller (see `_sized`) of the `kind` ('token' or 'channel') MLP of each schedule suffix: by default
+    the plain and overlapped schedules, which cut their weights the same way ('_summa' cuts them differently)."""
+    from jigsaw_ref import pmatmul
+    return {f"{kind}_mlp{s}": _sized(getattr(pmatmul, f"{kind}_mlp{s}"), kind) for s in schedules}

@@ -1,10 +1,11 @@
 """Reliability: a fault on any rank ends the whole job quickly with the rank and the error in stderr, no checkpoint
-is ever lost or left half-written, non-finite losses stop (or skip) cleanly, and every bad input is refused with a
-message that names the problem, on every rank, without a hang.
+is ever lost or left half-written (a writer killed mid-save, a full disk), non-finite losses stop (or skip) cleanly,
+and every bad input is refused with a message that names the problem, on every rank, without a hang.
 
-Faults are injected with `JIGSAW_FAULT` (see `train.fault_point`); every launch runs under a subprocess timeout,
+Faults are injected with `JIGSAW_FAULT` (see `checkpoint.fault_point`); every launch runs under a subprocess timeout,
 which is the hang detector. Steps are counted as the trainer counts them: `fault@R:S` fires in the step that starts
-from the state of checkpoint `stepS` (which therefore exists), and `checkpoint@0:S` while writing `stepS`."""
+from the state of checkpoint `stepS` (which therefore exists), and `checkpoint@R:S` while rank R writes its share of
+`stepS`."""
 import hashlib
 import io
 import os
@@ -26,8 +27,8 @@ from jigsaw_ref.comm import Group
 from jigsaw_ref.config import ConfigError, preset
 from jigsaw_ref.data import DataError, Era5Dataset
 from jigsaw_ref.generator import default_dataset
-from jigsaw_ref.train import (MAGIC, CheckpointError, Trainer, TrainConfig, check_settings,
-                              load_checkpoint, parse_args, save_checkpoint)
+from jigsaw_ref.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
+from jigsaw_ref.train import Trainer, TrainConfig, check_settings, parse_args
 from test_mpi import ROOT, mpiexec
 
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # noqa: E731
@@ -90,6 +91,12 @@ def checkpoints(out: Path) -> dict[str, dict]:
     return {p.name: load_checkpoint(p) for p in sorted(out.glob("*.ckpt"))}
 
 
+def digest(path: Path) -> dict[str, bytes]:
+    "Every file of a checkpoint (store folder or single file), by relative path."
+    if path.is_file(): return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def error_ranks(err: str, kind: str, text: str) -> set[int]:
     """Ranks that printed `[jigsaw_ref rank R] KIND: TEXT...`. An error raised on every rank at once (settings, data,
     checkpoint: `train.agree`) is printed by each rank that gets there before the first `MPI_Abort` ends the job,
@@ -103,9 +110,9 @@ def step_names(steps):
 
 # ------------------------------------------------------------------------------------ a fault on one rank
 
-FAULTS = [  # (ranks, way, JIGSAW_FAULT): one non-zero rank for compute/data faults, rank 0 (the writer) for checkpoints
+FAULTS = [  # (ranks, way, JIGSAW_FAULT): one non-zero rank for compute/data faults; any writer for checkpoints
     (2, "2", "forward@1:2"), (2, "2", "backward@1:1"), (2, "2", "data@1:0"), (2, "2", "checkpoint@0:2"),
-    (4, "4", "forward@3:1"), (4, "4", "backward@2:2"), (4, "4", "data@1:1"),  # rank 0 at 4-way: the SIGKILL test
+    (4, "4", "forward@3:1"), (4, "4", "backward@2:2"), (4, "4", "data@1:1"), (4, "4", "checkpoint@2:2"),
 ]
 
 
@@ -123,8 +130,7 @@ def test_a_fault_on_one_rank_ends_the_job_quickly_and_loses_no_checkpoint(tmp_pa
     ck = checkpoints(tmp_path)
     assert sorted(ck) == step_names(done), sorted(ck)
     assert all(ck[name]["step"] == s for name, s in zip(step_names(done), done))
-    if what != "checkpoint":  # an exception inside save_checkpoint: see test_failed_checkpoint_write_removes_its_temp_file
-        assert temp_files(tmp_path) == []
+    assert temp_files(tmp_path) == []  # a failed store write removes its temporary folder
 
 
 def _raise_in_checkpoint_write(monkeypatch, tmp_path):
@@ -146,33 +152,43 @@ def test_failed_checkpoint_write_removes_its_temp_file(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------ SIGKILL mid-write, resume
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_sigkill_during_a_checkpoint_write_keeps_the_last_good_one_and_resume_auto_uses_it(tmp_path, n):
-    r = launch(n, [*TINY, "--way", n, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path], fault="kill-checkpoint@0:2")
+@pytest.mark.parametrize("n,killed", [(2, 0), (2, 1), (4, 3)], ids=["2way-writer0", "2way-writer1", "4way-writer3"])
+def test_sigkill_during_a_checkpoint_write_keeps_the_last_good_one_and_resume_auto_uses_it(tmp_path, n, killed):
+    r = launch(n, [*TINY, "--way", n, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path], fault=f"kill-checkpoint@{killed}:2")
     assert r.rc != 0 and "Killed (signal 9)" in r.text, r.text[-3000:]
     tmp = temp_files(tmp_path)
     assert len(tmp) <= 1, tmp
-    if tmp:  # the half-written file: the job ended within the limit of its last write, and it is no checkpoint
-        assert r.t_exit - (tmp_path / tmp[0]).stat().st_mtime < FAULT_TO_EXIT_S
-        assert not tmp[0].endswith(".ckpt")
-        with pytest.raises(CheckpointError, match="checksum mismatch"):
+    if tmp:  # the half-written store: the job ended soon after its last write, and it is no checkpoint
+        assert r.t_exit - max(p.stat().st_mtime for p in (tmp_path / tmp[0]).rglob("*")) < FAULT_TO_EXIT_S
+        assert not tmp[0].endswith(".ckpt") and not (tmp_path / tmp[0] / "manifest.json").exists()
+        with pytest.raises(CheckpointError, match="not a committed checkpoint"):
             load_checkpoint(tmp_path / tmp[0])
     ck = checkpoints(tmp_path)
     assert sorted(ck) == step_names([1]) and ck["step0000001.ckpt"]["step"] == 1
-    before = (tmp_path / "step0000001.ckpt").read_bytes()
-    if n == 4: return  # resuming is the same code whatever killed the run: once is enough
+    before = digest(tmp_path / "step0000001.ckpt")
+    if (n, killed) == (4, 3): return  # resuming is the same code whatever killed the run: twice is enough
     r = launch(n, [*TINY, "--way", n, "--max-steps", 3, "--ckpt-every", 1, "--out", tmp_path, "--resume", "auto"])
     assert r.rc == 0, r.text[-3000:]
     ck = checkpoints(tmp_path)
-    assert sorted(ck) == ["final.ckpt", *step_names([1, 2, 3])]
+    assert sorted(ck) == ["final.ckpt", *step_names([1, 2, 3])] and temp_files(tmp_path) == []  # the stale folder is gone
     assert ck["final.ckpt"]["step"] == 3 and [h["step"] for h in ck["final.ckpt"]["history"]] == [1, 2, 3]
     assert ck["final.ckpt"]["history"][0] == load_checkpoint(tmp_path / "step0000001.ckpt")["history"][0]
-    assert (tmp_path / "step0000001.ckpt").read_bytes() == before  # resuming never rewrites the checkpoint it read
+    assert digest(tmp_path / "step0000001.ckpt") == before  # resuming never rewrites the checkpoint it read
+
+
+def test_a_full_disk_mid_write_ends_the_job_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path], fault="enospc-checkpoint@1:2")
+    assert r.rc != 0
+    assert error_ranks(r.err, "CheckpointError", f"{tmp_path / 'step0000002.ckpt'}: checkpoint not written"), r.err[-3000:]
+    assert "No space left on device" in r.err or "rank 1 failed" in r.err
+    assert sorted(checkpoints(tmp_path)) == step_names([1]) and temp_files(tmp_path) == []
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path, "--resume", "auto"])
+    assert r.rc == 0 and load_checkpoint(tmp_path / "final.ckpt")["step"] == 2, r.text[-3000:]
 
 
 # ---------------------------------------------------------------------------------------- non-finite loss
 
-DIVERGE = ["--lr", "1e6", "--lr-encdec", "1e6", "--clip", "0", "--warmup-steps", "0"]  # NaN/inf from the 2nd step on
+DIVERGE = ["--lr", "1e9", "--lr-encdec", "1e9", "--clip", "0", "--warmup-steps", "0"]  # NaN/inf from the 2nd step on (1e6 overflows 1-way, not always 2-way)
 
 
 def test_a_non_finite_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -202,12 +218,24 @@ def test_nonfinite_skip_continues_and_records_the_skipped_steps(tmp_path):
 
 # ------------------------------------------------------------------ corrupted / truncated / other checkpoints
 
+FIRST_FORMAT = ("config", "params", "adam", "scheduler", "step", "lrs", "history", "train", "mode", "layout")
+
+
 @pytest.fixture(scope="module")
-def good_ckpt(tmp_path_factory):
+def good_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("good")
     t = Trainer(TrainConfig(model="tiny", max_steps=1, progress=False, val_batches=1, out=str(d)), groups=ONE())
     t.fit()
     return d / "final.ckpt"
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(good_store):
+    "The same checkpoint in the first format (one file holding the full model): old runs still resume from these."
+    ck = load_checkpoint(good_store)
+    path = good_store.parent / "first_format.ckpt"
+    save_checkpoint(path, {**{k: ck[k] for k in FIRST_FORMAT}, "format": "jigsaw_ref/1"})
+    return path
 
 
 def _rewrite(payload) -> bytes:
@@ -266,10 +294,46 @@ def test_resume_refuses_a_checksum_valid_non_checkpoint_clearly(good_ckpt, tmp_p
 
 
 def test_a_missing_or_directory_checkpoint_is_refused(tmp_path):
-    for p, msg in ((tmp_path / "nope.ckpt", "no such checkpoint file"), (tmp_path, "no such checkpoint file")):
+    for p, msg in ((tmp_path / "nope.ckpt", "no such checkpoint file"), (tmp_path, "not a committed checkpoint")):
         with pytest.raises(CheckpointError, match=msg): _resume_1way(p, tmp_path / "o")
     with pytest.raises(CheckpointError, match="--resume auto: no step"):
         Trainer(TrainConfig(model="tiny", progress=False, out=str(tmp_path), resume="auto"), groups=ONE())
+
+
+def _store_chunk(folder: Path, arr="params/blocks.0.tok1.w/i0j0") -> Path:
+    return sorted(p for p in (folder / arr / "c").rglob("*") if p.is_file())[0]
+
+
+BAD_STORES = {  # name: (damage done to a copy of a good store, expected message)
+    "chunk byte flipped": (lambda f: _store_chunk(f).write_bytes(_flip(_store_chunk(f).read_bytes(), 9)),
+                           r"params of 'blocks\.0\.tok1\.w', block i0j0, chunk \(0, 0\): checksum mismatch"),
+    "chunk truncated": (lambda f: _store_chunk(f).write_bytes(_store_chunk(f).read_bytes()[:-30]), "checksum mismatch"),
+    "chunk deleted": (lambda f: _store_chunk(f).unlink(), r"chunk \(0, 0\): missing"),
+    "manifest edited": (lambda f: (f / "manifest.json").write_text((f / "manifest.json").read_text().replace('"exact"', '"Exact"')),
+                        r"manifest\.json: checksum mismatch"),
+    "manifest deleted (an interrupted write)": (lambda f: (f / "manifest.json").unlink(), "not a committed checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STORES))
+def test_resume_refuses_a_damaged_store_naming_the_tensor_and_block(good_store, tmp_path, case):
+    damage, msg = BAD_STORES[case]
+    bad = tmp_path / "bad.ckpt"
+    __import__("shutil").copytree(good_store, bad)
+    damage(bad)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        _resume_1way(bad, tmp_path / "o")
+    assert str(bad) in str(e.value)
+
+
+def test_a_damaged_store_fails_on_every_rank_without_a_hang(good_store, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    __import__("shutil").copytree(good_store, bad)
+    BAD_STORES["chunk byte flipped"][0](bad)
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path / "o", "--resume", bad], timeout=HANG_S)
+    assert r.rc != 0
+    assert "checksum mismatch" in r.err and str(bad) in r.err, r.err[-3000:]
+    assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
 
 
 @pytest.mark.parametrize("case", ["payload byte flipped", "other preset (small)"])

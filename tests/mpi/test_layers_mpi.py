@@ -1,13 +1,14 @@
 """Each partitioned layer on every p x q layout of the world, against the one-process layer in float64:
-forward, input gradient and weight gradients, even and uneven sizes."""
+forward, input gradient and weight gradients, even and uneven sizes.
+
+Groups come from `mpi_util.make_group`: the backend (MPI `Group` or torch.distributed `TorchGroup`) and the
+algorithm (p2p or coll) are chosen by JIGSAW_TEST_BACKEND / JIGSAW_TEST_ALGO (see tests/test_mpi.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jigsaw_ref.comm import Group
-from jigsaw_ref.config import split_sizes
-from jigsaw_ref.pmatmul import block_bytes, channel_mlp, layer_norm, token_mlp
-from mpi_util import agree, block, comms_for, layouts, lid, rel_err
+from jigsaw_ref.pmatmul import block_bytes, layer_norm
+from mpi_util import agree, block, comms_for, layouts, lid, make_group, mlp_variants, rel_err
 
 TOL = 1e-11
 
@@ -22,11 +23,13 @@ def _cut(t, spec):
 
 
 SIZES = {"even": dict(B=2, T=8, H=4, S=4, G=4), "uneven": dict(B=2, T=10, H=5, S=3, G=7)}
+TOKEN, CHANNEL = mlp_variants("token"), mlp_variants("channel")  # every exported schedule (plain, overlap)
 
 
+@pytest.mark.parametrize("variant", list(TOKEN))
 @pytest.mark.parametrize("sizes", list(SIZES))
 @pytest.mark.parametrize("layout", layouts(), ids=lid)
-def test_token_mlp(layout, sizes):
+def test_token_mlp(layout, sizes, variant):
     def check():
         c = comms_for(layout)
         d, i, j = c.coords
@@ -42,8 +45,8 @@ def test_token_mlp(layout, sizes):
         # biases are sharded over the group that sums the partial product they join
         w1, b1l = _cut(W1, [(0, q, j), (1, p, i)]), _cut(b1, [(0, q, j), (0, p, i)])
         w2, b2l = _cut(W2, [(0, p, i), (1, q, j)]), _cut(b2, [(0, p, i), (0, q, j)])
-        tg, dg = Group(c.tensor), Group(c.domain)
-        y = token_mlp(x, w1, b1l, w2, b2l, tg, dg, split_sizes(H, q))
+        tg, dg = make_group(c.tensor), make_group(c.domain)
+        y = TOKEN[variant](x, w1, b1l, w2, b2l, tg, dg, T, H, S)
         assert rel_err(y, block(Y, [(1, p, i), (2, q, j)])) < TOL
         (y * block(G, [(1, p, i), (2, q, j)])).sum().backward()
         assert rel_err(x.grad, block(full[0].grad, [(1, p, i), (2, q, j)])) < TOL
@@ -55,9 +58,10 @@ def test_token_mlp(layout, sizes):
     agree(check)
 
 
+@pytest.mark.parametrize("variant", list(CHANNEL))
 @pytest.mark.parametrize("sizes", list(SIZES))
 @pytest.mark.parametrize("layout", layouts(), ids=lid)
-def test_channel_mlp(layout, sizes):
+def test_channel_mlp(layout, sizes, variant):
     def check():
         c = comms_for(layout)
         d, i, j = c.coords
@@ -71,8 +75,8 @@ def test_channel_mlp(layout, sizes):
         x = _cut(X, [(1, p, i), (2, q, j)])
         wa, bal = _cut(Wa, [(0, q, j), (1, p, i)]), _cut(ba, [(0, p, i), (0, q, j)])
         wb, bbl = _cut(Wb, [(0, p, i), (1, q, j)]), _cut(bb, [(0, q, j), (0, p, i)])
-        tg, dg = Group(c.tensor), Group(c.domain)
-        y = channel_mlp(x, wa, bal, wb, bbl, tg, dg, split_sizes(T, p))
+        tg, dg = make_group(c.tensor), make_group(c.domain)
+        y = CHANNEL[variant](x, wa, bal, wb, bbl, tg, dg, T, H, G_)
         assert rel_err(y, block(Y, [(1, p, i), (2, q, j)])) < TOL
         (y * block(Gr, [(1, p, i), (2, q, j)])).sum().backward()
         assert rel_err(x.grad, block(full[0].grad, [(1, p, i), (2, q, j)])) < TOL
@@ -96,7 +100,7 @@ def test_layer_norm(layout, exact):
         Y = F.layer_norm(full[0], (H,), full[1], full[2])
         (Y * G).sum().backward()
         x, wl, bl = _cut(X, [(2, q, j)]), _cut(w, [(0, q, j)]), _cut(b, [(0, q, j)])
-        tg = Group(c.tensor)
+        tg = make_group(c.tensor)
         y = layer_norm(x, wl, bl, tg, H, exact=exact)
         err = rel_err(y, block(Y, [(2, q, j)]))
         if exact or q == 1:
@@ -117,7 +121,7 @@ def test_block_bytes_measured_equal_analytic(layout):
         d, i, j = c.coords
         dp, p, q = layout
         T, H, S, G_ = 8, 8, 4, 8
-        tg, dg = Group(c.tensor), Group(c.domain)
+        tg, dg = make_group(c.tensor), make_group(c.domain)
         f = lambda t, spec: block(t, spec).float()
         x = f(_rand(1, T, H, seed=1), [(1, p, i), (2, q, j)])
         w1, b1 = f(_rand(S, T, seed=2), [(0, q, j), (1, p, i)]), f(_rand(S, seed=3), [(0, q, j), (0, p, i)])
@@ -127,8 +131,8 @@ def test_block_bytes_measured_equal_analytic(layout):
         one = torch.ones(H // q)
         with torch.no_grad():
             u = layer_norm(x, one, 0 * one, tg, H)
-            x = x + token_mlp(u, w1, b1, w2, b2, tg, dg, split_sizes(H, q))
+            x = x + TOKEN["token_mlp"](u, w1, b1, w2, b2, tg, dg, T, H, S)
             u = layer_norm(x, one, 0 * one, tg, H)
-            x = x + channel_mlp(u, wa, ba, wb, bb, tg, dg, split_sizes(T, p))
+            x = x + CHANNEL["channel_mlp"](u, wa, ba, wb, bb, tg, dg, T, H, G_)
         assert tg.sent + dg.sent == block_bytes(T, H, S, G_, p, q, itemsize=4), (tg.sent + dg.sent, block_bytes(T, H, S, G_, p, q))
     agree(check)
