@@ -119,19 +119,21 @@ def _tdist_init(comm):
 def _build(spec: dict, cfg, comm):
     "The model, its groups (Jigsaw) and this rank's input/target blocks, loss weights and global count for `spec`."
     n, r = comm.Get_size(), comm.Get_rank()
-    lat_w, var_w = lat_weights_cos(torch.linspace(-89, 89, cfg.n_lat)), variable_weights(cfg)
+    from jigsaw_ref.comm import local_device, make_groups
+    dev = local_device(spec.get("device", "cpu"), comm) if spec["case"] in ("jigsaw", "threads") else torch.device("cpu")
+    lat_w, var_w = lat_weights_cos(torch.linspace(-89, 89, cfg.n_lat)).to(dev), variable_weights(cfg).to(dev)
     x, y = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon), torch.randn(1, cfg.n_out, cfg.n_lat, cfg.n_lon)
     if spec["case"] == "jigsaw":
-        from jigsaw_ref.comm import make_groups
         from jigsaw_ref.grid import Grid
         grid = Grid.named(spec["way"], n); groups = make_groups(grid, "mpi", spec.get("algo", "p2p"), comm)
         d, i, j = grid.coords(r)
-        m = JigsawMixer(cfg, groups["tensor"], groups["domain"], spec.get("mode", "exact"), torch.float32,
+        m = JigsawMixer(cfg, groups["tensor"], groups["domain"], spec.get("mode", "exact"), torch.float32, device=dev,
                         schedule=spec.get("schedule", "overlap"), recompute=spec.get("recompute", False))
         p, q = grid.domain, grid.tensor
         vw = var_w[slice(*shard_range(cfg.n_out, q, j))]
-        return m, groups, block_of(cfg, x, p, q, i, j), block_of(cfg, y, p, q, i, j), lat_w, vw, y.numel() * grid.dp, grid.group_size
-    if spec["case"] == "threads": return WeatherMixer(cfg, torch.float32), None, x, y, lat_w, var_w, y.numel(), 1
+        return (m, groups, block_of(cfg, x, p, q, i, j).to(dev), block_of(cfg, y, p, q, i, j).to(dev), lat_w, vw,
+                y.numel() * grid.dp, grid.group_size)
+    if spec["case"] == "threads": return WeatherMixer(cfg, torch.float32, dev), None, x.to(dev), y.to(dev), lat_w, var_w, y.numel(), 1
     _tdist_init(comm)
     if spec["case"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -344,6 +346,10 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per case, after one warm-up step")
     ap.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.txt and roofline.png")
     ap.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all': {', '.join(CASES)}")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="where the Jigsaw and one-process cases run: one GPU per rank from comm.local_device (the DDP and "
+                         "Megatron baselines stay on the CPU, over gloo); on GPUs the MPI exchanges are staged through host memory "
+                         "unless MPI is CUDA-aware (written, not verified on a GPU)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a field of the preset, e.g. --set hidden=256 --set f_s=1 (repeatable; numbers as JSON)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # one rank of one case (JSON spec), launched by the command itself
@@ -380,7 +386,7 @@ def main(argv=None):
     print(head, flush=True)
     res = []
     for name in names:
-        res.append(summarize(name, _launch(name, CASES[name], a.model, a.steps, out, overrides), cfg, peak1, cores))
+        res.append(summarize(name, _launch(name, dict(CASES[name], device=a.device), a.model, a.steps, out, overrides), cfg, peak1, cores))
         print(f"  done: {name} on {res[-1]['ranks']} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
     text = head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + predictions(res, cfg, peak1, link)
     print(text)
