@@ -13,7 +13,7 @@ from .config import MixerConfig, preset
 
 # %% auto #0
 __all__ = ['token_mix', 'channel_mix', 'param_shapes', 'param_count', 'forward_flops', 'train_step_flops', 'patchify',
-           'unpatchify', 'dropout_key', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'full_params',
+           'unpatchify', 'dropout_key', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'init_block', 'full_params',
            'init_params']
 
 # %% ../nbs/01_mixer.ipynb #e4c0fe02
@@ -206,19 +206,34 @@ def _fan_in(name, shape):
     return shape[0]  # (in, out) orientation: dec.w (2H, V_out, P), res.w, ch*.w
 
 # %% ../nbs/01_mixer.ipynb #262c1683
-def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
+def _uniform(index: list, shape, key: int):
+    "Uniform [0, 1) values at the index lists `index` of a tensor of `shape`, a function of `key` and the global indices."
+    idx = torch.zeros((), dtype=torch.int64)
+    for d, ix in enumerate(index):
+        idx = idx * shape[d] + torch.as_tensor(ix, dtype=torch.int64).view([len(ix)] + [1] * (len(index) - d - 1))
+    return _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32)).double() / 2**32
+
+# %% ../nbs/01_mixer.ipynb #f452ccf6
+def init_block(cfg: MixerConfig, name: str, index: list | None = None, seed: int = 0, dtype=torch.float64):
+    "The initial values of parameter `name` at the index lists `index` (one per dim; None: the whole tensor)."
+    shapes = param_shapes(cfg); shape = shapes[name]
+    index = [list(range(n)) for n in shape] if index is None else [list(ix) for ix in index]
+    size = [len(ix) for ix in index]
+    if name.endswith(".b"): v = torch.zeros(size, dtype=torch.float64)
+    elif ".ln" in name or name.startswith("dec.ln"): v = torch.ones(size, dtype=torch.float64)
+    else:
+        key = dropout_key(seed, list(shapes).index(name), site=0x1A17)  # one stream per parameter
+        v = (_uniform(index, shape, key) * 2 - 1) / math.sqrt(_fan_in(name, shape))
+    if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
+        ax = 1 if name == "dec.w" else v.dim() - 1 if name.startswith("res") else 0  # the output-channel axis
+        keep = (torch.as_tensor(index[ax]) < cfg.n_vars).to(v.dtype)
+        v = v * keep.view([-1 if k == ax else 1 for k in range(v.dim())])
+    return v.to(dtype)
+
+# %% ../nbs/01_mixer.ipynb #99edbd3d
+def full_params(cfg: MixerConfig, seed: int = 0, dtype=torch.float64):
     "Yield `(name, tensor)` for every initial parameter of `cfg`, one at a time, from `seed`."
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith(".b"): v = torch.zeros(shape, dtype=torch.float64)
-        elif ".ln" in name or name.startswith("dec.ln"): v = torch.ones(shape, dtype=torch.float64)
-        else:
-            bound = 1 / math.sqrt(_fan_in(name, shape))
-            v = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
-        if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
-            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)  # the output-channel axis
-            v.narrow(ax, cfg.n_vars, cfg.out_pad).zero_()
-        yield name, v.to(dtype)
+    for name in param_shapes(cfg): yield name, init_block(cfg, name, None, seed, dtype)
 
 # %% ../nbs/01_mixer.ipynb #402e1626
 @torch.no_grad()

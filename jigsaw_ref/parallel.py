@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .config import MixerConfig, shard_range, split_sizes
-from .mixer import dropout, full_params, param_shapes, patchify, site_key, unpatchify
+from .mixer import dropout, init_block, param_shapes, patchify, site_key, unpatchify
 from .comm import Group, all_gather, all_reduce, reduce_scatter
 from .pmatmul import (channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa, layer_norm,
                                 token_mlp, token_mlp_faithful, token_mlp_overlap, token_mlp_summa)
@@ -149,8 +149,8 @@ class JigsawMixer(nn.Module):
         self.out_slice = slice(*shard_range(cfg.n_out, self.q, self.j))  # my output channels: e.g. `var_w[model.out_slice]`
         self.mlps = _mlps(schedule, self.bias_after)
         if init:
-            with torch.no_grad():  # slice the one-process initial weights: every layout starts identical
-                for name, full in full_params(cfg, seed): self.state()[name].copy_(take(full, self.spec[name][0]))
+            with torch.no_grad():  # my blocks of the one-process initial weights, computed for my blocks only
+                for name in self._names: self.state()[name].copy_(init_block(cfg, name, self.spec[name][0], seed))
 
 # %% ../nbs/06_parallel.ipynb #4e83032b
 def _mlps(schedule: str, copies: bool):

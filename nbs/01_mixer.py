@@ -393,11 +393,12 @@ def forward(self: WeatherMixer, x, k: int = 1, key: int = 0, sample0: int = 0):
 # %% [markdown]
 # ## Initialisation
 #
-# Weights are drawn from one seeded generator in a fixed order (the order of `param_shapes`), each
-# uniform in $\pm 1/\sqrt{\text{fan-in}}$ like `torch.nn.Linear`; LayerNorm weights start at one and all
-# biases at zero. Padding outputs get zero weights so they predict exactly zero. Because the full
-# initial model is a pure function of (config, seed), every parallel layout starts from the same
-# weights: it slices them.
+# Weights are uniform in $\pm 1/\sqrt{\text{fan-in}}$ like `torch.nn.Linear`; LayerNorm weights start at one and
+# all biases at zero. Padding outputs get zero weights so they predict exactly zero. The value of every element
+# is a pure function of (seed, parameter, the element's global index), drawn with the same counter-based hash as
+# the dropout masks, so a rank computes **only its own block** of each initial weight, from the block's index
+# lists, and gets exactly the values the one-process model has there: every layout starts from the same model,
+# and no rank ever builds a full weight it does not hold.
 
 # %%
 #| export
@@ -408,19 +409,48 @@ def _fan_in(name, shape):
 
 # %%
 #| export
-def full_params(cfg: MixerConfig, seed: int | None = 0, dtype=torch.float64):
+def _uniform(index: list, shape, key: int):
+    "Uniform [0, 1) values at the index lists `index` of a tensor of `shape`, a function of `key` and the global indices."
+    idx = torch.zeros((), dtype=torch.int64)
+    for d, ix in enumerate(index):
+        idx = idx * shape[d] + torch.as_tensor(ix, dtype=torch.int64).view([len(ix)] + [1] * (len(index) - d - 1))
+    return _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32)).double() / 2**32
+
+# %%
+#| export
+def init_block(cfg: MixerConfig, name: str, index: list | None = None, seed: int = 0, dtype=torch.float64):
+    "The initial values of parameter `name` at the index lists `index` (one per dim; None: the whole tensor)."
+    shapes = param_shapes(cfg); shape = shapes[name]
+    index = [list(range(n)) for n in shape] if index is None else [list(ix) for ix in index]
+    size = [len(ix) for ix in index]
+    if name.endswith(".b"): v = torch.zeros(size, dtype=torch.float64)
+    elif ".ln" in name or name.startswith("dec.ln"): v = torch.ones(size, dtype=torch.float64)
+    else:
+        key = dropout_key(seed, list(shapes).index(name), site=0x1A17)  # one stream per parameter
+        v = (_uniform(index, shape, key) * 2 - 1) / math.sqrt(_fan_in(name, shape))
+    if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
+        ax = 1 if name == "dec.w" else v.dim() - 1 if name.startswith("res") else 0  # the output-channel axis
+        keep = (torch.as_tensor(index[ax]) < cfg.n_vars).to(v.dtype)
+        v = v * keep.view([-1 if k == ax else 1 for k in range(v.dim())])
+    return v.to(dtype)
+
+# %%
+#| export
+def full_params(cfg: MixerConfig, seed: int = 0, dtype=torch.float64):
     "Yield `(name, tensor)` for every initial parameter of `cfg`, one at a time, from `seed`."
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-    for name, shape in param_shapes(cfg).items():
-        if name.endswith(".b"): v = torch.zeros(shape, dtype=torch.float64)
-        elif ".ln" in name or name.startswith("dec.ln"): v = torch.ones(shape, dtype=torch.float64)
-        else:
-            bound = 1 / math.sqrt(_fan_in(name, shape))
-            v = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
-        if name in ("dec.w", "dec.b", "res.w", "res.b") and cfg.out_pad:  # padding targets: zero weights
-            ax = 1 if name == "dec.w" else (-1 if name.startswith("res") else 0)  # the output-channel axis
-            v.narrow(ax, cfg.n_vars, cfg.out_pad).zero_()
-        yield name, v.to(dtype)
+    for name in param_shapes(cfg): yield name, init_block(cfg, name, None, seed, dtype)
+
+# %% [markdown]
+# A block computed alone has exactly the full tensor's values there, non-contiguous index lists included:
+
+# %%
+_c = preset("tiny", out_pad=2)
+_full = dict(full_params(_c, seed=3))
+_ix = [[1, 5, 6], list(range(2)), list(range(10, 20))]
+test_eq(init_block(_c, "enc.w", _ix, seed=3), _full["enc.w"][[1, 5, 6]][:, :2, 10:20])
+test_eq(init_block(_c, "res.w", [list(range(5)), [0, 18, 19, 20]], seed=3)[:, 2:].abs().sum(), 0)  # padding outputs: zero
+assert not torch.equal(dict(full_params(_c, seed=4))["enc.w"], _full["enc.w"])
+test_close(_full["blocks.0.tok1.w"].abs().max(), 1 / math.sqrt(_c.tokens), eps=1e-3)
 
 # %%
 #| export
