@@ -16,8 +16,8 @@ from .parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
 from .pmatmul import saved_bytes
 
 # %% auto #0
-__all__ = ['CASES', 'gemm_gflops', 'MegatronMixer', 'run_case', 'layer_gemms', 'roofline', 'plot_roofline', 'MPI_rank',
-           'cpu_info', 'pingpong', 'summarize', 'table', 'targets', 'predictions', 'main']
+__all__ = ['CASES', 'gemm_gflops', 'MegatronMixer', 'run_case', 'layer_gemms', 'roofline', 'plot_roofline', 'plot_scaling',
+           'MPI_rank', 'cpu_info', 'pingpong', 'summarize', 'table', 'targets', 'predictions', 'main']
 
 # %% ../nbs/12_bench.ipynb #f2e3f333
 def gemm_gflops(n: int = 1536, threads: int = 1, reps: int = 8) -> float:
@@ -216,6 +216,31 @@ def plot_roofline(r: dict, path):
     ax.set_title("Roofline of the WeatherMixer GEMMs on this CPU"); ax.legend(fontsize=8); ax.grid(True, which="both", alpha=.3)
     fig.tight_layout(); fig.savefig(path, dpi=110)
 
+# %% ../nbs/12_bench.ipynb #33da74c3
+def plot_scaling(bench: dict, cfg, path):
+    "Strong-scaling plot of a `jigsaw-bench` result (bench.json's dict) beside the model and the paper; saved to `path`."
+    from matplotlib.figure import Figure
+    from jigsaw_ref.perfmodel import PAPER, calibrate, comparison, predict_local
+    res, link = {r["case"]: r for r in bench["cases"]}, bench.get("link")
+    fig = Figure(figsize=(6.4, 4.0)); ax = fig.subplots()
+    ways = [w for w in (1, 2, 4) if f"{w}-way" in res]
+    if "1-way" in res:
+        ax.plot(ways, [res["1-way"]["step_s"] / res[f"{w}-way"]["step_s"] for w in ways], "o-", color="C3", label="measured here (CPU ranks)")
+        if link:
+            pred = predict_local(cfg, bench["peak1"], link["bw_bytes_s"], link["latency_s"], tuple(ways))
+            ax.plot(ways, [pred[1]["step"] / pred[w]["step"] for w in ways], "s--", color="C3", alpha=.6, label="model, this machine")
+    for prec, mk in (("fp32", "^"), ("tf32", "v")):
+        P = PAPER["c3"]
+        ax.plot([1, 2, 4], [1, P[(prec, 2)], P[(prec, 4)]], mk, color="k", ms=8, mfc="none", label=f"paper C3, A100 {prec.upper()}")
+    model = {cell: pred for cell, _, pred, _, _ in comparison(calibrate())}
+    for prec, c in (("fp32", "C0"), ("tf32", "C2")):
+        ys = [1] + [model.get(f"C3 {prec} {w}-way speedup", float("nan")) for w in (2, 4)]
+        ax.plot([1, 2, 4], ys, "-", color=c, alpha=.7, label=f"model, A100 {prec.upper()}")
+    ax.plot([1, 4], [1, 4], ":", color="0.5", label="ideal")
+    ax.set_xlabel("ranks (GPUs) per model"); ax.set_ylabel("speedup over 1-way"); ax.set_xticks([1, 2, 4])
+    ax.set_title("Strong scaling of one model", fontsize=10); ax.grid(alpha=.3); ax.legend(fontsize=7)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
+
 # %% ../nbs/12_bench.ipynb #e8dc7831
 def _case(case: str, ranks: int, way: str = "1", **kw) -> dict: return dict(case=case, ranks=ranks, way=way, **kw)
 
@@ -391,10 +416,11 @@ def main(argv=None):
     text = head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + predictions(res, cfg, peak1, link)
     print(text)
     rl = roofline(cfg); plot_roofline(rl, out / "roofline.png")
-    (out / "bench.json").write_text(json.dumps({"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "cases": res, "roofline": rl,
-                                               "targets": targets(res)}, indent=1))
+    result = {"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "link": link, "cases": res, "roofline": rl, "targets": targets(res)}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    plot_scaling(result, cfg, out / "scaling.png")
     (out / "bench.txt").write_text(text + "\n")
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.txt'}, {out / 'roofline.png'}")
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.txt'}, {out / 'roofline.png'}, {out / 'scaling.png'}")
     return 0
 
 # %% ../nbs/12_bench.ipynb #f5dc0a41

@@ -298,6 +298,40 @@ def plot_roofline(r: dict, path):
     fig.tight_layout(); fig.savefig(path, dpi=110)
 
 # %% [markdown]
+# ## Scaling, measured and modelled
+#
+# `plot_scaling` draws one run's strong scaling beside the performance model and the paper: the speedup of the
+# 2- and 4-way layouts over 1-way measured here, the model's prediction for this machine (`predict_local`, fed
+# with the GEMM peak and link measured in the same run), the model's A100 curve for the paper's C3 model, and the
+# paper's FP32 and TF32 points. (On a 2-core machine the 4-way point is oversubscribed: two ranks per core.)
+
+# %%
+#| export
+def plot_scaling(bench: dict, cfg, path):
+    "Strong-scaling plot of a `jigsaw-bench` result (bench.json's dict) beside the model and the paper; saved to `path`."
+    from matplotlib.figure import Figure
+    from jigsaw_ref.perfmodel import PAPER, calibrate, comparison, predict_local
+    res, link = {r["case"]: r for r in bench["cases"]}, bench.get("link")
+    fig = Figure(figsize=(6.4, 4.0)); ax = fig.subplots()
+    ways = [w for w in (1, 2, 4) if f"{w}-way" in res]
+    if "1-way" in res:
+        ax.plot(ways, [res["1-way"]["step_s"] / res[f"{w}-way"]["step_s"] for w in ways], "o-", color="C3", label="measured here (CPU ranks)")
+        if link:
+            pred = predict_local(cfg, bench["peak1"], link["bw_bytes_s"], link["latency_s"], tuple(ways))
+            ax.plot(ways, [pred[1]["step"] / pred[w]["step"] for w in ways], "s--", color="C3", alpha=.6, label="model, this machine")
+    for prec, mk in (("fp32", "^"), ("tf32", "v")):
+        P = PAPER["c3"]
+        ax.plot([1, 2, 4], [1, P[(prec, 2)], P[(prec, 4)]], mk, color="k", ms=8, mfc="none", label=f"paper C3, A100 {prec.upper()}")
+    model = {cell: pred for cell, _, pred, _, _ in comparison(calibrate())}
+    for prec, c in (("fp32", "C0"), ("tf32", "C2")):
+        ys = [1] + [model.get(f"C3 {prec} {w}-way speedup", float("nan")) for w in (2, 4)]
+        ax.plot([1, 2, 4], ys, "-", color=c, alpha=.7, label=f"model, A100 {prec.upper()}")
+    ax.plot([1, 4], [1, 4], ":", color="0.5", label="ideal")
+    ax.set_xlabel("ranks (GPUs) per model"); ax.set_ylabel("speedup over 1-way"); ax.set_xticks([1, 2, 4])
+    ax.set_title("Strong scaling of one model", fontsize=10); ax.grid(alpha=.3); ax.legend(fontsize=7)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
+
+# %% [markdown]
 # ## The command
 #
 # `jigsaw-bench` runs every case as its own `mpiexec` job, gathers what each rank measured and prints one
@@ -505,10 +539,11 @@ def main(argv=None):
     text = head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + predictions(res, cfg, peak1, link)
     print(text)
     rl = roofline(cfg); plot_roofline(rl, out / "roofline.png")
-    (out / "bench.json").write_text(json.dumps({"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "cases": res, "roofline": rl,
-                                               "targets": targets(res)}, indent=1))
+    result = {"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "link": link, "cases": res, "roofline": rl, "targets": targets(res)}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    plot_scaling(result, cfg, out / "scaling.png")
     (out / "bench.txt").write_text(text + "\n")
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.txt'}, {out / 'roofline.png'}")
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.txt'}, {out / 'roofline.png'}, {out / 'scaling.png'}")
     return 0
 
 # %%
