@@ -351,6 +351,7 @@ def MPI_rank() -> int:
 CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines on the same ranks
     "1-way": _case("jigsaw", 1), "1-way 2 threads": _case("threads", 1, threads=2),
     "2-way": _case("jigsaw", 2, "2"), "2-way plain": _case("jigsaw", 2, "2", schedule="plain"),
+    "2-way async progress": _case("jigsaw", 2, "2", env={"MPIR_CVAR_ASYNC_PROGRESS": "1"}),  # MPICH's progress thread
     "2-way faithful": _case("jigsaw", 2, "2", mode="faithful"), "2-way recompute": _case("jigsaw", 2, "2", recompute=True),
     "ddp": _case("ddp", 2), "megatron": _case("megatron", 2),
     "4-way": _case("jigsaw", 4, "4"), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
@@ -374,7 +375,7 @@ def cpu_info() -> str:
 #| export
 def _launch(name: str, spec: dict, model, steps, out: Path, overrides: dict, timeout=1800) -> list[dict]:
     exe = Path(sys.executable).with_name("mpiexec")
-    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS=str(spec.get("threads", 1)))
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS=str(spec.get("threads", 1)), **spec.get("env", {}))
     cmd = [str(exe if exe.exists() else "mpiexec"), "-n", str(spec["ranks"]), sys.executable, "-m", "jigsaw_ref.bench",
            "--worker", json.dumps(spec), "--model", model, "--steps", str(steps), "--out", str(out),
            "--overrides", json.dumps(overrides)]
