@@ -77,6 +77,7 @@ class Group:
         self.rank = 0 if comm is None else comm.Get_rank()
         self.pool, self._aware = StagingPool(), None
         self.inflight = self.recv_peak = 0  # bytes of posted, not yet completed receives; their maximum
+        self.progress_chunks = int(os.environ.get("JIGSAW_PROGRESS_CHUNKS", "1"))  # see `pmatmul.chunked`
 
     @property
     def can_overlap(self) -> bool:
@@ -149,6 +150,13 @@ def _copy_back(reqs, backs, wires):
     return reqs
 
 # %% ../nbs/04_comm.ipynb #e918dd81
+@patch
+def poke(self: Group, reqs):
+    "Let the library move the messages of `reqs` along (an MPI_Test on each), between the chunks of a long computation."
+    for r in reqs:
+        if r.raw is not None and hasattr(r.raw, "Test"): r.raw.Test()
+
+
 @patch
 def wait(self: Group, reqs):
     "Complete every request in `reqs` (`self.waiting` says for which partners and tags meanwhile)."
@@ -263,6 +271,7 @@ class TorchGroup(Group):
         self.dist, self.pg, self.comm, self.algo, self.staging, self.sent, self.seconds = dist, pg, pg, algo, "never", 0, 0.0
         self.wire = wire
         self.inflight = self.recv_peak = 0
+        self.progress_chunks = 1  # torch.distributed's backends progress by themselves
         self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
         self._peers = [dist.get_global_rank(pg, k) if pg is not None else k for k in range(self.size)]
 

@@ -12,9 +12,9 @@ from .config import shard_range, split_sizes
 
 # %% auto #0
 __all__ = ['LEFT', 'RIGHT', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp', 'mlp_steps', 'print_steps', 'plot_exchanges',
-           'channel_mlp', 'layer_norm', 'gather_matmul', 'matmul_reduce_scatter', 'gather_matmul_reduce_scatter',
-           'mm_stage', 'token_mlp_overlap', 'channel_mlp_overlap', 'saved_bytes', 'block_bytes', 'token_mlp_faithful',
-           'channel_mlp_faithful', 'summa', 'token_mlp_summa', 'channel_mlp_summa']
+           'channel_mlp', 'layer_norm', 'chunked', 'gather_matmul', 'matmul_reduce_scatter',
+           'gather_matmul_reduce_scatter', 'mm_stage', 'token_mlp_overlap', 'channel_mlp_overlap', 'saved_bytes',
+           'block_bytes', 'token_mlp_faithful', 'channel_mlp_faithful', 'summa', 'token_mlp_summa', 'channel_mlp_summa']
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d7b0a429
 class Product(NamedTuple):
@@ -192,6 +192,17 @@ def _with(t, dim: int, n: int):
 def _cuts(sizes): return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
 
 # %% ../nbs/05_partitioned_matmul.ipynb #8a0db192
+def chunked(prod, w, a, group, reqs):
+    """`prod.fwd(w, a)`, computed in `group.progress_chunks` pieces along the weight's output rows with `group.poke(reqs)`
+    between them: an MPI without a progress thread moves a large message only inside MPI calls."""
+    k = getattr(group, "progress_chunks", 1)
+    if k <= 1 or not reqs: return prod.fwd(w, a)
+    parts = []
+    for wc in w.tensor_split(k, dim=0 if prod is LEFT else 1):
+        parts.append(prod.fwd(wc, a)); group.poke(reqs)
+    return torch.cat(parts, dim=prod.bias_dim)
+
+
 def _amp(t) -> tuple:
     "The autocast state of `t`'s device; torch runs a custom backward without autocast, so the backward re-enters it."
     dev = t.device.type
@@ -210,7 +221,7 @@ class _GatherMatmul(torch.autograd.Function):
         xs = x.contiguous()
         bufs = {k: x.new_empty(_with(x, d, sizes[k])) for k in range(n) if k != r}
         reqs = [group.start(sends=[(xs, to)], recvs=[(bufs[fr], fr)], tag=31) for to, fr in _rounds(n, r)]
-        y_r = prod.fwd(w, xs)  # my own block while the partners' blocks arrive
+        y_r = chunked(prod, w, xs, group, [q for rq in reqs for q in rq])  # my own block while the partners' arrive
         out = y_r.new_empty(_with(y_r, d, c[-1]))
         out.narrow(d, c[r], sizes[r]).copy_(y_r)
         for (to, fr), rq in zip(_rounds(n, r), reqs):
@@ -238,6 +249,7 @@ class _GatherMatmul(torch.autograd.Function):
         scatter = [group.start(sends=[(prod.da(w, blk(g, to)).to(x.dtype).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=33)
                    for to, fr in _rounds(n, r)]  # each partner's input gradient, sent as soon as it exists
         dx = prod.da(w, blk(g, r))  # mine, and my weight-gradient block, while the messages fly
+        group.poke([q for rq in gather + scatter for q in rq])
         dw = prod.dw(blk(g, r), xs)
         for (to, fr), rq in zip(_rounds(n, r), gather):
             group.wait(rq); dw = dw + prod.dw(blk(g, fr), xb[fr])
@@ -267,7 +279,7 @@ class _MatmulReduceScatter(torch.autograd.Function):
             y_to = blk(to).contiguous()
             bufs[fr] = y_to.new_empty(_with(y_to, d, sizes[r]))
             reqs += group.start(sends=[(y_to, to)], recvs=[(bufs[fr], fr)], tag=21)
-        out = blk(r)  # my own block while the messages fly
+        out = chunked(prod, w, a.narrow(d, cu[r], sizes[r]), group, reqs) + c.view(shape)  # mine while the messages fly
         group.wait(reqs)
         for to, fr in _rounds(n, r): out = out + bufs[fr]  # a fixed order of summation
         return out
@@ -293,6 +305,7 @@ class _MatmulReduceScatter(torch.autograd.Function):
             da.narrow(d, cu[k], sizes[k]).copy_(prod.da(w, gk))  # (in a's dtype, whatever autocast computed it in)
             return prod.dw(gk, a.narrow(d, cu[k], sizes[k])), gk.sum(other)
         dw, dc = use(r, g)  # my own block while the partners' arrive
+        group.poke([q for rq in reqs for q in rq])
         for (to, fr), rq in zip(_rounds(n, r), reqs):
             group.wait(rq); gw, gc = use(fr, bufs[fr]); dw = dw + gw; dc = dc + gc
         return dw, da, dc, None, None, None

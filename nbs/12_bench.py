@@ -352,6 +352,7 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "1-way": _case("jigsaw", 1), "1-way 2 threads": _case("threads", 1, threads=2),
     "2-way": _case("jigsaw", 2, "2"), "2-way plain": _case("jigsaw", 2, "2", schedule="plain"),
     "2-way async progress": _case("jigsaw", 2, "2", env={"MPIR_CVAR_ASYNC_PROGRESS": "1"}),  # MPICH's progress thread
+    "2-way test chunks": _case("jigsaw", 2, "2", env={"JIGSAW_PROGRESS_CHUNKS": "4"}),  # MPI_Test between GEMM chunks
     "2-way faithful": _case("jigsaw", 2, "2", mode="faithful"), "2-way recompute": _case("jigsaw", 2, "2", recompute=True),
     "ddp": _case("ddp", 2), "megatron": _case("megatron", 2),
     "4-way": _case("jigsaw", 4, "4"), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
