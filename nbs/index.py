@@ -44,21 +44,27 @@
 # | `01_mixer` | `mixer` | the mixer math and the one-process WeatherMixer; parameter and FLOP counts |
 # | `02_loss` | `loss` | latitude/variable weighted MSE, WeatherBench2 cell-area weights |
 # | `03_grid` | `grid` | the dp x domain x tensor grid and its communicators |
-# | `04_comm` | `comm` | collectives over mpi4py / torch.distributed as autograd functions, byte counts |
-# | `05_partitioned_matmul` | `pmatmul` | token and channel mixing and LayerNorm on a p x q grid, derived |
-# | `06_parallel` | `parallel` | the whole model on any layout, exact and faithful modes |
+# | `04_comm` | `comm` | point-to-point exchanges and collectives over mpi4py, thread ranks or torch.distributed (NCCL, gloo), as autograd functions; byte counts; staging of device tensors; launchers, devices, the groups of a run; a watchdog |
+# | `04a_ranks` | `ranks` | in-process thread ranks: the same `Group` code as MPI, so notebooks run 2 and 4 ranks |
+# | `05_partitioned_matmul` | `pmatmul` | token and channel mixing and LayerNorm on a p x q grid, derived and run: the 2-way sums, the 2x2 table and figure, the backward, the overlapped, faithful and SUMMA schedules |
+# | `06_parallel` | `parallel` | the whole model on any layout, exact and faithful modes; completing gradients; precision |
+# | `06a_api` | `jigsaw_ref` | the public names a training loop of your own needs |
 # | `07_generator` | `generator` | the embedded default data: a forced two-layer atmosphere on the sphere |
 # | `08_data` | `data` | WeatherBench2-layout ERA5 reader, each rank reading only its block |
-# | `09_train` | `train` | `jigsaw-train`: the distributed trainer, checkpoints in one full-model format |
+# | `09_train` | `train` | `jigsaw-train`: the distributed trainer |
+# | `09a_checkpoint` | `checkpoint` | sharded, layout-independent checkpoints (zarr), atomic and checksummed; `jigsaw-ckpt` |
 # | `10_evaluate` | `evaluate` | `jigsaw-eval`: WeatherBench2-style RMSE, ACC and bias; persistence and climatology |
 # | `11_reliability` | | what happens on failures, and every bad input with its message |
 # | `12_bench` | `bench` | `jigsaw-bench`: Jigsaw against DDP and Megatron-style tensor parallelism, roofline |
 # | `13_perf_model` | `perfmodel` | a performance model of the paper's strong and weak scaling tables |
 # | `14_mpi_notebook` | | 2-way and 4-way on four ipyparallel MPI engines, checked against one process |
-# | `20`-`23` | | tutorials: a laptop, your own ERA5, a GPU cluster; the large-batch experiment |
+# | `20`-`24` | | tutorials: a laptop, your own ERA5, a GPU cluster (and SLURM), the large-batch experiment, your own training loop |
 #
-# The one-process model imports no communication code; the communication layer knows grids and tensors,
-# never models; the parallel model composes the two.
+# The layering, which `tests/test_layering.py` checks by reading every module's imports: the one-process model
+# (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`)
+# knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model composes
+# the two; `train`, `evaluate` and `bench` compose everything, and nothing imports `train`; there is no import
+# cycle.
 
 # %% [markdown]
 # ## The presets
