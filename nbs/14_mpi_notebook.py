@@ -74,6 +74,8 @@ ref = WeatherMixer(cfg, dtype=torch.float64)
 xr = x.clone().requires_grad_(True)
 yr = ref(xr)
 yr.square().sum().backward()
+yr = yr.detach()
+print(f"engine {world.Get_rank()} of {world.Get_size()}: {dev}, reference output {tuple(yr.shape)}")
 
 # %% [markdown]
 # ## 2-way: channel halves, data parallelism over the two pairs
@@ -94,6 +96,7 @@ def run(way):
     xl = block_of(cfg, x[d:d + 1], p, q, i, j).to(dev).requires_grad_(True)
     y = m(xl)
     y.square().sum().backward()
+    y = y.detach()
     out_err = float((y.cpu() - block_of(cfg, yr[d:d + 1], p, q, i, j)).abs().max() / yr.abs().max())
     in_err = float((xl.grad.cpu() - block_of(cfg, xr.grad[d:d + 1], p, q, i, j)).abs().max() / xr.grad.abs().max())
     m.sync_replicated_grads()  # complete the replicated parameters' gradient shares (no dp sum: one sample per group)
@@ -130,4 +133,7 @@ assert (res[["output", "input grad", "weight grads"]] < 1e-10).all().all()
 
 # %%
 #| mpi
+import logging
+cluster.log.setLevel(logging.ERROR)  # not the engines' whole logs
 cluster.stop_cluster_sync()
+print("cluster stopped")
