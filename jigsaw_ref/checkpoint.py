@@ -18,23 +18,29 @@ from .mixer import param_shapes
 from .comm import Group
 
 # %% auto #0
-__all__ = ['MAGIC', 'FORMAT', 'KINDS', 'CHUNK_BYTES', 'PROGRESS_BYTES', 'FSYNC', 'CheckpointError', 'fault_point',
-           'save_checkpoint', 'read_file', 'nbytes', 'stored_bytes', 'to_runs', 'from_runs', 'chunk_shape',
-           'written_by', 'block_record', 'chunk_slices', 'write_block', 'write_manifest', 'commit', 'write_store',
-           'MissingChunk', 'ReadStore', 'read_manifest', 'Reader', 'save_sharded', 'own_writer', 'load_sharded',
-           'load_full', 'load_checkpoint', 'convert', 'info', 'verify', 'main']
+__all__ = ['FAULT_SIGNALS', 'MAGIC', 'FORMAT', 'KINDS', 'CHUNK_BYTES', 'PROGRESS_BYTES', 'FSYNC', 'CheckpointError',
+           'fault_point', 'save_checkpoint', 'read_file', 'nbytes', 'stored_bytes', 'to_runs', 'from_runs',
+           'chunk_shape', 'written_by', 'block_record', 'chunk_slices', 'write_block', 'write_manifest', 'commit',
+           'write_store', 'MissingChunk', 'ReadStore', 'read_manifest', 'Reader', 'save_sharded', 'own_writer',
+           'load_sharded', 'load_full', 'load_checkpoint', 'convert', 'checkpoint_step', 'find_checkpoints', 'prune',
+           'info', 'verify', 'main']
 
 # %% ../nbs/09a_checkpoint.ipynb #95e137e7
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used or written; the message names the file and the problem."
 
 # %% ../nbs/09a_checkpoint.ipynb #3f624495
-def fault_point(where: str,  # 'data', 'forward', 'backward' or 'checkpoint'
+FAULT_SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT, "usr1": signal.SIGUSR1, "stop": signal.SIGSTOP, "kill": signal.SIGKILL}
+
+
+def fault_point(where: str,  # 'data', 'forward', 'backward', 'checkpoint' or 'metrics'
                 rank: int,  # the rank calling
                 step: int):  # the optimizer step it is in
-    """Fault injection for the reliability tests, from `JIGSAW_FAULT` (comma-separated `KIND@RANK[:STEP]`):
+    """Fault injection for the reliability tests, from `JIGSAW_FAULT` (comma-separated `KIND-WHERE@RANK[:STEP]`):
     `forward@1:2` raises on rank 1 at step 2; `kill-checkpoint@0` sends SIGKILL to rank 0 halfway through its
-    share of a checkpoint; `enospc-checkpoint@1:3` raises `OSError(ENOSPC)` there, as a full disk does."""
+    share of a checkpoint; `enospc-checkpoint@1:3` raises `OSError(ENOSPC)` there, as a full disk does; `term-`,
+    `int-`, `usr1-` and `stop-` send that signal to the rank itself (`stop`: SIGSTOP, a stalled node);
+    `sleep5-checkpoint@0` sleeps 5 s there (a slow file system)."""
     spec = os.environ.get("JIGSAW_FAULT")
     if not spec: return
     for item in spec.split(","):
@@ -42,7 +48,8 @@ def fault_point(where: str,  # 'data', 'forward', 'backward' or 'checkpoint'
         r, _, st = at.partition(":")
         how, _, point = what.rpartition("-")
         if point != where or int(r) != rank or (st and int(st) != step): continue
-        if how == "kill": os.kill(os.getpid(), signal.SIGKILL)
+        if how in FAULT_SIGNALS: os.kill(os.getpid(), FAULT_SIGNALS[how]); continue
+        if how.startswith("sleep"): time.sleep(float(how[5:] or 1)); continue
         if how == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device (injected at {where} on rank {rank}, step {step})")
         raise RuntimeError(f"injected fault at {where} on rank {rank}, step {step} (JIGSAW_FAULT={spec})")
@@ -499,6 +506,34 @@ def convert(old, new, chunk_bytes: int = CHUNK_BYTES) -> Path:
              "adam_step": float(ck["adam"].get("step", 0.0)), "rng": "not kept (the first format's torch RNG state)"}
     write_store(new, parts, meta, Group())
     return Path(new)
+
+# %% ../nbs/09a_checkpoint.ipynb #b9510971
+def checkpoint_step(path) -> int:
+    "The step of the committed checkpoint at `path` (its verified manifest, or the verified single file)."
+    p = Path(path)
+    if p.is_dir(): return int(read_manifest(p).get("step", -1))
+    ck = read_file(p)
+    if not isinstance(ck, dict) or "step" not in ck: raise CheckpointError(f"{p}: not a jigsaw_ref training checkpoint (no 'step')")
+    return int(ck["step"])
+
+
+def find_checkpoints(folder) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
+    "The committed `*.ckpt` in `folder` as [(step, path)], newest first; and [(path, why)] of those that do not verify."
+    good, bad = [], []
+    for p in sorted(Path(folder).glob("*.ckpt")) if Path(folder).is_dir() else []:
+        try: good.append((checkpoint_step(p), p))
+        except CheckpointError as e: bad.append((p, str(e)))
+    return sorted(good, key=lambda sp: (sp[0], sp[1].name.startswith("step")), reverse=True), bad
+
+# %% ../nbs/09a_checkpoint.ipynb #4ab67dc2
+def prune(folder, keep: int, upto: int | None = None) -> list[Path]:
+    "Remove all but the newest `keep` step checkpoints in `folder` (of step <= `upto`); the paths removed."
+    if keep <= 0: return []
+    steps = sorted((int(p.name[4:-5]), p) for p in Path(folder).glob("step*.ckpt") if p.name[4:-5].isdigit())
+    steps = [(s, p) for s, p in steps if upto is None or s <= upto]
+    gone = [p for _, p in steps[:-keep]]
+    for p in gone: _remove(p)
+    return gone
 
 # %% ../nbs/09a_checkpoint.ipynb #e76c30a9
 def info(path) -> str:

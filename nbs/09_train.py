@@ -4,7 +4,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, ast, dataclasses, importlib.util, json, math, os, re, sys, time, tomllib
+import argparse, ast, dataclasses, errno, hashlib, importlib.util, json, math, os, re, signal, socket, sys, threading, time, tomllib, uuid, warnings
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -13,11 +13,12 @@ from fastcore.basics import patch
 import jigsaw_ref.mixer as mixer
 from jigsaw_ref.config import ConfigError, MixerConfig, preset, shard_range
 from jigsaw_ref.grid import Grid
-from jigsaw_ref.comm import Group, launcher, make_groups
-from jigsaw_ref.loss import lat_weights_cos, lat_weights_area, variable_weights
-from jigsaw_ref.parallel import JigsawMixer, clip_grads, loss_share, scatter_state, sync_grads, take
-from jigsaw_ref.checkpoint import (CheckpointError, MAGIC, Reader, fault_point, load_checkpoint, load_sharded,
-                                   read_file, save_checkpoint, save_sharded)
+from jigsaw_ref.comm import Group, Watchdog, launcher, local_device, make_groups
+from jigsaw_ref.loss import lat_weights_cos, variable_weights
+from jigsaw_ref.parallel import JigsawMixer, complete_grads, loss_count, loss_share, scatter_state, take
+from jigsaw_ref.data import BadSampleError, DataError
+from jigsaw_ref.checkpoint import (CheckpointError, MAGIC, Reader, fault_point, find_checkpoints, load_checkpoint, load_sharded,
+                                   prune, read_file, read_manifest, save_checkpoint, save_sharded)
 
 # %%
 #| hide
@@ -29,10 +30,11 @@ torch.set_num_threads(1)
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # the groups of a one-rank job
 work = Path(tempfile.mkdtemp(prefix="jigsaw-train-"))
 
+
 # %% [markdown]
 # # The distributed trainer
 #
-# > `jigsaw-train`: any layout (1-, 2-, 4-way, p x q) times data parallelism, randomized or cyclic latent rollout, Adam with warm-up and cosine decay, clipping, and sharded checkpoints that any layout resumes from.
+# > `jigsaw-train`: any layout (1-, 2-, 4-way, p x q) times data parallelism, randomized or cyclic latent rollout, Adam with warm-up and cosine decay, clipping, sharded checkpoints that any layout resumes from, and a run that survives preemption, stalled ranks and bad samples.
 
 # %% [markdown]
 # ## Settings
@@ -54,6 +56,9 @@ class TrainConfig:
     mode: str = "exact"  # 'exact' (equals the 1-way model) or 'faithful' (released code)
     algo: str = "p2p"  # 'p2p' (the paper's point-to-point exchanges) or 'coll' (library collectives)
     backend: str = "mpi"  # 'mpi' (mpi4py) or 'torch' (torch.distributed: NCCL on GPU, gloo on CPU)
+    schedule: str = "overlap"  # the MLPs' exchanges: 'overlap' (overlapped with the matmuls), 'plain' or 'summa' (square groups)
+    recompute: bool = False  # recompute each mixer block in the backward pass instead of keeping its activations
+    comm_dtype: str = "same"  # activations on the wire: 'same' (the parameter dtype), 'float32' or 'bfloat16' (gradients stay exact)
     batch: int = 1  # samples per model group per step (global batch = batch * dp)
     epochs: int = 1  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
@@ -64,17 +69,28 @@ class TrainConfig:
     warmup_steps: int = -1  # linear warm-up steps; -1: one epoch, as in the released recipe
     clip: float = 1.0  # gradient-norm clipping (0: off)
     rollout: str = "random"  # 'random' (k drawn per step, same on every rank) or 'cyclic'
-    lat_weights: str = "cos"  # 'cos' (released code) or 'area' (WeatherBench2)
+    lat_weights: str = "cos"  # 'cos' (released code) or 'area' (WeatherBench2; the store's own weights or cell bounds when it has them)
     seed: int = 0  # seeds the initial weights, the sample order, the rollout draws and the dropout masks
-    out: str = "runs/latest"  # run folder: metrics.csv, summary.json, checkpoints
-    ckpt_every: int = 0  # steps between checkpoints (0: only at the end)
-    resume: str = ""  # a checkpoint (store folder or single file), or 'auto' (the newest step*.ckpt in `out`)
-    device: str = "cpu"  # 'cpu' or 'cuda'
+    out: str = "runs/latest"  # run folder: metrics.csv, summary.json, checkpoints, run.lock (one run per folder)
+    overwrite: bool = False  # a new run may delete the checkpoints and metrics another run left in `out`
+    ckpt_every: int = 0  # steps between checkpoints (0: only at the end, and at a stop signal)
+    keep_last: int = 0  # step checkpoints kept: the newest K (0: all); final.ckpt is always kept
+    resume: str = ""  # a checkpoint (store folder or single file), or 'auto' (the newest one in `out` that verifies; none: start fresh)
+    reschedule: bool = False  # on resume, accept changed schedule settings (steps, epochs, lr, warm-up, global batch, ...) and re-derive the schedule at the checkpoint's step
+    stop_signals: str = "TERM,INT,USR1"  # signals that stop the run at the next step boundary with a checkpoint ('': none); a second one aborts at once
+    requeue_exit_code: int = 0  # exit status after a signal stop (0, or the code your scheduler requeues on)
+    step_timeout: float = 600.0  # seconds a rank may make no progress before the watchdog ends the job, naming whom it waited on (0: off)
+    device: str = "cpu"  # 'cpu' or 'cuda' (this process's GPU from the launcher's local rank)
     precision: str = "fp32"  # 'fp32', 'tf32' (CUDA) or 'bf16' (CUDA autocast)
     dtype: str = "float32"  # parameter dtype ('float64' for exactness checks)
     val_batches: int = 8  # validation samples per epoch (0: all)
+    data_check: str = "finite"  # value check of every sample read: 'finite' (NaN, inf, |x| > 1e30) or 'range' (also physical ranges)
+    bad_samples: str = "stop"  # a sample that fails its check: 'stop' the run, or 'skip' its step (bounded by max_bad_samples)
+    max_bad_samples: int = 10  # with bad_samples='skip': stop once more than this many samples were bad
     nonfinite: str = "stop"  # on a non-finite loss or gradient: 'stop' (keep the last good checkpoint) or 'skip' the step
+    max_skip_fraction: float = 0.1  # with nonfinite='skip': stop once more than this fraction of the run's steps was skipped
     progress: bool = True  # progress bars (rank 0) for training and for the checkpoint writes of large models
+
 
 # %%
 #| export
@@ -94,6 +110,7 @@ def _override(base: MixerConfig, item: str) -> tuple[str, object]:
         raise ConfigError(f"--set {k}={v}: {k} needs a {type(cur).__name__}, e.g. --set {k}={cur!r}") from None
     return k, val
 
+
 # %%
 #| export
 @patch
@@ -103,9 +120,11 @@ def model_config(self: TrainConfig) -> MixerConfig:
     kw = dict(_override(base, item) for item in self.model_overrides)
     return base.replace(**kw) if kw else base
 
+
 # %%
 test_eq(TrainConfig(model="tiny", model_overrides=("hidden=16", "hidden=24")).model_config().hidden, 24)
 test_fail(lambda: TrainConfig(model_overrides=("widht=3",)).model_config(), contains="no field 'widht'")
+
 
 # %% [markdown]
 # ## Randomness that survives resharding
@@ -123,6 +142,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     "The sample order of `epoch`: a permutation of `range(n)` shared by every rank."
     return np.random.default_rng([seed, epoch, 0x5A]).permutation(n)
 
+
 # %%
 #| export
 def rollout_k(kmin: int, kmax: int, mode: str, seed: int, step: int) -> int:
@@ -131,33 +151,60 @@ def rollout_k(kmin: int, kmax: int, mode: str, seed: int, step: int) -> int:
     if mode != "random": raise ConfigError(f"rollout={mode!r}: choose 'random' or 'cyclic'")
     return int(np.random.default_rng([seed, step, 0xA7]).integers(kmin, kmax + 1))
 
+
 # %%
 test_eq(sorted(epoch_order(5, 0, 1)), list(range(5)))
 test_eq([rollout_k(1, 3, "cyclic", 0, s) for s in range(4)], [1, 2, 3, 1])
 assert {rollout_k(1, 3, "random", 0, s) for s in range(50)} == {1, 2, 3}
+
 
 # %% [markdown]
 # ## Optimizer and schedule
 #
 # Adam with two parameter groups (processor `lr`, encoder/decoder/residual `lr_encdec`), linear warm-up then
 # cosine decay to zero over the run, built from torch's own schedulers. Each rank's Adam sees only its blocks,
-# so its moments are sharded exactly like the weights.
+# so its moments are sharded exactly like the weights. The schedule is a function of its length and warm-up
+# alone, so a resumed run can rebuild it and step it to any position (`--reschedule`, below).
 
 # %%
 #| export
-def make_optimizer(model, tc: TrainConfig, total_steps: int, steps_per_epoch: int):
-    "Adam with encoder/decoder and processor groups, and its warm-up + cosine schedule."
+def make_optimizer(model, tc: TrainConfig) -> torch.optim.Adam:
+    "Adam with a processor group (`lr`) and an encoder/decoder/residual group (`lr_encdec`)."
     st = model.state()
     encdec = [st[n] for n in st if n.startswith(("enc.", "dec.", "res."))]
     proc = [st[n] for n in st if n.startswith("blocks.")]
-    opt = torch.optim.Adam([{"params": proc, "lr": tc.lr}, {"params": encdec, "lr": tc.lr_encdec}],
-                           weight_decay=tc.weight_decay)
-    warm = steps_per_epoch if tc.warmup_steps < 0 else tc.warmup_steps
-    warm = max(0, min(warm, total_steps - 1))
+    return torch.optim.Adam([{"params": proc, "lr": tc.lr}, {"params": encdec, "lr": tc.lr_encdec}], weight_decay=tc.weight_decay)
+
+
+# %%
+#| export
+def make_schedule(opt, total_steps: int, warmup_steps: int):
+    "Linear warm-up over `warmup_steps`, then cosine decay to zero at `total_steps` (from each group's `initial_lr`)."
     S = torch.optim.lr_scheduler
-    cos = S.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm))
-    sched = S.SequentialLR(opt, [S.LinearLR(opt, 1e-3, 1.0, total_iters=warm), cos], milestones=[warm]) if warm else cos
-    return opt, sched
+    cos = S.CosineAnnealingLR(opt, T_max=max(1, total_steps - warmup_steps))
+    if not warmup_steps: return cos
+    return S.SequentialLR(opt, [S.LinearLR(opt, 1e-3, 1.0, total_iters=warmup_steps), cos], milestones=[warmup_steps])
+
+
+# %%
+#| export
+def schedule_plan(tc: TrainConfig, steps_per_epoch: int, global_batch: int) -> dict:
+    "The settings that define a run's optimisation, as used: the schedule's length and warm-up, learning rates, batch, seed, ..."
+    total = steps_per_epoch * tc.epochs
+    total = min(total, tc.max_steps) if tc.max_steps else total
+    warm = steps_per_epoch if tc.warmup_steps < 0 else tc.warmup_steps
+    return dict(total_steps=total, warmup_steps=max(0, min(warm, total - 1)), lr=tc.lr, lr_encdec=tc.lr_encdec,
+                weight_decay=tc.weight_decay, global_batch=global_batch, seed=tc.seed, rollout=tc.rollout, clip=tc.clip)
+
+
+# %%
+_plan = schedule_plan(TrainConfig(max_steps=10, warmup_steps=-1), steps_per_epoch=4, global_batch=2)
+test_eq((_plan["total_steps"], _plan["warmup_steps"]), (4, 3))  # one epoch of 4 steps, its warm-up capped at 3
+_opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+_s = make_schedule(_opt, 10, 2)
+_lrs = [_opt.param_groups[0]["lr"]] + [(_opt.step(), _s.step(), _opt.param_groups[0]["lr"])[2] for _ in range(10)]
+test_close(_lrs[2], 1.0); test_close(_lrs[10], 0.0); assert _lrs[0] < _lrs[1] < _lrs[2] > _lrs[6] > _lrs[10]
+
 
 # %% [markdown]
 # ## Checks before any collective
@@ -179,24 +226,46 @@ def _check_layout(cfg: MixerConfig, tc: TrainConfig, world: int) -> Grid:
     for n, what in ((cfg.n_in, "input channels"), (cfg.n_out, "output channels"), (cfg.hidden, "hidden"),
                     (cfg.token_hidden, "token-MLP hidden"), (cfg.channel_hidden, "channel-MLP hidden")):
         if n < max(p, q): raise ConfigError(f"way={tc.way}: {n} {what} cannot be split {max(p, q)} ways")
+    if tc.schedule == "summa" and p != q:
+        raise ConfigError(f"schedule='summa' needs a square model group, not {p}x{q}: use --way 4 (2x2) or --schedule overlap")
     return grid
+
+
+# %%
+#| export
+def parse_signals(spec: str) -> list[signal.Signals]:
+    "The signals named in `spec` ('TERM,INT,USR1', 'SIGTERM', '' for none); a `ConfigError` for one that cannot be caught."
+    out = []
+    for name in (s.strip().upper() for s in spec.split(",") if s.strip()):
+        sig = getattr(signal.Signals, name if name.startswith("SIG") else "SIG" + name, None)
+        if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(f"stop_signals={spec!r}: {name!r} is not a signal a process can catch; use e.g. TERM,INT,USR1")
+        out.append(sig)
+    return out
+
 
 # %%
 #| export
 def _check_values(tc: TrainConfig):
     "A `ConfigError` for the first field of `tc` whose value is not allowed."
     fin = math.isfinite
+    parse_signals(tc.stop_signals)
     for f, ok in (("mode", tc.mode in ("exact", "faithful")), ("algo", tc.algo in ("p2p", "coll")),
                   ("backend", tc.backend in ("mpi", "torch")), ("rollout", tc.rollout in ("random", "cyclic")),
+                  ("schedule", tc.schedule in ("overlap", "plain", "summa")), ("comm_dtype", tc.comm_dtype in ("same", "float32", "bfloat16")),
                   ("lat_weights", tc.lat_weights in ("cos", "area")), ("device", tc.device in ("cpu", "cuda")),
                   ("precision", tc.precision in ("fp32", "tf32", "bf16")), ("dtype", tc.dtype in ("float32", "float64")),
                   ("nonfinite", tc.nonfinite in ("stop", "skip")), ("batch", tc.batch >= 1), ("epochs", tc.epochs >= 1),
                   ("clip", fin(tc.clip) and tc.clip >= 0), ("max_steps", tc.max_steps >= 0),
                   ("lr", fin(tc.lr) and tc.lr > 0), ("lr_encdec", fin(tc.lr_encdec) and tc.lr_encdec > 0),
                   ("weight_decay", fin(tc.weight_decay) and tc.weight_decay >= 0),
-                  ("warmup_steps", tc.warmup_steps >= -1), ("ckpt_every", tc.ckpt_every >= 0),
-                  ("val_batches", tc.val_batches >= 0), ("max_minutes", fin(tc.max_minutes) and tc.max_minutes >= 0)):
+                  ("warmup_steps", tc.warmup_steps >= -1), ("ckpt_every", tc.ckpt_every >= 0), ("keep_last", tc.keep_last >= 0),
+                  ("val_batches", tc.val_batches >= 0), ("max_minutes", fin(tc.max_minutes) and tc.max_minutes >= 0),
+                  ("requeue_exit_code", 0 <= tc.requeue_exit_code <= 255), ("step_timeout", fin(tc.step_timeout) and tc.step_timeout >= 0),
+                  ("data_check", tc.data_check in ("finite", "range")), ("bad_samples", tc.bad_samples in ("stop", "skip")),
+                  ("max_bad_samples", tc.max_bad_samples >= 0), ("max_skip_fraction", fin(tc.max_skip_fraction) and 0 <= tc.max_skip_fraction <= 1)):
         if not ok: raise ConfigError(f"{f}={getattr(tc, f)!r} is not valid; see `jigsaw-train --help`")
+
 
 # %%
 #| export
@@ -213,6 +282,7 @@ def check_settings(tc: TrainConfig, world: int) -> tuple[MixerConfig, Grid]:
         raise ConfigError(f"precision={tc.precision!r} is for GPUs; on CPU use fp32 (bf16 matmul is ~100x slower here)")
     return cfg, grid
 
+
 # %%
 #| export
 def agree(world: Group, fn, *args, **kw):
@@ -227,24 +297,300 @@ def agree(world: Group, fn, *args, **kw):
         raise ConfigError(f"rank {r} failed: {name}: {msg}")
     return out
 
+
 # %%
 test_fail(lambda: check_settings(TrainConfig(model="tiny", way="4"), 6), contains="not a multiple of the model group size")
 test_fail(lambda: check_settings(TrainConfig(model="tiny", way="16x1"), 16), contains="8 longitude patches cannot be split over 16")
 test_fail(lambda: check_settings(TrainConfig(model="tiny", algo="ring"), 1), contains="algo='ring'")
+test_fail(lambda: check_settings(TrainConfig(model="tiny", way="2x1", schedule="summa"), 2), contains="needs a square model group")
+test_fail(lambda: check_settings(TrainConfig(model="tiny", stop_signals="TERM,KILL"), 1), contains="'KILL' is not a signal a process can catch")
+test_eq(parse_signals("TERM, sigusr1"), [signal.SIGTERM, signal.SIGUSR1])
+
+
+# %% [markdown]
+# ### The launcher and the world must agree
+#
+# A launcher that starts $n$ processes which MPI does not connect gives $n$ worlds of one rank each. Each then
+# trains alone, all of them into the same `--out`, and every one exits 0. Two launches do this: `torchrun`
+# without `--backend torch` (torchrun sets `WORLD_SIZE`, MPI knows nothing of it), and `srun` without a PMI
+# the MPI library speaks (`srun --mpi=none` with the PyPI MPICH wheel; see the GPU-cluster tutorial).
+# `check_launch` compares the launcher's count with the MPI world on every rank, before any collective.
+
+# %%
+#| export
+def check_launch(world: int, backend: str, env=None):
+    "A `ConfigError` when the launcher started more processes than the MPI `world` holds (each would train alone)."
+    env = os.environ if env is None else env
+    n = int(env.get("WORLD_SIZE", "0") or 0)  # torchrun
+    if backend == "mpi" and n > world:
+        raise ConfigError(f"torchrun started {n} processes (WORLD_SIZE={n}) but MPI sees a world of {world}: each would "
+                          f"train alone into the same --out; add --backend torch under torchrun, or launch with mpiexec/srun")
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # a task of srun
+        n = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 0)
+        if n > world and not env.get("WORLD_SIZE"):
+            raise ConfigError(f"srun started {n} tasks but MPI sees a world of {world}: MPI found no PMI to connect them; "
+                              f"add --mpi=pmi2 (mpich wheel) or --mpi=pmix (an MPI built with PMIx) to srun")
+
+
+# %%
+test_fail(lambda: check_launch(1, "mpi", {"WORLD_SIZE": "4"}), contains="add --backend torch under torchrun")
+test_fail(lambda: check_launch(1, "mpi", {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}),
+          contains="add --mpi=pmi2 (mpich wheel) or --mpi=pmix")
+check_launch(4, "mpi", {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"})  # mpiexec inside an allocation: fine
+check_launch(4, "torch", {"WORLD_SIZE": "4"})
+
+
+# %% [markdown]
+# ## Stopping when asked
+#
+# A scheduler ends a job with a signal: SLURM sends SIGTERM at a time limit, a preemption or `scancel` (and
+# SIGKILL 30 s later, `KillWait`), SIGUSR1 or another signal of your choice some time before the limit with
+# `--signal`; a terminal sends SIGINT. `Stopper` catches the signals of `--stop-signals` on every rank and only
+# notes them: the ranks agree at the next step boundary (one small all-reduce that the time limit already uses),
+# write a checkpoint, write the metrics, and exit with `--requeue-exit-code` (0 by default). A second signal
+# aborts at once (the previous handler runs: for SIGTERM the process ends, for SIGINT in a notebook it is a
+# `KeyboardInterrupt`); a checkpoint cut short by it is never committed, so the previous one stays intact.
+# Handlers belong to the process, so they are installed only on the main thread (thread ranks in tests call
+# `request`), for the time the trainer runs.
+
+# %%
+#| export
+class Stopper:
+    "Catches stop signals on this rank: the first asks for a stop at the next step boundary, a second aborts at once."
+    def __init__(self, signals: str = "TERM,INT,USR1",  # the signals to catch ('': none)
+                 rank: int | None = None):  # for the messages (default: from the launcher's environment)
+        self.signals, self.signal, self._prev = parse_signals(signals), None, {}
+        env_rank = next((os.environ[k] for k in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "RANK") if k in os.environ), "0")
+        self.rank = int(env_rank) if rank is None else rank
+
+    def request(self, name: str):
+        "Ask for a stop, as the signal `name` does (thread ranks and tests)."
+        self.signal = self.signal or name
+
+
+# %%
+#| export
+@patch
+def install(self: Stopper) -> bool:
+    "Install the handlers (main thread only, once); whether this call installed them."
+    if self._prev or not self.signals or threading.current_thread() is not threading.main_thread(): return False
+    self._prev = {s: signal.signal(s, self._handle) for s in self.signals}
+    return True
+
+
+@patch
+def uninstall(self: Stopper):
+    "Put back the handlers that were there before `install`."
+    for s, h in self._prev.items(): signal.signal(s, h)
+    self._prev = {}
+
+
+# %%
+#| export
+@patch
+def _handle(self: Stopper, signum, frame):
+    name = signal.Signals(signum).name
+    if self.signal is None:
+        self.signal = name
+        sys.stderr.write(f"[jigsaw_ref rank {self.rank}] {name}: stopping at the next step boundary (checkpoint, metrics, "
+                         f"then exit); send it again to abort at once\n"); sys.stderr.flush()
+        return
+    sys.stderr.write(f"[jigsaw_ref rank {self.rank}] {name} again: aborting now, without a checkpoint (the last one is intact)\n")
+    sys.stderr.flush()
+    prev = self._prev.get(signum, signal.SIG_DFL)
+    self.uninstall()
+    if callable(prev): return prev(signum, frame)  # e.g. Python's SIGINT handler: KeyboardInterrupt
+    if prev == signal.SIG_DFL: signal.raise_signal(signum)  # the default action: the process ends by this signal
+    os._exit(128 + signum)  # the signal was ignored before: end anyway
+
+
+# %%
+show_doc(Stopper)
+
+# %% [markdown]
+# In this process (the notebook's main thread): the first SIGUSR1 only notes the stop; a second one runs the
+# handler that was there before, here a stand-in that records it.
+
+# %%
+_seen = []
+signal.signal(signal.SIGUSR1, lambda s, f: _seen.append("previous handler"))
+_st = Stopper("USR1", rank=0)
+assert _st.install()
+os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.05)
+test_eq((_st.signal, _seen), ("SIGUSR1", []))
+os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.05)
+test_eq(_seen, ["previous handler"])
+assert not _st._prev  # the second signal uninstalled it
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
+# %% [markdown]
+# ## One run per folder
+#
+# A run folder belongs to one run. At start, rank 0 claims it with `run.lock`, created exclusively: the run id,
+# the host, the process id, the start time, a hash of the settings and the scheduler's job id. The lock is
+# checked (and its time stamp refreshed) before every write, so a run whose folder was taken over stops instead
+# of writing into someone else's run. A lock is *stale*, and taken over with a note, when its process is gone
+# (same host), when it belongs to an earlier run of the same scheduler job (a requeue, possibly on another
+# node), or when it was not refreshed for `STALE_S` (another host, where the process cannot be checked).
+# Otherwise a second job on the folder is refused, naming the job that holds it. The lock is removed when the
+# run ends or stops; a crashed run leaves it, stale.
+#
+# The *run id* names the logical run: a fresh run draws one, a resumed run takes its checkpoint's, so a run
+# requeued ten times is one run. Checkpoints and `summary.json` carry it. A new run (not resuming) into a
+# folder that holds another run's checkpoints is refused with the fixes: `--resume auto` to continue it,
+# another `--out`, or `--overwrite` to delete them.
+
+# %%
+#| export
+class RunFolderError(ValueError):
+    "A run folder that this run cannot write: held by another job, holding another run, or not writable."
+
+
+LOCK_NAME = "run.lock"
+STALE_S = 3600.0  # a lock from another host not refreshed for this long (or twice the step timeout) is stale
+
+
+# %%
+#| export
+def settings_hash(tc: TrainConfig) -> str:
+    "A short hash of the settings that define the run (not where it writes, how it resumes or what it prints)."
+    skip = {"out", "resume", "overwrite", "progress", "reschedule", "stop_signals", "requeue_exit_code", "step_timeout"}
+    return hashlib.sha256(json.dumps({k: v for k, v in asdict(tc).items() if k not in skip}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _job_id() -> str | None:
+    "The scheduler's job id of this process, if there is one."
+    for k in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID"):
+        if os.environ.get(k): return f"{k}={os.environ[k]}"
+    return None
+
+
+def lock_info(run_id: str, tc: TrainConfig) -> dict:
+    "What `run.lock` says about this process's claim."
+    return dict(claim=uuid.uuid4().hex[:12], run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), settings=settings_hash(tc), job=_job_id())
+
+
+# %%
+#| export
+def read_lock(folder) -> tuple[dict | None, float]:
+    "The claim in `folder/run.lock` (None if there is none or it cannot be read) and its age in seconds."
+    f = Path(folder) / LOCK_NAME
+    try: age, text = time.time() - f.stat().st_mtime, f.read_text()
+    except FileNotFoundError: return None, 0.0
+    try: info = json.loads(text)
+    except ValueError: info = {}
+    return (info if isinstance(info, dict) else {}), age
+
+
+def describe(info: dict | None) -> str:
+    "The run of a lock or checkpoint, in words."
+    if not info: return "an unknown run"
+    return (f"run {info.get('run_id')} (host {info.get('host')}, pid {info.get('pid')}, started {info.get('started')}"
+            + (f", {info['job']}" if info.get("job") else "") + f", settings {info.get('settings')})")
+
+
+# %%
+#| export
+def _alive(pid) -> bool:
+    try: os.kill(int(pid), 0); return True
+    except ProcessLookupError: return False
+    except (PermissionError, TypeError, ValueError): return True
+
+
+def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S) -> str | None:
+    "Why the claim `other` (refreshed `age` s ago) no longer holds against `me`, or None while it does."
+    if other.get("claim") == me["claim"]: return "this run's own claim"
+    if not other: return f"an unreadable lock, {age:.0f} s old" if age > 60 else None
+    if other.get("host") == me["host"]:
+        if other.get("pid") == me["pid"]: return "this process's own claim"  # a notebook or a test: a new trainer
+        if not _alive(other.get("pid")): return f"process {other.get('pid')} on {other.get('host')} is not running"
+    if other.get("job") and other.get("job") == me["job"]: return f"an earlier run of the same job ({me['job']}: requeued)"
+    if age > stale_s: return f"not refreshed for {age / 60:.0f} min"
+    return None
+
+
+# %%
+#| export
+def claim_folder(folder, me: dict, stale_s: float = STALE_S) -> str | None:
+    "Claim `folder` for the run `me` (`lock_info`): None if it was free, a note if a stale lock was taken over; else `RunFolderError`."
+    folder, f = Path(folder), Path(folder) / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(f, "x") as fh: fh.write(json.dumps(me))
+            return None
+        except FileExistsError: pass
+        other, age = read_lock(folder)
+        why = stale_reason(other, age, me, stale_s)
+        if why is None:
+            raise RunFolderError(f"{folder} is in use by {describe(other)}: two jobs must not write one run folder; wait for "
+                                 f"it to end, choose another --out, or, if that job is gone, delete {f}")
+        tmp = folder / f".{LOCK_NAME}.{me['claim']}"
+        tmp.write_text(json.dumps(me)); os.replace(tmp, f)
+    except OSError as e:
+        raise RunFolderError(f"{folder}: cannot claim the run folder ({e.strerror}); choose a writable --out") from None
+    if (read_lock(folder)[0] or {}).get("claim") != me["claim"]:  # another job took it over at the same moment
+        raise RunFolderError(f"{folder} was claimed by {describe(read_lock(folder)[0])} at the same moment; choose another --out")
+    return None if why.endswith("own claim") else f"took over {f} from {describe(other)}: {why}"
+
+
+# %%
+#| export
+def check_claim(folder, me: dict):
+    "Before a write: `folder` is still claimed by `me` (a lock found missing is claimed again); refresh its time stamp."
+    other, _ = read_lock(folder)
+    if other is None: claim_folder(folder, me); return
+    if other.get("claim") != me["claim"]:
+        raise RunFolderError(f"{folder} was taken over by {describe(other)} while {describe(me)} ran; this run stops here "
+                             f"without writing (its last checkpoint is intact): two jobs must not share an --out")
+    try: os.utime(Path(folder) / LOCK_NAME)
+    except OSError: pass
+
+
+def release_folder(folder, me: dict):
+    "Remove `run.lock` if it is still `me`'s claim."
+    if (read_lock(folder)[0] or {}).get("claim") == me["claim"]: (Path(folder) / LOCK_NAME).unlink(missing_ok=True)
+
+
+# %% [markdown]
+# Two claims on one folder from this process stand in for two jobs: the second is refused while the first's
+# process is alive, and takes over once the lock names a process that is gone.
+
+# %%
+_tc = TrainConfig(model="tiny")
+_a, _b = lock_info("run-a", _tc), lock_info("run-b", _tc)
+test_eq(claim_folder(work / "claimed", _a), None)
+_other = dict(_a, pid=os.getppid())  # a live process of this host that is not us
+(work / "claimed" / LOCK_NAME).write_text(json.dumps(_other))
+test_fail(lambda: claim_folder(work / "claimed", _b), contains=f"is in use by run run-a (host {socket.gethostname()}, pid {os.getppid()}")
+(work / "claimed" / LOCK_NAME).write_text(json.dumps(dict(_a, pid=2**22 + 7)))  # a process that is not running
+print(claim_folder(work / "claimed", _b))
+check_claim(work / "claimed", _b)
+test_fail(lambda: check_claim(work / "claimed", _a), contains="was taken over by run run-b")
+release_folder(work / "claimed", _b); test_eq(read_lock(work / "claimed")[0], None)
+
 
 # %% [markdown]
 # ## The trainer
 #
 # `Trainer` puts the pieces together on one rank. Each step: every model group takes its `batch` samples of the
 # global batch (the global order is shared), each rank reads only its block of each sample, runs the forward
-# pass with the step's $k$, back-propagates its loss share, completes its gradients (replicas, then data
-# parallelism), clips by the global norm and steps its Adam. The class is built up below a concern at a time:
-# setting up, the data, one step, validation, checkpoints, and the loop.
+# pass with the step's $k$, back-propagates its loss share, completes its gradients (`parallel.complete_grads`:
+# replicas, data parallelism, clipping, and in faithful mode the released LayerNorm averaging) and steps its
+# Adam. The class is built up below a concern at a time: setting up, the data, one step, validation,
+# checkpoints and resuming, and the loop.
 
 # %%
 #| export
 class NonFiniteError(FloatingPointError):
     "A loss or gradient that is NaN or infinite."
+
+
+class ResumeError(CheckpointError):
+    "A checkpoint that is intact but does not belong to this run's settings (model, mode, schedule)."
+
 
 # %%
 #| export
@@ -259,8 +605,11 @@ def job_groups(tc: TrainConfig, comm=None) -> dict[str, Group]:
         if not world:  # launched by mpiexec/srun: the size comes from MPI
             from mpi4py import MPI
             world = MPI.COMM_WORLD.Get_size()
-    _, grid = check_settings(tc, world)  # before the first collective
-    return make_groups(grid, tc.backend, tc.algo, comm)
+    check_launch(world, tc.backend)  # before the first collective
+    _, grid = check_settings(tc, world)
+    wire = {"same": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[tc.comm_dtype]
+    return make_groups(grid, tc.backend, tc.algo, comm, wire=wire)
+
 
 # %%
 #| export
@@ -268,67 +617,147 @@ class Trainer:
     "One rank's share of a training run."
     def __init__(self, tc: TrainConfig,
                  groups: dict | None = None,  # the groups of this rank (`comm.make_groups`); default: the job's
-                 comm=None):  # the job's communicator, when `groups` is not given (default: MPI's world)
+                 comm=None,  # the job's communicator, when `groups` is not given (default: MPI's world)
+                 stopper: Stopper | None = None):  # catches the stop signals (default: one for `tc.stop_signals`)
         self.tc = tc
         groups = groups if groups is not None else job_groups(tc, comm)
         self.cfg, self.grid = check_settings(tc, groups["world"].size)
         self.g, self.rank = groups, groups["world"].rank
         self.d, self.i, self.j = self.grid.coords(self.rank)
-        self.device = torch.device("cuda", self.rank % max(1, torch.cuda.device_count())) if tc.device == "cuda" else torch.device("cpu")
+        self.device = local_device(tc.device, getattr(groups["world"], "comm", None))
         if tc.precision == "tf32": torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.out, self.dtype = Path(tc.out), getattr(torch, tc.dtype)
+        self.stopper = stopper or Stopper(tc.stop_signals, self.rank)
+        self.run_id = self.g["world"].allgather_obj(uuid.uuid4().hex[:12])[0]
+        self._claim()  # before anything long: a second job on this folder is refused at once
         self._setup_data()
         self._setup_model()
         self.step, self.history, self.last_save, self.last_load = 0, [], None, None
         self.samples, self.epoch, self.epoch_pos = 0, 0, 0  # samples consumed: in all, and in the current epoch
+        self.bad, self.schedule_changes, self.stopped, self.watchdog = [], [], None, None
+        self.resumed_from = self.saved_path = self.saved_step = None
         self.total_steps = self._bound()
-        if tc.resume: self.load(self._resume_path())
+        if tc.resume: self._resume()
+
 
 # %% [markdown]
-# ### Setting up: data and model
+# ### Setting up: the run folder, the data and the model
 #
-# The data: rank 0 makes the default store if it is asked for (the others wait for its verdict), then every
-# rank opens its block of the training and validation splits.
+# The folder: rank 0 claims it (above: `claim_folder`) and every rank learns the verdict. Before the first
+# write, and then before every write, `_guard` checks that the claim still holds; the first time it also
+# refuses (or, with `--overwrite`, deletes) what another run left in the folder.
+
+# %%
+#| export
+@patch
+def _claim(self: Trainer):
+    "Rank 0 claims the run folder; every rank raises if it cannot."
+    self.lock = lock_info(self.run_id, self.tc)
+    stale = max(STALE_S, 2 * self.tc.step_timeout)
+    note = agree(self.g["world"], lambda: claim_folder(self.out, self.lock, stale) if self.rank == 0 else None)
+    if note: print(f"jigsaw-train: {note}", file=sys.stderr, flush=True)
+    self._guarded = False
+
+
+# %%
+#| export
+def run_of(path) -> str | None:
+    "The run id a checkpoint (store or single file) or a `summary.json` was written by (None: before run ids, or unreadable)."
+    p = Path(path)
+    try:
+        if p.name == "summary.json": return json.loads(p.read_text()).get("run_id")
+        return (read_manifest(p) if p.is_dir() else read_file(p)).get("run_id")
+    except (CheckpointError, OSError, ValueError, AttributeError): return None
+
+
+def foreign(folder, run_id: str, resumed: bool) -> list[tuple[Path, str | None]]:
+    "What another run left in `folder`: [(checkpoint or summary.json, its run id)] (a resumed run accepts those without one)."
+    cands = sorted(Path(folder).glob("*.ckpt")) + [p for p in [Path(folder) / "summary.json"] if p.exists()]
+    found = [(p, run_of(p)) for p in cands]
+    return [(p, r) for p, r in found if r != run_id and not (resumed and r is None)]
+
+
+# %%
+#| export
+@patch
+def _check_folder(self: Trainer):
+    "Rank 0, before a write: the claim holds; the first time, nothing of another run is in the folder (or it is deleted)."
+    check_claim(self.out, self.lock)
+    if self._guarded: return
+    other = foreign(self.out, self.run_id, self.resumed_from is not None)
+    if other and not self.tc.overwrite:
+        names = ", ".join(p.name for p, _ in other[:4]) + (", ..." if len(other) > 4 else "")
+        raise RunFolderError(f"{self.out} holds what another run wrote ({names}: run {other[0][1] or 'without a run id'}); "
+                             f"to continue that run use --resume auto, to keep it choose another --out, or pass --overwrite "
+                             f"to delete it and start afresh")
+    for p, _ in other:
+        if p.is_dir(): __import__("shutil").rmtree(p)
+        else: p.unlink()
+    if other: (self.out / "metrics.csv").unlink(missing_ok=True); print(f"jigsaw-train: --overwrite: deleted {[p.name for p, _ in other]}", file=sys.stderr)
+
+
+# %%
+#| export
+@patch
+def _guard(self: Trainer):
+    "Before a collective write: every rank learns whether the folder is still this run's (collective)."
+    agree(self.g["world"], lambda: self._check_folder() if self.rank == 0 else None)
+    self._guarded = True
+
+
+# %% [markdown]
+# The data: rank 0 makes the default store if it is asked for, and computes the normalisation statistics of
+# any store that has none (or stale ones: `data.ensure_stats`), while the others wait for its verdict; then
+# every rank opens its block of the training and validation splits, checking every value it reads
+# (`--data-check`).
 
 # %%
 #| export
 @patch
 def _data_path(self: Trainer) -> str:
-    if self.tc.data != "default": return self.tc.data
-    path = None
-    if self.rank == 0:  # one rank generates and computes statistics, the others wait for its verdict
-        from jigsaw_ref.generator import default_dataset
-        from jigsaw_ref.data import compute_stats, load_stats
-        path = str(default_dataset(grid=(self.cfg.n_lat, self.cfg.n_lon), verbose=True))
-        if load_stats(path) is None: compute_stats(path, self.cfg)
+    "The data's path, with fresh statistics beside it (rank 0 makes them; every rank learns the path or the error)."
+    def prepare():
+        if self.rank != 0: return None
+        from jigsaw_ref.data import ensure_stats
+        path = self.tc.data
+        if path == "default":
+            from jigsaw_ref.generator import default_dataset
+            path = str(default_dataset(grid=(self.cfg.n_lat, self.cfg.n_lon), verbose=True))
+        ensure_stats(path, self.cfg, check=self.tc.data_check)
+        return path
+    path = agree(self.g["world"], prepare)
     return self.g["world"].allgather_obj(path)[0]
+
 
 # %%
 #| export
 @patch
 def _datasets(self: Trainer):
     from jigsaw_ref.data import Era5Dataset
-    kw = dict(lon_parts=self.grid.domain, lon_index=self.i, ch_parts=self.grid.tensor, ch_index=self.j)
+    kw = dict(lon_parts=self.grid.domain, lon_index=self.i, ch_parts=self.grid.tensor, ch_index=self.j, check=self.tc.data_check)
     return (Era5Dataset(self.path, self.cfg, "train", **kw), Era5Dataset(self.path, self.cfg, "val", max_lead=1, **kw))
+
 
 # %%
 #| export
 @patch
 def _setup_data(self: Trainer):
     "Open this rank's blocks of the data, and its latitude and variable weights."
-    self.path = agree(self.g["world"], self._data_path)
+    self.path = self._data_path()
     self.train_ds, self.val_ds = agree(self.g["world"], self._datasets)
     lat = torch.as_tensor(self.train_ds.lat)
-    self.lat_w = (lat_weights_cos if self.tc.lat_weights == "cos" else lat_weights_area)(lat)
+    self.lat_w = lat_weights_cos(lat) if self.tc.lat_weights == "cos" else torch.as_tensor(self.train_ds.area_weights, dtype=torch.float64)
     self.var_w = variable_weights(self.cfg)[slice(*shard_range(self.cfg.n_out, self.grid.tensor, self.j))]
     self.global_batch = self.tc.batch * self.grid.dp
     self.steps_per_epoch = len(self.train_ds) // self.global_batch
     if self.steps_per_epoch < 1:
         raise ConfigError(f"{len(self.train_ds)} training samples cannot fill one global batch of {self.global_batch}")
 
+
 # %% [markdown]
-# The model: this rank's blocks of the same initial weights on every layout, Adam and its schedule over the
-# run's bound (`_bound`: the steps left in this epoch, the later epochs, capped by `max_steps`).
+# The model: this rank's blocks of the same initial weights on every layout (with the exchange schedule and
+# recomputation asked for), Adam, and its schedule over the run's bound (`schedule_plan`; `_bound`: the steps
+# left in this epoch, the later epochs, capped by `max_steps`).
 
 # %%
 #| export
@@ -336,9 +765,12 @@ def _setup_data(self: Trainer):
 def _setup_model(self: Trainer):
     "This rank's blocks of the model, and Adam with its schedule."
     tc = self.tc
-    self.model = JigsawMixer(self.cfg, self.g["tensor"], self.g["domain"], tc.mode, self.dtype, self.device, tc.seed)
-    total = self.steps_per_epoch * tc.epochs
-    self.opt, self.sched = make_optimizer(self.model, tc, min(total, tc.max_steps) if tc.max_steps else total, self.steps_per_epoch)
+    self.model = JigsawMixer(self.cfg, self.g["tensor"], self.g["domain"], tc.mode, self.dtype, self.device, tc.seed,
+                             schedule=tc.schedule, recompute=tc.recompute)
+    self.plan = schedule_plan(tc, self.steps_per_epoch, self.global_batch)
+    self.opt = make_optimizer(self.model, tc)
+    self.sched = make_schedule(self.opt, self.plan["total_steps"], self.plan["warmup_steps"])
+
 
 # %%
 #| export
@@ -348,11 +780,14 @@ def _bound(self: Trainer) -> int:
     left = (len(self.train_ds) - self.epoch_pos) // self.global_batch + self.steps_per_epoch * (self.tc.epochs - self.epoch - 1)
     return min(self.step + left, self.tc.max_steps) if self.tc.max_steps else self.step + left
 
+
 # %%
 TINY = dict(model="tiny", dtype="float64", lr=1e-3, lr_encdec=1e-3, warmup_steps=2, progress=False, val_batches=2)
 t = Trainer(TrainConfig(**TINY, max_steps=4, out=str(work / "one")), groups=ONE())
 test_eq((t.total_steps, t.steps_per_epoch, t.global_batch), (4, len(t.train_ds), 1))
 test_eq(sum(x.numel() for x in t.model.parameters()), mixer.param_count(t.cfg))
+test_eq(read_lock(t.out)[0]["run_id"], t.run_id)
+
 
 # %% [markdown]
 # ### The data of a step
@@ -371,21 +806,47 @@ def next_indices(self: Trainer) -> np.ndarray:
     g0 = self.epoch_pos + self.d * self.tc.batch
     return epoch_order(len(self.train_ds), self.tc.seed, self.epoch)[g0: g0 + self.tc.batch]
 
+
 # %%
 #| export
 @patch
 def batch(self: Trainer, ds, idx, k):
     "Stack this rank's blocks of samples `idx` at lead `k`: (B, C_j, lat, lon_i), (B, V_j, lat, lon_i)."
     fault_point("data", self.rank, self.step)
+    if self.watchdog is not None: self.watchdog.beat(f"step {self.step + 1}: reading samples {[int(i) for i in idx]}")
     xs, ys = zip(*(ds.get(int(i), k) for i in idx))
     return (torch.stack(xs).to(self.device, self.dtype), torch.stack(ys).to(self.device, self.dtype))
+
+
+# %% [markdown]
+# A sample that fails its check (`data.BadSampleError`: a NaN, an absurd or out-of-range value, a chunk that
+# does not decode) is usually seen by one rank only, the one whose block holds it. The ranks that run the
+# sample together agree on every batch (`_read_agreed`: one small all-reduce), so all of them take the same
+# branch: with `--bad-samples stop` every rank raises the error (naming the store, variable, time and file);
+# with `skip` every rank skips the step, the samples count as consumed (a requeued run does not meet them
+# again) and the count is kept in the checkpoint; more than `--max-bad-samples` stops the run.
 
 # %%
 #| export
 @patch
-def global_count(self: Trainer, B: int) -> int:
-    "Elements of the global-batch prediction: the denominator of every rank's loss share."
-    return B * self.grid.dp * self.cfg.n_out * self.cfg.n_lat * self.cfg.n_lon
+def _read_agreed(self: Trainer, ds, idx, k, group: Group):
+    "This rank's batch of `idx`, or None on every rank of `group` when a sample is bad on any (skip), or an error on all (stop)."
+    try: xy, err = self.batch(ds, idx, k), None
+    except BadSampleError as e: xy, err = None, e
+    if not group.all_reduce(torch.tensor([float(err is not None)], dtype=torch.float64))[0] > 0: return xy
+    r, msg = next((r, m) for r, m in enumerate(group.allgather_obj(None if err is None else str(err))) if m)
+    if self.tc.bad_samples == "stop":
+        if err is not None: raise err
+        raise BadSampleError(f"(seen on rank {r}) {msg}")
+    key = [ds is self.val_ds, [int(i) for i in idx]]
+    if key not in [b.get("key") for b in self.bad]: self.bad.append(dict(key=key, step=self.step, message=msg))
+    if self.rank == 0:
+        print(f"jigsaw-train: step {self.step + 1}: skipped a bad sample ({len(self.bad)} so far, at most "
+              f"{self.tc.max_bad_samples}): {msg}", file=sys.stderr, flush=True)
+    if len(self.bad) > self.tc.max_bad_samples:
+        raise DataError(f"{len(self.bad)} bad samples, more than --max-bad-samples {self.tc.max_bad_samples}; the last: {msg}")
+    return None
+
 
 # %%
 show_doc(Trainer.next_indices)
@@ -395,12 +856,15 @@ test_eq(t.next_indices(), epoch_order(len(t.train_ds), 0, 0)[:1])
 x, y = t.batch(t.train_ds, t.next_indices(), 1)
 test_eq((x.shape, y.shape, x.dtype), ((1, t.cfg.n_in, 16, 32), (1, t.cfg.n_out, 16, 32), torch.float64))
 
+
 # %% [markdown]
 # ### One step
 #
 # Dropout masks come from `mixer.dropout_key(seed, step)` and the global index of each element (the global
 # batch position of this rank's first sample is `d * batch`), so they are the same bits on every layout and the
-# trainer never touches torch's global random generator.
+# trainer never touches torch's global random generator. The loss share's denominator is
+# `parallel.loss_count`: the global element count in exact mode, the released code's per-rank mean in faithful
+# mode (whose reported loss is then the mean over the model group's ranks).
 
 # %%
 #| export
@@ -408,6 +872,7 @@ test_eq((x.shape, y.shape, x.dtype), ((1, t.cfg.n_in, 16, 32), (1, t.cfg.n_out, 
 def _forward(self: Trainer, x, k: int):
     "The model's prediction `k` steps ahead, with this step's dropout key (no random generator state involved)."
     return self.model(x, k=k, key=mixer.dropout_key(self.tc.seed, self.step), sample0=self.d * self.tc.batch)
+
 
 # %%
 #| export
@@ -418,6 +883,29 @@ def _all_finite(self: Trainer, loss: float, norm: float) -> bool:
     if not self.tc.clip: ok = ok and all(torch.isfinite(t.grad).all() for t in self.model.parameters())
     return bool(self.g["world"].all_reduce(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64))[0] == 0)
 
+
+# %%
+#| export
+@patch
+def _advance(self: Trainer):
+    "One global batch consumed: the step count and the data position move on."
+    self.step, self.samples, self.epoch_pos = self.step + 1, self.samples + self.global_batch, self.epoch_pos + self.global_batch
+
+
+# %%
+#| export
+@patch
+def _skip_nonfinite(self: Trainer, msg: str):
+    "`--nonfinite`: raise (stop), or drop the step's gradients, unless too many of the run's steps were dropped."
+    tc = self.tc
+    if tc.nonfinite == "stop": raise NonFiniteError(msg + "; the last checkpoint is intact. Lower --lr or use --nonfinite skip")
+    n = 1 + sum(h.get("skipped", 0) for h in self.history)
+    if n > tc.max_skip_fraction * self.total_steps:
+        raise NonFiniteError(f"{msg}: {n} of the run's {self.total_steps} steps skipped, more than --max-skip-fraction "
+                             f"{tc.max_skip_fraction:g}; the last checkpoint is intact. Lower --lr, or raise --max-skip-fraction")
+    self.opt.zero_grad()
+
+
 # %%
 #| export
 @patch
@@ -425,25 +913,25 @@ def train_step(self: Trainer, idx, k: int) -> dict:
     "Forward, backward, gradient completion, clipping and an optimizer step on this rank's samples `idx` (one global batch consumed)."
     tc, m = self.tc, self.model
     m.train()
-    x, y = self.batch(self.train_ds, idx, k)
+    xy = self._read_agreed(self.train_ds, idx, k, self.g["world"])
+    if xy is None:  # a bad sample: the step is skipped on every rank
+        self._advance(); return dict(step=self.step, k=k, loss=float("nan"), grad_norm=float("nan"), skipped=0, bad_sample=1)
+    x, y = xy
     self.opt.zero_grad(set_to_none=False)
     with torch.autocast("cuda", torch.bfloat16, enabled=tc.precision == "bf16"):
         pred = self._forward(x, k)
     fault_point("forward", self.rank, self.step)
-    share = loss_share(pred.float() if tc.precision == "bf16" else pred, y, self.lat_w, self.var_w, self.global_count(len(idx)))
+    share = loss_share(pred.float() if tc.precision == "bf16" else pred, y, self.lat_w, self.var_w, loss_count(m, len(idx), self.grid.dp))
     share.backward()
     fault_point("backward", self.rank, self.step)
-    sync_grads(m, self.g["dp"])
-    loss = float(self.g["world"].all_reduce(share.detach().double().reshape(1).cpu())[0])
-    norm = clip_grads(m, self.g["model"], tc.clip) if tc.clip else float("nan")
+    norm = complete_grads(m, self.g, tc.clip)
+    loss = float(self.g["world"].all_reduce(share.detach().double().reshape(1).cpu())[0]) / (1 if tc.mode == "exact" else self.grid.group_size)
     skipped = not self._all_finite(loss, norm)
-    if skipped:
-        msg = f"non-finite loss or gradient at step {self.step} (loss {loss}, grad norm {norm}) on rank {self.rank}"
-        if tc.nonfinite == "stop": raise NonFiniteError(msg + "; the last checkpoint is intact. Lower --lr or use --nonfinite skip")
-        self.opt.zero_grad()
+    if skipped: self._skip_nonfinite(f"non-finite loss or gradient at step {self.step} (loss {loss}, grad norm {norm}) on rank {self.rank}")
     else: self.opt.step(); self.sched.step()
-    self.step, self.samples, self.epoch_pos = self.step + 1, self.samples + self.global_batch, self.epoch_pos + self.global_batch
-    return dict(step=self.step, k=k, loss=loss, grad_norm=norm, skipped=int(skipped))
+    self._advance()
+    return dict(step=self.step, k=k, loss=loss, grad_norm=norm, skipped=int(skipped), bad_sample=0)
+
 
 # %%
 show_doc(Trainer.train_step)
@@ -453,12 +941,14 @@ _l0 = t.train_step(t.next_indices(), 1)["loss"]
 test_eq((t.step, t.samples, len(t.opt.state)), (1, 1, len(t.model.state())))
 assert math.isfinite(_l0) and _l0 > 0
 
+
 # %% [markdown]
 # ### Validation
 #
 # The validation samples are dealt round-robin over the model groups; every rank adds up its share of the loss
 # and of the squared errors per variable (latitude-weighted, physical units), and one all-reduce gives the
-# totals.
+# totals. A bad validation sample is refused or skipped like a training one (the totals then count the samples
+# actually used).
 
 # %%
 #| export
@@ -470,17 +960,24 @@ def validate(self: Trainer) -> dict:
     m.eval()
     n = len(ds) if not self.tc.val_batches else min(len(ds), self.tc.val_batches * self.grid.dp)
     c0, c1 = shard_range(cfg.n_out, self.grid.tensor, self.j)
-    se, loss = torch.zeros(cfg.n_out, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    se, loss, used = torch.zeros(cfg.n_out, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
     lw = self.lat_w.to(torch.float64)[:, None]
     for i in range(self.d, n, self.grid.dp):  # counts use n itself, whatever this group's share
-        x, y = self.batch(ds, [i], 1)
+        xy = self._read_agreed(ds, [i], 1, self.g["model"])
+        if xy is None: continue
+        x, y = xy
         pred = m(x, k=1)
         loss += loss_share(pred, y, self.lat_w, self.var_w, n * cfg.n_out * cfg.n_lat * cfg.n_lon).double().cpu()
         err = (ds.denormalize(pred[0].cpu()) - ds.denormalize(y[0].cpu())).double()  # (V_j, lat, lon_i)
         se[c0:c1] += (err.square() * lw).sum((1, 2))
-    tot = self.g["world"].all_reduce(torch.cat([loss, se]))
-    rmse = (tot[1:] / (n * cfg.n_lat * cfg.n_lon)).sqrt()
-    return {"val_loss": float(tot[0]), **{f"rmse_{c}": float(r) for c, r in zip(cfg.variables, rmse)}}
+        used += 1 / self.grid.group_size
+    tot = self.g["world"].all_reduce(torch.cat([loss, se, used]))
+    good = round(float(tot[-1]))
+    if good == 0: return {"val_loss": float("nan")}
+    scale = 1.0 if good == n else n / good
+    rmse = (tot[1:-1] / (good * cfg.n_lat * cfg.n_lon)).sqrt()
+    return {"val_loss": float(tot[0]) * scale, **{f"rmse_{c}": float(r) for c, r in zip(cfg.variables, rmse)}}
+
 
 # %%
 show_doc(Trainer.validate)
@@ -489,13 +986,16 @@ show_doc(Trainer.validate)
 _v = t.validate()
 assert _v["val_loss"] > 0 and set(_v) == {"val_loss", *(f"rmse_{c}" for c in t.cfg.variables)}
 
+
 # %% [markdown]
 # ### Checkpoints
 #
 # A checkpoint is a store of the `checkpoint` module: every rank writes its own blocks of the weights and of
-# both Adam moments, and the manifest keeps the small replicated state below. A store written on any layout
+# both Adam moments, and the manifest keeps the small replicated state below, including what the run actually
+# used: its settings, its schedule plan, and every change `--reschedule` made. A store written on any layout
 # resumes on any other; a faithful store resumed on its own layout restores every rank's own copies. The first
-# format (one file holding the full model) still resumes.
+# format (one file holding the full model) still resumes. With `--keep-last K` only the newest K step
+# checkpoints stay (the older ones are deleted once a newer one is committed; `final.ckpt` always stays).
 
 # %%
 #| export
@@ -505,7 +1005,9 @@ def run_state(self: Trainer) -> dict:
     return {"step": self.step, "scheduler": self.sched.state_dict(), "lrs": [g["lr"] for g in self.opt.param_groups],
             "data": {"samples": self.samples, "epoch": self.epoch, "epoch_samples": self.epoch_pos, "global_batch": self.global_batch},
             "history": self.history, "train": asdict(self.tc), "layout": list(dataclasses.astuple(self.grid)),
+            "run_id": self.run_id, "schedule": self.plan, "schedule_changes": self.schedule_changes, "bad_samples": self.bad,
             "dtype": self.tc.dtype, "rng": "none: sample order, rollout k and dropout masks are functions of (seed, step)"}
+
 
 # %%
 #| export
@@ -513,9 +1015,15 @@ def run_state(self: Trainer) -> dict:
 def save(self: Trainer, name: str | None = None) -> Path:
     "Write a checkpoint of the current state to `out/NAME` (collective: every rank writes its blocks; rank 0 commits)."
     path = self.out / (name or f"step{self.step:07d}.ckpt")
+    self._guard()
+    if self.watchdog is not None: self.watchdog.beat(f"writing {path.name}")
     self.last_save = save_sharded(path, self.model, self.opt, self.run_state(), self.g["world"], self.d, self.step,
                                   progress=self.tc.progress)
+    if self.watchdog is not None: self.watchdog.beat(f"wrote {path.name}")
+    self.saved_step, self.saved_path = self.step, path
+    if self.rank == 0 and self.tc.keep_last and path.name.startswith("step"): prune(self.out, self.tc.keep_last, upto=self.step)
     return path
+
 
 # %%
 show_doc(Trainer.save)
@@ -523,15 +1031,51 @@ show_doc(Trainer.save)
 # %%
 _p = t.save()
 test_eq((_p.name, _p.is_dir(), load_checkpoint(_p)["step"]), ("step0000001.ckpt", True, 1))
+test_eq((load_checkpoint(_p)["run_id"], load_checkpoint(_p)["schedule"]["total_steps"]), (t.run_id, 4))
+
+
+# %% [markdown]
+# ### Resuming
+#
+# `--resume PATH` continues from that checkpoint; `--resume auto` from the newest one in `--out` by step (a
+# step checkpoint, a signal-time one, or `final.ckpt`) that loads: one whose manifest or chunks do not verify is
+# skipped, and named, and the next older one is tried; with none at all the run starts fresh and says so. Either
+# way the first line says what was resumed: `resumed from X at step N`.
 
 # %%
 #| export
 @patch
-def _resume_path(self: Trainer) -> Path:
-    if self.tc.resume != "auto": return Path(self.tc.resume)
-    found = sorted(self.out.glob("step*.ckpt"))
-    if not found: raise CheckpointError(f"--resume auto: no step*.ckpt in {self.out}")
-    return found[-1]
+def _resume(self: Trainer):
+    "Resume as `tc.resume` says (a path, or 'auto': the newest checkpoint in `out` that verifies; none: start fresh)."
+    tc, world = self.tc, self.g["world"]
+    if tc.resume != "auto": return self._resumed(self.load(tc.resume), [])
+    good, bad = world.allgather_obj(agree(world, lambda: find_checkpoints(self.out) if self.rank == 0 else None))[0]
+    if not good and not bad:
+        if self.rank == 0: print(f"jigsaw-train: --resume auto: no checkpoint in {self.out}: starting fresh", file=sys.stderr, flush=True)
+        return
+    skipped = list(bad)
+    for _, path in good:
+        try: return self._resumed(self.load(path), skipped)
+        except ResumeError: raise  # intact, but of another model, mode or schedule: never silently an older one
+        except CheckpointError as e: skipped.append((path, str(e)))
+    raise CheckpointError(f"--resume auto: none of the {len(skipped)} checkpoints in {self.out} can be used ("
+                          + "; ".join(f"{p.name}: {why}" for p, why in skipped) + "); resume from a copy with --resume PATH, "
+                          f"or start afresh without --resume, with --overwrite")
+
+
+# %%
+#| export
+@patch
+def _resumed(self: Trainer, path: Path, skipped: list):
+    "Say what was resumed (and what was skipped); the lock now names the run resumed."
+    self.resumed_from = self.saved_path = Path(path)
+    self.saved_step = self.step
+    self.lock = dict(self.lock, run_id=self.run_id)
+    agree(self.g["world"], lambda: claim_folder(self.out, self.lock) if self.rank == 0 else None)
+    if self.rank == 0:
+        note = "; skipped, newest first: " + "; ".join(f"{Path(p).name} ({why})" for p, why in skipped) if skipped else ""
+        print(f"jigsaw-train: resumed from {path} at step {self.step} (run {self.run_id}){note}", file=sys.stderr, flush=True)
+
 
 # %%
 #| export
@@ -541,16 +1085,67 @@ def _check_model(self: Trainer, path, config: dict, mode: str | None):
     theirs = MixerConfig(**config)
     if theirs != self.cfg:
         diff = {f: (getattr(theirs, f), getattr(self.cfg, f)) for f in asdict(self.cfg) if getattr(theirs, f) != getattr(self.cfg, f)}
-        raise CheckpointError(f"{path}: written for another model ({{field: (checkpoint, this run)}} {diff}); "
-                              f"use the same --model and --set options")
+        raise ResumeError(f"{path}: written for another model ({{field: (checkpoint, this run)}} {diff}); "
+                          f"use the same --model and --set options")
     if mode is not None and mode != self.tc.mode:
-        raise CheckpointError(f"{path}: written in mode {mode!r}, this run is --mode {self.tc.mode}; resume with --mode {mode}")
+        raise ResumeError(f"{path}: written in mode {mode!r}, this run is --mode {self.tc.mode}; resume with --mode {mode}")
+
+
+# %% [markdown]
+# Resuming is faithful to the run or refuses. The settings that define the optimisation (`schedule_plan`: the
+# schedule's length, which `--max-steps` and `--epochs` set, its warm-up, both learning rates, the weight
+# decay, the global batch `batch x dp`, the seed, the rollout mode and the clipping) are compared with the
+# checkpoint's. If any differs the resume is refused, naming each difference and the setting that restores it,
+# unless `--reschedule` is given: then the run continues *deliberately* on the new settings. The schedule is
+# rebuilt from them and stepped to the checkpoint's position, so the learning rate from then on is the one a
+# run with the new settings from the start would have had at that step (a longer `--max-steps` stretches the
+# cosine instead of letting the restored one climb back up); the change is recorded in the checkpoint's
+# `schedule_changes`, and the data position continues from the samples consumed.
+
+# %%
+#| export
+def _plan_hint(k: str, v) -> str:
+    "The setting that gives the schedule-plan entry `k` the value `v`."
+    if k == "total_steps": return f"a bound of {v} steps (--max-steps, --epochs)"
+    if k == "global_batch": return f"a global batch of {v} (--batch x data parallelism)"
+    return f"--{k.replace('_', '-')} {v}"
+
+
+@patch
+def _schedule_diff(self: Trainer, path, st: dict) -> dict:
+    "What this run's `plan` changes against checkpoint `st`'s; refused (`ResumeError`) unless `--reschedule`."
+    theirs = st.get("schedule")
+    if not isinstance(theirs, dict): return {}  # written before plans were kept: nothing to compare
+    diff = {k: (theirs[k], v) for k, v in self.plan.items() if k in theirs and theirs[k] != v}
+    if diff and not self.tc.reschedule:
+        raise ResumeError(f"{path}: these settings change the run it continues ({{setting: (checkpoint, this run)}} {diff}); "
+                          f"resume with the checkpoint's ({', '.join(_plan_hint(k, a) for k, (a, _) in diff.items())}), or add "
+                          f"--reschedule to continue on the new settings (the schedule re-derived at step {st.get('step')})")
+    return diff
+
 
 # %%
 #| export
 @patch
-def _restore(self: Trainer, st: dict):
-    "The replicated state of checkpoint `st`: scheduler, learning rates, step, history and data position."
+def _reschedule(self: Trainer, st: dict, diff: dict):
+    "Continue on the new settings: the schedule rebuilt from them, stepped to the checkpoint's position; the change recorded."
+    tc = self.tc
+    for g, lr in zip(self.opt.param_groups, (tc.lr, tc.lr_encdec)): g["initial_lr"] = g["lr"] = lr; g["weight_decay"] = tc.weight_decay
+    self.sched = make_schedule(self.opt, self.plan["total_steps"], self.plan["warmup_steps"])
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": only a replay here
+        warnings.simplefilter("ignore")
+        for _ in range(int(st["scheduler"].get("last_epoch", self.step))): self.sched.step()
+    self.schedule_changes.append(dict(step=self.step, changed={k: list(v) for k, v in diff.items()}))
+    if self.rank == 0:
+        print(f"jigsaw-train: --reschedule at step {self.step}: {diff}; learning rates now "
+              f"{[round(g['lr'], 10) for g in self.opt.param_groups]}", file=sys.stderr, flush=True)
+
+
+# %%
+#| export
+@patch
+def _restore(self: Trainer, st: dict, diff: dict | None = None):
+    "The replicated state of checkpoint `st`: scheduler, learning rates, step, history, data position, run id and counts."
     self.sched.load_state_dict(st["scheduler"])
     for g, lr in zip(self.opt.param_groups, st["lrs"]): g["lr"] = lr
     self.step, self.history = int(st["step"]), list(st.get("history", []))
@@ -558,7 +1153,11 @@ def _restore(self: Trainer, st: dict):
     else:  # the first format: the position was step x global batch
         self.epoch, s = divmod(self.step, self.steps_per_epoch)
         self.samples, self.epoch_pos = self.step * self.global_batch, s * self.global_batch
+    self.run_id = st.get("run_id") or self.run_id
+    self.bad, self.schedule_changes = list(st.get("bad_samples", [])), list(st.get("schedule_changes", []))
+    if diff: self._reschedule(st, diff)
     self.total_steps = self._bound()
+
 
 # %%
 #| export
@@ -570,29 +1169,35 @@ def _load_file(self: Trainer, path: Path):
     if missing: raise CheckpointError(f"{path}: not a jigsaw_ref training checkpoint (missing {sorted(missing)})")
     if ck.get("format") != "jigsaw_ref/1": raise CheckpointError(f"{path}: format {ck.get('format')!r} is not 'jigsaw_ref/1'")
     self._check_model(path, ck["config"], None)
+    diff = self._schedule_diff(path, ck)
     m = self.model
     scatter_state(m, ck["params"])
     for n, t in m.state().items():
         self.opt.state[t] = {"step": torch.tensor(ck["adam"]["step"]), **{k: take(ck["adam"][k][n], m.spec[n][0]).to(t)
                                                                         for k in ("exp_avg", "exp_avg_sq")}}
-    self._restore(ck)
+    self._restore(ck, diff)
+
 
 # %%
 #| export
 @patch
-def load(self: Trainer, path):
+def load(self: Trainer, path) -> Path:
     "Resume from a checkpoint (store folder or single file) written by any layout: every rank reads only its slices."
     path = Path(path)
-    if path.is_file(): return self._load_file(path)
+    if path.is_file(): self._load_file(path); return path
     r = agree(self.g["world"], Reader, path)  # the manifest, verified on every rank
     self._check_model(path, r.man["config"], r.man.get("mode"))
+    diff = self._schedule_diff(path, r.man)
     self.last_load = agree(self.g["world"], load_sharded, r, self.model, self.opt)
-    self._restore(r.man)
+    self._restore(r.man, diff)
     if self.rank == 0:
         for note in self.last_load["notes"]: print(f"jigsaw-train: {note}", file=sys.stderr)
+    return path
+
 
 # %%
 show_doc(Trainer.load)
+
 
 # %% [markdown]
 # The checkpoint of the one-rank trainer above, resumed by a 2-way job (two in-process ranks): both ranks get
@@ -601,9 +1206,9 @@ show_doc(Trainer.load)
 # slices of larger tensors).
 
 # %%
-def _resume(comm, path, way):
+def _resume(comm, path, way, **kw):
     grid = Grid.named(way, comm.Get_size())
-    r = Trainer(TrainConfig(**TINY, way=way, max_steps=4, out=str(work / "two"), resume=str(path)), groups=make_groups(grid, comm=comm))
+    r = Trainer(TrainConfig(**{**TINY, "max_steps": 4, **kw}, way=way, out=str(work / "two"), resume=str(path)), groups=make_groups(grid, comm=comm))
     full = {n: take(p, r.model.spec[n][0]) for n, p in load_checkpoint(path)["params"].items()}
     return r.step, r.samples, all(torch.equal(v, full[n]) for n, v in r.model.state().items()), r.last_load["chunk_bytes"]
 
@@ -612,12 +1217,34 @@ print(got)
 test_eq([g[:3] for g in got], [(1, 1, True)] * 2)
 
 # %% [markdown]
+# The same checkpoint resumed with a longer run (`max_steps` 8 instead of 4) is refused, naming the change and
+# both ways on; with `--reschedule` the learning rate is the one an 8-step run has after its first step.
+
+# %%
+test_fail(lambda: Trainer(TrainConfig(**TINY, max_steps=8, out=str(work / "three"), resume=str(_p)), groups=ONE()),
+          contains="'total_steps': (4, 8)")
+_r = Trainer(TrainConfig(**TINY, max_steps=8, out=str(work / "three"), resume=str(_p), reschedule=True), groups=ONE())
+_fresh = Trainer(TrainConfig(**TINY, max_steps=8, out=str(work / "four")), groups=ONE())
+with warnings.catch_warnings(): warnings.simplefilter("ignore"); _fresh.sched.step()
+test_eq([g["lr"] for g in _r.opt.param_groups], [g["lr"] for g in _fresh.opt.param_groups])
+test_eq(_r.schedule_changes, [dict(step=1, changed={"total_steps": [4, 8]})])
+
+
+# %% [markdown]
 # ### The loop
 #
 # `fit` runs steps until the bound (`max_steps`, the epochs, or `max_minutes` agreed by all ranks), validates at
 # the end of each epoch and at the end, writes `metrics.csv` and `summary.json` (replaced atomically, never left
-# empty), checkpoints every `ckpt_every` steps and at the end (`final.ckpt`). With a time limit the progress
-# bar's total is the number of steps the time left allows, re-estimated every step.
+# empty), checkpoints every `ckpt_every` steps and at the end (`final.ckpt`; a time limit that ends the run before
+# its bound says so, and `--resume auto` continues from that `final.ckpt`). With a time limit the progress bar's
+# total is the number of steps the time left allows, re-estimated every step.
+#
+# At every step boundary the ranks agree (one all-reduce) on whether the time limit passed and whether any rank
+# caught a stop signal. On a signal they write `stepNNNNNNN.ckpt` (unless the state is already saved), the
+# metrics and a `summary.json` that says why the run stopped, release the folder, and `jigsaw-train` exits with
+# `--requeue-exit-code`. All the while a `comm.Watchdog` on every rank ends the job if the rank makes no progress
+# for `--step-timeout` seconds (a step, reading a sample, a validation sample, a checkpoint write each count as
+# progress), printing the step and the partners and tags it waited for.
 
 # %%
 #| export
@@ -634,6 +1261,7 @@ def _one_step(self: Trainer) -> dict:
                       samples_per_s=self.global_batch / dt, end_of_epoch=int(end),
                       gflops=mixer.train_step_flops(self.cfg, self.global_batch, k) / dt / 1e9)
 
+
 # %%
 #| export
 @patch
@@ -646,49 +1274,103 @@ def _tick(self: Trainer, bar, rec: dict, elapsed: float, done: int):
     bar.update(1)
     bar.set_postfix(loss=f"{rec['loss']:.4f}", k=rec["k"], s_per_step=f"{rec['step_time']:.2f}")
 
+
+# %%
+#| export
+@patch
+def _agree_stop(self: Trainer, elapsed: float) -> tuple[bool, tuple | None]:
+    "Whether every rank stops now: (the time limit passed, (rank, signal) of a stop signal any rank caught, or None)."
+    late = self.tc.max_minutes > 0 and elapsed > 60 * self.tc.max_minutes
+    flags = self.g["world"].all_reduce(torch.tensor([float(late), float(self.stopper.signal is not None)]))
+    if not flags[1] > 0: return bool(flags[0] > 0), None
+    got = self.g["world"].allgather_obj(self.stopper.signal)
+    return bool(flags[0] > 0), next((r, s) for r, s in enumerate(got) if s)
+
+
+# %%
+#| export
+@patch
+def _stop(self: Trainer, by: tuple):
+    "A stop signal: a checkpoint of this state (unless saved already), the metrics, and why the run stopped."
+    saved = None if self.step == 0 else self.saved_path if self.saved_step == self.step else self.save()
+    self.stopped = dict(signal=by[1], rank=by[0], step=self.step, checkpoint=str(saved) if saved else None)
+    if self.rank == 0:
+        self._write_metrics()
+        print(f"jigsaw-train: stopped by {by[1]} (rank {by[0]}) at step {self.step}" +
+              (f": checkpoint {saved}; continue with --resume auto" if saved else ": nothing trained yet, nothing saved"), file=sys.stderr, flush=True)
+
+
 # %%
 #| export
 @patch
 def fit(self: Trainer) -> list[dict]:
-    "Train until `epochs`, `max_steps` or `max_minutes`; validate each epoch; checkpoint; return the history."
-    tc, world = self.tc, self.g["world"]
-    if self.rank == 0: self.out.mkdir(parents=True, exist_ok=True)
+    "Train until `epochs`, `max_steps`, `max_minutes` or a stop signal; validate each epoch; checkpoint; return the history."
+    tc = self.tc
+    self._guard()
+    installed = self.stopper.install()
+    self.watchdog = Watchdog(tc.step_timeout, self.rank, self.g)
     bar = None
     if self.rank == 0 and tc.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
     t_start, done = time.perf_counter(), 0
-    while self.step < self.total_steps:
-        rec, done = self._one_step(), done + 1
-        elapsed = time.perf_counter() - t_start
-        stop = bool(world.all_reduce(torch.tensor([float(tc.max_minutes > 0 and elapsed > 60 * tc.max_minutes)]))[0] > 0)
-        if rec["end_of_epoch"] or stop: rec |= self.validate()
-        self.history.append(rec)
-        self._tick(bar, rec, elapsed, done)
-        if self.rank == 0: self._write_metrics()
-        if tc.ckpt_every and self.step % tc.ckpt_every == 0: self.save()
-        if stop: break
-    if bar is not None: bar.close()
-    self.save("final.ckpt")
+    try:
+        _, by = self._agree_stop(0.0)  # a signal during the set-up
+        while by is None and self.step < self.total_steps:
+            self.watchdog.beat(f"step {self.step + 1}")
+            rec, done = self._one_step(), done + 1
+            elapsed = time.perf_counter() - t_start
+            late, by = self._agree_stop(elapsed)
+            if (rec["end_of_epoch"] or late) and by is None:
+                self.watchdog.beat(f"validation after step {self.step}"); rec |= self.validate()
+            self.history.append(rec)
+            self._tick(bar, rec, elapsed, done)
+            if self.rank == 0: self._write_metrics()
+            if tc.ckpt_every and self.step % tc.ckpt_every == 0: self.save()
+            if late: break
+        if by is not None and self.step < self.total_steps: self._stop(by)
+        else:
+            self.save("final.ckpt")
+            if self.step < self.total_steps and self.rank == 0:  # the time limit ended it early: say so
+                print(f"jigsaw-train: --max-minutes {tc.max_minutes:g} reached at step {self.step} of {self.total_steps}: "
+                      f"checkpoint {self.saved_path}; continue with --resume auto", file=sys.stderr, flush=True)
+    finally:
+        if bar is not None: bar.close()
+        self.watchdog.stop()
+        if installed: self.stopper.uninstall()
+    if self.rank == 0: release_folder(self.out, self.lock)
     return self.history
+
 
 # %%
 #| export
 def _write_atomic(path: Path, text: str):
     "Replace `path` by `text` in one step (a reader sees the old file or the new one, never an empty one)."
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text); os.replace(tmp, path)
+    try: tmp.write_text(text); os.replace(tmp, path)
+    except BaseException: tmp.unlink(missing_ok=True); raise
 
 
+# %%
+#| export
 @patch
 def _write_metrics(self: Trainer):
+    "Rank 0: `metrics.csv` (every step so far) and `summary.json`, each replaced atomically; a failed write is one clear error."
+    check_claim(self.out, self.lock)
     keys = list(dict.fromkeys(k for r in self.history for k in r))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in self.history]
-    _write_atomic(self.out / "metrics.csv", "\n".join(lines) + "\n")
     last_val = next((r for r in reversed(self.history) if "val_loss" in r), {})
-    summary = {"steps": self.step, "samples": self.samples, "layout": dict(zip(("dp", "domain", "tensor"), dataclasses.astuple(self.grid))),
-               "mode": self.tc.mode, "final": self.history[-1], "last_validation": last_val, "train": asdict(self.tc)}
-    _write_atomic(self.out / "summary.json", json.dumps(summary, indent=1, default=str))
+    summary = {"run_id": self.run_id, "steps": self.step, "samples": self.samples, "mode": self.tc.mode,
+               "layout": dict(zip(("dp", "domain", "tensor"), dataclasses.astuple(self.grid))), "stopped": self.stopped,
+               "bad_samples": len(self.bad), "final": self.history[-1] if self.history else None, "last_validation": last_val,
+               "train": asdict(self.tc)}
+    for name, text in (("metrics.csv", "\n".join(lines) + "\n"), ("summary.json", json.dumps(summary, indent=1, default=str))):
+        try: fault_point("metrics", self.rank, self.step); _write_atomic(self.out / name, text)
+        except OSError as e:
+            fix = "free disk space or choose another --out (--keep-last K bounds the checkpoints kept)" if e.errno == errno.ENOSPC else "check the file system"
+            raise RunFolderError(f"{self.out / name}: not written ({e.strerror or e}); {fix}; the previous {name} and the "
+                                 f"checkpoints are intact") from None
+
 
 # %%
 show_doc(Trainer.fit)
@@ -698,14 +1380,41 @@ h = t.fit()
 test_eq([r["step"] for r in h], [2, 3, 4])
 test_eq(sorted(p.name for p in t.out.glob("*.ckpt")), ["final.ckpt", "step0000001.ckpt"])
 assert "val_loss" in h[-1] and (t.out / "metrics.csv").read_text().count("\n") == 4
+test_eq(read_lock(t.out)[0], None)  # released at the end
+
 
 # %% [markdown]
-# ## The command line
-#
-# `jigsaw-train` under any launcher: `mpiexec -n 4 jigsaw-train --way 4 --model small`, `srun -n 8 jigsaw-train
-# --way 4` (dp 2 x 4-way), `torchrun --nproc-per-node 4 jigsaw-train --backend torch --device cuda --way 4`.
-# An error on any rank prints the rank and the message and ends the whole job (MPI `Abort`), so no rank is
-# left waiting in a collective.
+# A stop signal, as a thread rank sees one (`request`; under a launcher a real signal does the same): one of
+# two ranks of a 2-way run is asked to stop after its second step; both stop at that boundary with a checkpoint
+# of step 2, and a `--resume auto` run continues from it to the end of the run.
+
+# %%
+def _stopped(comm, out, after, **kw):
+    tc = TrainConfig(**TINY, way="2", max_steps=5, out=str(out), **kw)
+    r = Trainer(tc, groups=make_groups(Grid.named("2", comm.Get_size()), comm=comm))
+    if comm.Get_rank() == 1:
+        step = r.train_step
+        r.train_step = lambda idx, k: (step(idx, k), r.step == after and r.stopper.request("SIGTERM"))[0]
+    r.fit()
+    return r.stopped, r.step
+
+_s = run_ranks(2, _stopped, work / "stop", 2)
+print(_s[0])
+test_eq([s["step"] for s, _ in _s], [2, 2])
+test_eq(sorted(p.name for p in (work / "stop").glob("*.ckpt")), ["step0000002.ckpt"])
+test_eq([s for _, s in run_ranks(2, _stopped, work / "stop", 99, resume="auto")], [5, 5])
+
+# %% [markdown]
+# A full disk (injected) when the metrics are written: one line naming the file and the fix, and the previous
+# metrics are still there.
+
+# %%
+t2 = Trainer(TrainConfig(**TINY, max_steps=3, out=str(work / "full")), groups=ONE())
+os.environ["JIGSAW_FAULT"] = "enospc-metrics@0:2"
+try: test_fail(t2.fit, contains=f"{work / 'full' / 'metrics.csv'}: not written (No space left on device")
+finally: del os.environ["JIGSAW_FAULT"]
+test_eq((work / "full" / "metrics.csv").read_text().count("\n"), 2)  # the header and step 1
+
 
 # %%
 #| export
@@ -713,6 +1422,7 @@ def _bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"): return True
     if v.lower() in ("0", "false", "no", "off"): return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
 
 # %%
 #| export
@@ -729,8 +1439,10 @@ def field_help(cls, module: str = "jigsaw_ref.train") -> dict[str, str]:
             if m: out[st.target.id] = m.group(1).strip()
     return out
 
+
 # %%
 test_eq(field_help(TrainConfig)["batch"], "samples per model group per step (global batch = batch * dp)")
+
 
 # %%
 #| export
@@ -744,9 +1456,10 @@ def arg_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_overrides": continue
         flag, h = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default!r})"
-        if f.type in ("bool", bool): ap.add_argument(flag, type=_bool, default=None, metavar="BOOL", help=h)
+        if f.type in ("bool", bool): ap.add_argument(flag, type=_bool, nargs="?", const=True, default=None, metavar="BOOL", help=h)
         else: ap.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None, help=h)
     return ap
+
 
 # %%
 #| export
@@ -760,6 +1473,7 @@ def _read_config(ap, path) -> dict:
     unknown = set(kw) - names
     if unknown: ap.error(f"--config {p}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
     return kw
+
 
 # %%
 #| export
@@ -775,12 +1489,15 @@ def parse_args(argv=None) -> TrainConfig:
     try: return TrainConfig(**kw)
     except TypeError as e: ap.error(str(e))
 
+
 # %%
 test_eq(parse_args(["--model", "tiny", "--way", "4", "--set", "hidden=16", "--lr", "3e-4"]).lr, 3e-4)
 (work / "run.toml").write_text('model = "tiny"\nmodel_overrides = ["hidden=64", "f_s=0.25"]\n')
 test_eq(parse_args(["--config", str(work / "run.toml"), "--set", "hidden=48"]).model_overrides, ("hidden=64", "f_s=0.25", "hidden=48"))
 test_eq(parse_args(["--config", str(work / "run.toml"), "--set", "hidden=48"]).model_config().hidden, 48)
+test_eq((parse_args(["--overwrite", "--progress", "false"]).overwrite, parse_args(["--progress", "false"]).progress), (True, False))
 assert all(a.help for a in arg_parser()._actions)
+
 
 # %%
 #| export
@@ -789,16 +1506,20 @@ def _mpi_env():
     os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
 # %%
 #| export
+KNOWN_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError, NonFiniteError)  # their message says it all: no traceback
+
+
 def install_abort_hook(world_comm=None):
-    "On an uncaught exception: print it with the rank, then abort every rank of the job."
+    "On an uncaught exception: print it with the rank (one line for a known error), then abort every rank of the job."
     prev = sys.excepthook
 
     def hook(tp, val, tb):
         rank = world_comm.Get_rank() if world_comm is not None else 0
         sys.stderr.write(f"\n[jigsaw_ref rank {rank}] {tp.__name__}: {val}\n")
-        prev(tp, val, tb)
+        if not issubclass(tp, KNOWN_ERRORS) or os.environ.get("JIGSAW_TRACEBACK"): prev(tp, val, tb)
         sys.stderr.flush(); sys.stdout.flush()
         if world_comm is not None and world_comm.Get_size() > 1:
             time.sleep(1.0)  # let other ranks failing the same way print theirs before the job is torn down
@@ -807,36 +1528,55 @@ def install_abort_hook(world_comm=None):
             os._exit(1)
     sys.excepthook = hook
 
+
+# %% [markdown]
+# The exit status of `jigsaw-train`, for schedulers and scripts:
+#
+# | status | meaning |
+# |---|---|
+# | 0 | the run reached its bound (`final.ckpt` written), or stopped at a signal with a checkpoint (default) |
+# | `--requeue-exit-code N` | stopped at a signal of `--stop-signals`, checkpoint and metrics written: requeue and `--resume auto` |
+# | 1 | an error, printed with its rank (one line for settings, data, checkpoint, run-folder and non-finite errors; `JIGSAW_TRACEBACK=1` adds the traceback) |
+# | 2 | a usage error (a flag, a config file) |
+# | 124 | the watchdog: a rank made no progress for `--step-timeout` s (the other ranks are ended by the launcher) |
+# | 128 + n | a second signal n aborted the run at once (under `mpiexec`: the launcher's status for a killed rank) |
+
 # %%
 #| export
 def main(argv=None):
-    "Entry point of `jigsaw-train`."
+    "Entry point of `jigsaw-train` (exit status: see the table above)."
     _mpi_env()
     tc = parse_args(argv)
+    try: stopper = Stopper(tc.stop_signals)
+    except ConfigError as e: arg_parser().error(str(e))
+    stopper.install()  # at once: a signal during the set-up stops the run at its first step boundary
     torch.set_num_threads(int(os.environ.get("JIGSAW_THREADS", "1")))
     comm = None
     if tc.backend == "mpi" or launcher() == "mpiexec":
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     install_abort_hook(comm)
-    t = Trainer(tc, comm=comm)
+    t = Trainer(tc, comm=comm, stopper=stopper)
+    stopper.rank = t.rank
     if t.rank == 0:
         print(f"jigsaw-train: {launcher()} world={t.grid.world} layout dp={t.grid.dp} x domain={t.grid.domain} x "
               f"tensor={t.grid.tensor} mode={tc.mode} model={tc.model} ({t.grid.dp} group(s) of "
-              f"{t.grid.group_size}) steps={t.total_steps} data={t.path}", flush=True)
+              f"{t.grid.group_size}) steps={t.total_steps} data={t.path} run={t.run_id}", flush=True)
     hist = t.fit()
+    if t.stopped: return tc.requeue_exit_code
     if t.rank == 0:
-        last = next((r for r in reversed(hist) if "val_loss" in r), hist[-1])
+        last = next((r for r in reversed(hist) if "val_loss" in r), hist[-1] if hist else {})
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in last.items()}), flush=True)
         print(f"checkpoint: {t.out / 'final.ckpt'}", flush=True)
     return 0
+
 
 # %% [markdown]
 # ## The demo
 #
 # `jigsaw-demo` is the README's main job: 4-way Jigsaw training of the `demo` preset on the embedded default
 # data on 4 MPI ranks for a fixed number of steps from a fixed seed, then the evaluation against persistence
-# and climatology. Bounded by steps (not minutes), it gives the same scorecard on any machine (bit-identical on
+# and climatology (a rerun replaces the previous demo run in `--out`). Bounded by steps (not minutes), it gives the same scorecard on any machine (bit-identical on
 # CPU), only sooner or later; `DEMO_STEPS` is sized so that a quiet 2-core machine trains in about 4 minutes.
 
 # %%
@@ -862,7 +1602,7 @@ def demo(argv=None):
     train = [str(mpiexec if mpiexec.exists() else "mpiexec"), "-n", str(a.ranks), sys.executable, "-m", "jigsaw_ref.train",
              "--model", a.model, "--way", a.way, "--epochs", "50", "--max-steps", str(a.steps), "--seed", str(a.seed),
              "--max-minutes", str(a.max_minutes), "--lr", "1e-3", "--lr-encdec", "1e-3", "--warmup-steps", "50",
-             "--batch", "1", "--out", a.out]
+             "--batch", "1", "--out", a.out, "--overwrite"]  # the demo is one fixed recipe: a rerun replaces the last
     print("$", " ".join(train), flush=True)
     subprocess.run(train, env=env, check=True)
     try: from jigsaw_ref.evaluate import main as evaluate
@@ -870,6 +1610,7 @@ def demo(argv=None):
         raise ImportError(f"jigsaw-demo: training finished ({Path(a.out) / 'final.ckpt'}) but the evaluation cannot be "
                           f"imported ({e}); reinstall jigsaw_ref (pip install -e .) and run jigsaw-eval on it") from e
     return evaluate([str(Path(a.out) / "final.ckpt"), "--out", str(Path(a.out) / "eval")])
+
 
 # %%
 #| hide

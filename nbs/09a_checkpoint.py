@@ -71,8 +71,10 @@ from jigsaw_ref.parallel import JigsawMixer, take
 #
 # Every problem with a checkpoint is one `CheckpointError` whose message names the file (and the tensor, block
 # and chunk where there is one) and what to do. `fault_point` is how the reliability tests break a run at a
-# chosen place on a chosen rank: the trainer calls it in the data, forward and backward passes, and the writer
-# calls it halfway through each rank's share of a checkpoint.
+# chosen place on a chosen rank: the trainer calls it in the data, forward and backward passes and before each
+# metrics write, and the writer calls it halfway through each rank's share of a checkpoint. Besides raising, a
+# fault can be a full disk, a signal the rank sends itself (SIGTERM, SIGINT, SIGUSR1: a scheduler's stop;
+# SIGSTOP: a stalled node; SIGKILL: the out-of-memory killer) or a pause (a slow file system).
 
 # %%
 #| export
@@ -81,12 +83,17 @@ class CheckpointError(ValueError):
 
 # %%
 #| export
-def fault_point(where: str,  # 'data', 'forward', 'backward' or 'checkpoint'
+FAULT_SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT, "usr1": signal.SIGUSR1, "stop": signal.SIGSTOP, "kill": signal.SIGKILL}
+
+
+def fault_point(where: str,  # 'data', 'forward', 'backward', 'checkpoint' or 'metrics'
                 rank: int,  # the rank calling
                 step: int):  # the optimizer step it is in
-    """Fault injection for the reliability tests, from `JIGSAW_FAULT` (comma-separated `KIND@RANK[:STEP]`):
+    """Fault injection for the reliability tests, from `JIGSAW_FAULT` (comma-separated `KIND-WHERE@RANK[:STEP]`):
     `forward@1:2` raises on rank 1 at step 2; `kill-checkpoint@0` sends SIGKILL to rank 0 halfway through its
-    share of a checkpoint; `enospc-checkpoint@1:3` raises `OSError(ENOSPC)` there, as a full disk does."""
+    share of a checkpoint; `enospc-checkpoint@1:3` raises `OSError(ENOSPC)` there, as a full disk does; `term-`,
+    `int-`, `usr1-` and `stop-` send that signal to the rank itself (`stop`: SIGSTOP, a stalled node);
+    `sleep5-checkpoint@0` sleeps 5 s there (a slow file system)."""
     spec = os.environ.get("JIGSAW_FAULT")
     if not spec: return
     for item in spec.split(","):
@@ -94,16 +101,18 @@ def fault_point(where: str,  # 'data', 'forward', 'backward' or 'checkpoint'
         r, _, st = at.partition(":")
         how, _, point = what.rpartition("-")
         if point != where or int(r) != rank or (st and int(st) != step): continue
-        if how == "kill": os.kill(os.getpid(), signal.SIGKILL)
+        if how in FAULT_SIGNALS: os.kill(os.getpid(), FAULT_SIGNALS[how]); continue
+        if how.startswith("sleep"): time.sleep(float(how[5:] or 1)); continue
         if how == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device (injected at {where} on rank {rank}, step {step})")
         raise RuntimeError(f"injected fault at {where} on rank {rank}, step {step} (JIGSAW_FAULT={spec})")
 
 # %%
-os.environ["JIGSAW_FAULT"] = "forward@1:2,enospc-checkpoint@0"
+os.environ["JIGSAW_FAULT"] = "forward@1:2,enospc-checkpoint@0,sleep0.01-metrics@0"
 fault_point("forward", 0, 2); fault_point("forward", 1, 3)  # another rank or step: nothing happens
 test_fail(lambda: fault_point("forward", 1, 2), contains="injected fault at forward on rank 1, step 2")
 test_fail(lambda: fault_point("checkpoint", 0, 7), contains="No space left on device")
+_t0 = time.monotonic(); fault_point("metrics", 0, 1); assert time.monotonic() - _t0 >= 0.01
 del os.environ["JIGSAW_FAULT"]
 
 # %% [markdown]
@@ -808,6 +817,55 @@ for how, msg in (("flip", "exp_avg of 'blocks.1.tok1.w', block i1j0, chunk (0, 0
     test_fail(lambda: load_checkpoint(_damage(how)), contains=msg)
 try: load_checkpoint(_d / "bad-flip.ckpt")
 except CheckpointError as e: print(e)
+
+# %% [markdown]
+# ## The checkpoints of a run folder
+#
+# A run folder holds the checkpoints its trainer wrote: `stepNNNNNNN.ckpt` every `ckpt_every` steps and at a
+# signal, `final.ckpt` at the end (or at a time limit). `find_checkpoints` lists every committed one with its
+# step, newest first, whatever its name, and names the ones whose manifest does not verify; `--resume auto`
+# takes the newest that loads. `prune` is keep-last-k retention: it removes all but the newest `keep` step
+# checkpoints (never `final.ckpt`), and only ever after a newer one has been committed.
+
+# %%
+#| export
+def checkpoint_step(path) -> int:
+    "The step of the committed checkpoint at `path` (its verified manifest, or the verified single file)."
+    p = Path(path)
+    if p.is_dir(): return int(read_manifest(p).get("step", -1))
+    ck = read_file(p)
+    if not isinstance(ck, dict) or "step" not in ck: raise CheckpointError(f"{p}: not a jigsaw_ref training checkpoint (no 'step')")
+    return int(ck["step"])
+
+
+def find_checkpoints(folder) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
+    "The committed `*.ckpt` in `folder` as [(step, path)], newest first; and [(path, why)] of those that do not verify."
+    good, bad = [], []
+    for p in sorted(Path(folder).glob("*.ckpt")) if Path(folder).is_dir() else []:
+        try: good.append((checkpoint_step(p), p))
+        except CheckpointError as e: bad.append((p, str(e)))
+    return sorted(good, key=lambda sp: (sp[0], sp[1].name.startswith("step")), reverse=True), bad
+
+# %%
+#| export
+def prune(folder, keep: int, upto: int | None = None) -> list[Path]:
+    "Remove all but the newest `keep` step checkpoints in `folder` (of step <= `upto`); the paths removed."
+    if keep <= 0: return []
+    steps = sorted((int(p.name[4:-5]), p) for p in Path(folder).glob("step*.ckpt") if p.name[4:-5].isdigit())
+    steps = [(s, p) for s, p in steps if upto is None or s <= upto]
+    gone = [p for _, p in steps[:-keep]]
+    for p in gone: _remove(p)
+    return gone
+
+# %%
+_run = _d / "run"; _run.mkdir()
+for _s in (1, 2, 3): save_checkpoint(_run / f"step{_s:07d}.ckpt", {"step": _s})
+save_checkpoint(_run / "final.ckpt", {"step": 3}); (_run / "step0000004.ckpt").write_bytes(b"junk")
+_good, _bad = find_checkpoints(_run)
+test_eq([(s, p.name) for s, p in _good], [(3, "step0000003.ckpt"), (3, "final.ckpt"), (2, "step0000002.ckpt"), (1, "step0000001.ckpt")])
+test_eq([p.name for p, _ in _bad], ["step0000004.ckpt"])
+test_eq([p.name for p in prune(_run, 2, upto=3)], ["step0000001.ckpt"])
+test_eq(sorted(p.name for p in _run.glob("*.ckpt")), ["final.ckpt", "step0000002.ckpt", "step0000003.ckpt", "step0000004.ckpt"])
 
 # %% [markdown]
 # ## The command line

@@ -72,6 +72,7 @@ print("node of each rank:", [r // 4 for r in range(g.world)])
 # %%
 assert all(len({r // 4 for r in members}) == 1 for members in groups(g)["model"])  # every model group is one node
 
+
 # %% [markdown]
 # With `--way 2` a node holds two 2-way models; with `--way 1` four replicas. Keep the number of ranks per node
 # a multiple of the model group size, or model groups will straddle nodes.
@@ -230,20 +231,30 @@ assert "srun --mpi=pmi2" in sbatch_text and "--way 4" in sbatch_text and "--ckpt
 # %% [markdown]
 # ### Requeue and resume
 #
-# The batch script resumes by itself: when its job folder holds a `step*.ckpt` it adds `--resume auto` (the
-# newest one), else it starts fresh. So a job that Slurm requeues (`scontrol requeue`, a node failure,
-# preemption; `#SBATCH --requeue` allows it) runs the script again from the top and continues where its last
-# checkpoint left it, and submitting the script again with the same `OUT` continues a finished run to a larger
-# `STEPS` (the learning-rate schedule then follows the new bound from the resumed step on, so that is not the
-# same as one run of the larger bound; a requeued run continues its own schedule). `#SBATCH --open-mode=append`
-# keeps all runs of a job in one log.
+# Every launch of the batch script, the first and every restart, runs the same command with `--resume auto`:
+# the trainer continues from the newest checkpoint in the job folder that verifies (a step checkpoint, the one
+# written at a signal, or `final.ckpt`; a damaged one is skipped and named), or, when there is none, starts
+# fresh and says so. So a job that Slurm requeues (`scontrol requeue`, a node failure, preemption;
+# `#SBATCH --requeue` allows it) runs the script again from the top and continues where it stopped, on the
+# same schedule. Resuming with other schedule settings is refused, naming what changed: to continue a finished
+# run to a larger `STEPS` on purpose, add `EXTRA=--reschedule` (the cosine is then re-derived for the new bound
+# from the resumed step on, which is not the same as one run of the larger bound). `#SBATCH --open-mode=append`
+# keeps all runs of a job in one log; `KEEP_LAST=3` keeps only the newest three step checkpoints.
 #
 # ```sh
-# scontrol requeue 1                       # while job 1 trains: its processes get SIGTERM, then SIGKILL 30 s later
+# scontrol requeue 1                       # while job 1 trains: SIGTERM to its tasks (SIGKILL 30 s later)
 # squeue                                   # PD (BeginTime) for about a minute, then R: "restart 1" in the log
 # ```
 #
-# Two things were needed that a reader would not guess:
+# What the trainer does with a signal decides how much is lost. `jigsaw-train` catches SIGTERM, SIGINT and
+# SIGUSR1 (`--stop-signals`) on every rank; the ranks agree at the next step boundary, write a checkpoint of that
+# step and the metrics, and exit with `--requeue-exit-code` (75 in the batch script); a second signal aborts at
+# once (the last committed checkpoint stays intact). Nothing is lost, even with `--ckpt-every 0`, as long as a
+# step and a checkpoint write fit in Slurm's `KillWait` (30 s by default) or in the `--signal` lead below.
+# `--step-timeout` (600 s in the script) ends the job when a rank makes no progress that long (a stalled node),
+# naming the rank and step it waited on, instead of letting it hang until the time limit.
+#
+# Three things were needed that a reader would not guess:
 #
 # - **A requeued job's first MPI step hangs in `MPI_Init`** when the killed run's MPI step had the same step id
 #   (`<jobid>.0`: a requeued job numbers its steps from 0 again). Requeued mid-step, the same `srun --mpi=pmi2`
@@ -251,16 +262,29 @@ assert "srun --mpi=pmi2" in sbatch_text and "--way 4" in sbatch_text and "--ckpt
 #   twice), and ran at once when a throwaway `srun --ntasks=1 true` came first, making the MPI step
 #   `<jobid>.1`. The batch script does that on every restart (`SLURM_RESTART_COUNT > 0`).
 # - **The time-limit signal.** `#SBATCH --signal=B:USR1@120` sends SIGUSR1 to the batch shell (`B:`) about
-#   120 s before the time limit (Slurm may send it up to a minute early). The script traps it, sends SIGTERM to
-#   the training step's tasks with `scancel --signal=TERM <jobid>.<step>` (not to `srun`: `srun` receiving
-#   SIGTERM kills its tasks outright), waits for them and runs `scontrol requeue` on its own job. The signal
-#   lead must exceed a checkpoint write, and the time limit must leave room for the start-up (up to 75 s here) plus some
-#   steps, or every restart is stopped again before its first checkpoint (seen with a 3-minute limit). With a
-#   4-minute limit and `--signal=B:USR1@90` the whole path ran: `benchmarks/results/slurm_signal.log`.
+#   120 s before the time limit (Slurm may send it up to a minute early). The script traps it and passes it on to
+#   the training step's tasks with `scancel --signal=USR1 <jobid>.<step>` (not to `srun`: `srun` receiving a
+#   signal ends its tasks outright); they stop with a checkpoint and exit 75, and the script, seeing that exit
+#   status, runs `scontrol requeue` on its own job. The signal lead must exceed a step plus a checkpoint write,
+#   and the time limit must leave room for the start-up (up to 75 s here) plus some steps, or every restart is
+#   stopped again before it trains (seen with a 3-minute limit).
+# - **A preemption or `scontrol requeue` signals the tasks themselves** with SIGTERM, once per task, and Slurm
+#   requeues the job on its own; the batch shell is ended too, so it does not requeue a second time.
 #
-# What the trainer does with SIGTERM decides how much is lost: a trainer that is simply killed resumes from its
-# last periodic checkpoint (`--ckpt-every`), losing the steps since; one that writes a checkpoint when
-# signalled and exits loses nothing.
+# Both paths ran on the one-node Slurm above with `--ckpt-every 0`, so that the only step checkpoint is the one
+# written at the signal (`benchmarks/results/slurm_signal.log`): the USR1 path stopped at step 21, the script
+# requeued the job, and the restart resumed from `step0000021.ckpt` to the bound; `scontrol requeue` stopped a
+# run at step 22 and its restart resumed from `step0000022.ckpt`. Each ended with one history, steps 1 to N.
+
+# %%
+signal_log = (ROOT / "benchmarks/results/slurm_signal.log").read_text()
+keys = ("$ OUT", "$ scancel", "$ scontrol requeue", "== ", "jigsaw-train: stopped", "jigsaw-train: resumed", "srun: error", "   Requeue=")
+print("\n".join(l[:160] for l in signal_log.splitlines() if l.startswith(keys)))
+
+# %%
+assert "--resume auto" in sbatch_text and "--requeue-exit-code" in sbatch_text and "--step-timeout" in sbatch_text
+assert signal_log.count("stopped by SIG") == 2 and signal_log.count("Restarts=1") == 2
+assert "resumed from runs/slurm/t17b/step0000021.ckpt at step 21" in signal_log and "resumed from runs/slurm/t17a/step0000022.ckpt" in signal_log
 
 # %% [markdown]
 # ### One recorded run
@@ -272,8 +296,10 @@ assert "srun --mpi=pmi2" in sbatch_text and "--way 4" in sbatch_text and "--ckpt
 # second submission resuming from step 8, the requeued run from step 16, one history of steps 1 to 24 whose
 # first steps were restored rather than recomputed (their measured step times are those of the earlier runs).
 # `sbatch --wait` returns only when the requeued job has finished for good.
-# With `JIGSAW_SLURM_RECORD=benchmarks/results/slurm_run.log` it writes the commands and their output; the
-# saved record's key lines:
+# With `JIGSAW_SLURM_RECORD=benchmarks/results/slurm_run.log` it writes the commands and their output. The
+# saved record was made with the batch script before every launch passed `--resume auto` and before a changed
+# bound on resume was refused; its second submission (8 steps continued to 24) now needs `EXTRA=--reschedule`.
+# Its key lines:
 
 # %%
 record = (ROOT / "benchmarks/results/slurm_run.log").read_text()

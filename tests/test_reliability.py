@@ -5,9 +5,15 @@ and every bad input is refused with a message that names the problem, on every r
 Faults are injected with `JIGSAW_FAULT` (see `checkpoint.fault_point`); every launch runs under a subprocess timeout,
 which is the hang detector. Steps are counted as the trainer counts them: `fault@R:S` fires in the step that starts
 from the state of checkpoint `stepS` (which therefore exists), and `checkpoint@R:S` while rank R writes its share of
-`stepS`."""
+`stepS`.
+
+The last section is what a cluster does to a run (issue 17): a stop signal on one rank (SIGTERM, SIGINT, SIGUSR1) and
+the requeue that continues it bit for bit, a second signal, `--resume auto` (fresh start, fall-back past damaged
+checkpoints, a time limit's final.ckpt), retention, a stalled rank (SIGSTOP) on both backends, two jobs on one folder,
+a launcher that MPI does not connect, bad samples skipped or stopping, and the bounds on skipped steps."""
 import hashlib
 import io
+import json
 import os
 import re
 import signal
@@ -28,7 +34,8 @@ from jigsaw_ref.config import ConfigError, preset
 from jigsaw_ref.data import DataError, Era5Dataset
 from jigsaw_ref.generator import default_dataset
 from jigsaw_ref.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
-from jigsaw_ref.train import Trainer, TrainConfig, check_settings, parse_args
+from jigsaw_ref.ranks import run_ranks
+from jigsaw_ref.train import RunFolderError, Trainer, TrainConfig, check_launch, check_settings, parse_args, read_lock
 from test_mpi import ROOT, mpiexec
 
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # noqa: E731
@@ -47,20 +54,27 @@ class Run:
     wall: float  # seconds from launch to exit
     t_exit: float  # time.time() at exit
     t_first_error: float | None  # time.time() when the first `[jigsaw_ref rank R]` line reached us
+    pgid: int = 0  # the launch's process group
 
     @property
     def text(self): return self.out + self.err
 
 
-def launch(n, args, fault=None, timeout=HANG_S) -> Run:
-    "Run `python -m jigsaw_ref.train ARGS` on `n` ranks (no mpiexec for 1); fail the test if it hangs."
+def start(n, args, fault=None, env=None) -> tuple[subprocess.Popen, list]:
+    "Start `python -m jigsaw_ref.train ARGS` on `n` ranks (no mpiexec for 1) in its own process group; (process, command)."
     cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.train", *map(str, args)]
-    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("JIGSAW_FAULT", None)
     if fault: env["JIGSAW_FAULT"] = fault
-    t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)  # own process group: a hang is killed whole
+    return p, cmd
+
+
+def launch(n, args, fault=None, timeout=HANG_S, env=None) -> Run:
+    "Run `python -m jigsaw_ref.train ARGS` on `n` ranks (no mpiexec for 1); fail the test if it hangs."
+    t0 = time.monotonic()
+    p, cmd = start(n, args, fault, env)
     got, first = {"out": [], "err": []}, []
 
     def pump(stream, key):
@@ -79,7 +93,7 @@ def launch(n, args, fault=None, timeout=HANG_S) -> Run:
                     f"{''.join(got['err'])[-3000:]}")
     t_exit, wall = time.time(), time.monotonic() - t0
     for t in th: t.join(10)
-    return Run(rc, "".join(got["out"]), "".join(got["err"]), wall, t_exit, first[0] if first else None)
+    return Run(rc, "".join(got["out"]), "".join(got["err"]), wall, t_exit, first[0] if first else None, p.pid)
 
 
 def temp_files(out: Path):
@@ -167,11 +181,13 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_last_good_one_and_resume_au
     assert sorted(ck) == step_names([1]) and ck["step0000001.ckpt"]["step"] == 1
     before = digest(tmp_path / "step0000001.ckpt")
     if (n, killed) == (4, 3): return  # resuming is the same code whatever killed the run: twice is enough
-    r = launch(n, [*TINY, "--way", n, "--max-steps", 3, "--ckpt-every", 1, "--out", tmp_path, "--resume", "auto"])
+    # the same run, continued (the same bound: a changed one is refused, see tests/test_train.py)
+    r = launch(n, [*TINY, "--way", n, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path, "--resume", "auto"])
     assert r.rc == 0, r.text[-3000:]
+    assert f"resumed from {tmp_path / 'step0000001.ckpt'} at step 1" in r.err, r.err[-3000:]
     ck = checkpoints(tmp_path)
-    assert sorted(ck) == ["final.ckpt", *step_names([1, 2, 3])] and temp_files(tmp_path) == []  # the stale folder is gone
-    assert ck["final.ckpt"]["step"] == 3 and [h["step"] for h in ck["final.ckpt"]["history"]] == [1, 2, 3]
+    assert sorted(ck) == ["final.ckpt", *step_names([1, 2, 3, 4])] and temp_files(tmp_path) == []  # the stale folder is gone
+    assert ck["final.ckpt"]["step"] == 4 and [h["step"] for h in ck["final.ckpt"]["history"]] == [1, 2, 3, 4]
     assert ck["final.ckpt"]["history"][0] == load_checkpoint(tmp_path / "step0000001.ckpt")["history"][0]
     assert digest(tmp_path / "step0000001.ckpt") == before  # resuming never rewrites the checkpoint it read
 
@@ -182,8 +198,8 @@ def test_a_full_disk_mid_write_ends_the_job_and_keeps_the_last_good_checkpoint(t
     assert error_ranks(r.err, "CheckpointError", f"{tmp_path / 'step0000002.ckpt'}: checkpoint not written"), r.err[-3000:]
     assert "No space left on device" in r.err or "rank 1 failed" in r.err
     assert sorted(checkpoints(tmp_path)) == step_names([1]) and temp_files(tmp_path) == []
-    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path, "--resume", "auto"])
-    assert r.rc == 0 and load_checkpoint(tmp_path / "final.ckpt")["step"] == 2, r.text[-3000:]
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--out", tmp_path, "--resume", "auto"])
+    assert r.rc == 0 and load_checkpoint(tmp_path / "final.ckpt")["step"] == 4, r.text[-3000:]
 
 
 # ---------------------------------------------------------------------------------------- non-finite loss
@@ -205,7 +221,8 @@ def test_a_non_finite_loss_stops_every_rank_and_keeps_the_last_good_checkpoint(t
 
 
 def test_nonfinite_skip_continues_and_records_the_skipped_steps(tmp_path):
-    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--out", tmp_path, "--nonfinite", "skip", *DIVERGE])
+    "With every skip allowed (--max-skip-fraction 1) the run goes on; the default bound is tested below."
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--out", tmp_path, "--nonfinite", "skip", "--max-skip-fraction", 1, *DIVERGE])
     assert r.rc == 0, r.text[-3000:]
     lines = (tmp_path / "metrics.csv").read_text().split()
     col = lines[0].split(",").index("skipped")
@@ -296,8 +313,6 @@ def test_resume_refuses_a_checksum_valid_non_checkpoint_clearly(good_ckpt, tmp_p
 def test_a_missing_or_directory_checkpoint_is_refused(tmp_path):
     for p, msg in ((tmp_path / "nope.ckpt", "no such checkpoint file"), (tmp_path, "not a committed checkpoint")):
         with pytest.raises(CheckpointError, match=msg): _resume_1way(p, tmp_path / "o")
-    with pytest.raises(CheckpointError, match="--resume auto: no step"):
-        Trainer(TrainConfig(model="tiny", progress=False, out=str(tmp_path), resume="auto"), groups=ONE())
 
 
 def _store_chunk(folder: Path, arr="params/blocks.0.tok1.w/i0j0") -> Path:
@@ -330,7 +345,7 @@ def test_a_damaged_store_fails_on_every_rank_without_a_hang(good_store, tmp_path
     bad = tmp_path / "bad.ckpt"
     __import__("shutil").copytree(good_store, bad)
     BAD_STORES["chunk byte flipped"][0](bad)
-    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path / "o", "--resume", bad], timeout=HANG_S)
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 1, "--out", tmp_path / "o", "--resume", bad], timeout=HANG_S)  # its own bound
     assert r.rc != 0
     assert "checksum mismatch" in r.err and str(bad) in r.err, r.err[-3000:]
     assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
@@ -340,9 +355,9 @@ def test_a_damaged_store_fails_on_every_rank_without_a_hang(good_store, tmp_path
 def test_a_bad_checkpoint_fails_on_every_rank_without_a_hang(good_ckpt, tmp_path, case):
     make, msg = BAD_CKPTS[case]
     bad = tmp_path / "bad.ckpt"; bad.write_bytes(make(good_ckpt.read_bytes()))
-    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path / "o", "--resume", bad], timeout=HANG_S)
-    assert r.rc != 0
-    assert error_ranks(r.err, "CheckpointError", str(bad)) and re.search(msg, r.err), r.err[-3000:]
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 1, "--out", tmp_path / "o", "--resume", bad], timeout=HANG_S)
+    assert r.rc != 0  # another model is a ResumeError (a CheckpointError that is intact but not this run's)
+    assert error_ranks(r.err, "(?:CheckpointError|ResumeError)", str(bad)) and re.search(msg, r.err), r.err[-3000:]
     assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
 
 
@@ -460,3 +475,272 @@ def test_bad_settings_end_to_end_on_4_ranks():
     assert r.rc != 0
     assert error_ranks(r.err, "ConfigError", "n_lon=32 is not divisible by patch=5"), r.err[-3000:]
     assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
+
+
+# ===================================================================================== a real cluster (issue 17)
+# Preemption and requeue, a stalled rank, one run per folder, bad samples and the messages around them. The rows on
+# resuming with changed settings are in tests/test_train.py, and the data rows (fingerprinted statistics, chunk
+# checksums, value checks, time axes, a read-only data folder) in tests/test_data.py; nbs/11_reliability lists them all.
+
+REQUEUE = 75  # what the batch script requeues on (EX_TEMPFAIL)
+SIGNAL_RUN = [*TINY, "--way", 2, "--max-steps", 5, "--requeue-exit-code", REQUEUE]
+SMALL = dict(model="tiny", progress=False, val_batches=1, lr=1e-3, lr_encdec=1e-3, warmup_steps=1)
+
+
+@pytest.fixture
+def no_fsync(monkeypatch):
+    "In-process checkpoints without fsync (durability against a power cut is not what these tests look at)."
+    import jigsaw_ref.checkpoint as ckpt
+    monkeypatch.setattr(ckpt, "FSYNC", False)
+
+
+def same_run(a: dict, b: dict):
+    "Two checkpoints hold the same run: weights, both Adam moments and every step's loss, bit for bit."
+    assert all(torch.equal(a["params"][n], b["params"][n]) for n in b["params"])
+    assert all(torch.equal(a["adam"][k][n], b["adam"][k][n]) for k in ("exp_avg", "exp_avg_sq") for n in b["params"])
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def metrics_steps(out: Path) -> list[int]:
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows and rows[0].startswith("step,"), rows[:1]
+    return [int(r.split(",")[0]) for r in rows[1:]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    "The 2-way 5-step run that an interrupted and requeued one must reproduce bit for bit."
+    out = tmp_path_factory.mktemp("whole")
+    r = launch(2, [*SIGNAL_RUN, "--out", out])
+    assert r.rc == 0, r.text[-3000:]
+    return load_checkpoint(out / "final.ckpt")
+
+
+# ------------------------------------------------------------------------------------------ preemption, requeue
+
+@pytest.mark.parametrize("sig", ["term", "int", "usr1"])
+def test_a_stop_signal_on_one_rank_stops_every_rank_at_a_step_boundary_and_the_requeue_continues_exactly(tmp_path, uninterrupted, sig):
+    "Rank 1 gets the signal in step 3's forward pass: both ranks finish step 3, save it, write the metrics and exit with the requeue code."
+    name = f"SIG{sig.upper()}"
+    r = launch(2, [*SIGNAL_RUN, "--out", tmp_path], fault=f"{sig}-forward@1:2")
+    assert r.rc == REQUEUE, r.text[-3000:]
+    assert f"[jigsaw_ref rank 1] {name}: stopping at the next step boundary" in r.err and "Traceback" not in r.err, r.err[-3000:]
+    assert f"jigsaw-train: stopped by {name} (rank 1) at step 3: checkpoint {tmp_path / 'step0000003.ckpt'}" in r.err
+    ck = checkpoints(tmp_path)  # loaded and verified
+    assert sorted(ck) == step_names([3]) and ck["step0000003.ckpt"]["step"] == 3 and temp_files(tmp_path) == []
+    assert metrics_steps(tmp_path) == [1, 2, 3]
+    stopped = json.loads((tmp_path / "summary.json").read_text())["stopped"]
+    assert (stopped["signal"], stopped["rank"], stopped["step"]) == (name, 1, 3)
+    assert not (tmp_path / "run.lock").exists()  # released: the requeued job finds the folder free
+    # the requeue: the same command with --resume auto goes on to the end of the uninterrupted run, bit for bit
+    r = launch(2, [*SIGNAL_RUN, "--out", tmp_path, "--resume", "auto"])
+    assert r.rc == 0 and f"resumed from {tmp_path / 'step0000003.ckpt'} at step 3" in r.err, r.text[-3000:]
+    same_run(load_checkpoint(tmp_path / "final.ckpt"), uninterrupted)
+    assert metrics_steps(tmp_path) == [1, 2, 3, 4, 5]
+
+
+def test_a_second_signal_aborts_at_once_and_commits_no_new_checkpoint(tmp_path):
+    "The first SIGTERM (step 3's forward pass) asks for a stop; the second, while rank 1 writes step 3's checkpoint, ends the job."
+    r = launch(2, [*SIGNAL_RUN, "--ckpt-every", 1, "--out", tmp_path], fault="term-forward@1:2,term-checkpoint@1:3")
+    assert r.rc not in (0, REQUEUE), r.text[-3000:]
+    assert "[jigsaw_ref rank 1] SIGTERM again: aborting now, without a checkpoint (the last one is intact)" in r.err, r.err[-3000:]
+    assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S
+    assert sorted(checkpoints(tmp_path)) == step_names([1, 2])  # step 3 never committed; 1 and 2 verify
+    assert all(not (tmp_path / t / "manifest.json").exists() for t in temp_files(tmp_path))
+
+
+def test_resume_auto_on_an_empty_out_starts_fresh_and_says_so(tmp_path, capsys):
+    t = Trainer(TrainConfig(**SMALL, max_steps=1, out=str(tmp_path / "new"), resume="auto"), groups=ONE())
+    assert t.step == 0 and t.resumed_from is None
+    assert f"--resume auto: no checkpoint in {tmp_path / 'new'}: starting fresh" in capsys.readouterr().err
+
+
+def test_resume_auto_takes_the_final_checkpoint_a_time_limit_stop_wrote(tmp_path, no_fsync):
+    "--max-minutes ends a run early with final.ckpt only; the requeued run continues from it, exactly."
+    whole = Trainer(TrainConfig(**SMALL, max_steps=3, out=str(tmp_path / "whole")), groups=ONE())
+    whole.fit()
+    a = Trainer(TrainConfig(**SMALL, max_steps=3, max_minutes=1e-9, out=str(tmp_path / "a")), groups=ONE())
+    a.fit()
+    assert a.step == 1 and sorted(checkpoints(tmp_path / "a")) == ["final.ckpt"]
+    b = Trainer(TrainConfig(**SMALL, max_steps=3, out=str(tmp_path / "a"), resume="auto"), groups=ONE())
+    assert (b.step, b.resumed_from) == (1, tmp_path / "a" / "final.ckpt")
+    b.fit()
+    same_run(load_checkpoint(tmp_path / "a" / "final.ckpt"), load_checkpoint(tmp_path / "whole" / "final.ckpt"))
+
+
+def test_resume_auto_falls_back_to_the_newest_checkpoint_that_verifies_naming_the_ones_skipped(tmp_path, no_fsync, capsys):
+    kw = dict(SMALL, max_steps=3, ckpt_every=1, out=str(tmp_path))
+    Trainer(TrainConfig(**kw), groups=ONE()).fit()
+    want = load_checkpoint(tmp_path / "final.ckpt")
+    BAD_STORES["manifest edited"][0](tmp_path / "final.ckpt")  # found unreadable when the folder is listed
+    BAD_STORES["chunk byte flipped"][0](tmp_path / "step0000003.ckpt")  # a good manifest, found bad while loading
+    capsys.readouterr()
+    t = Trainer(TrainConfig(**kw, resume="auto"), groups=ONE())
+    err = capsys.readouterr().err
+    assert (t.step, t.resumed_from) == (2, tmp_path / "step0000002.ckpt"), err
+    line = next(l for l in err.splitlines() if l.startswith("jigsaw-train: resumed from"))
+    assert f"resumed from {tmp_path / 'step0000002.ckpt'} at step 2" in line and "skipped, newest first:" in line
+    assert re.search(r"final\.ckpt \(.*manifest\.json: checksum mismatch", line), line
+    assert re.search(r"step0000003\.ckpt \(.*blocks\.0\.tok1\.w', block i0j0, chunk \(0, 0\): checksum mismatch", line), line
+    t.fit()  # the half-loaded step 3 left nothing behind: the run ends as the undamaged one did
+    same_run(load_checkpoint(tmp_path / "final.ckpt"), want)
+
+
+def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final_one(tmp_path, no_fsync):
+    Trainer(TrainConfig(**SMALL, max_steps=4, ckpt_every=1, keep_last=2, out=str(tmp_path)), groups=ONE()).fit()
+    assert sorted(checkpoints(tmp_path)) == ["final.ckpt", *step_names([3, 4])]
+
+
+def test_the_metrics_are_never_seen_empty_or_partial_while_a_run_writes_them(tmp_path):
+    "A reader polling metrics.csv and summary.json while the run replaces them every step sees whole files only."
+    t = Trainer(TrainConfig(**SMALL, max_steps=20, out=str(tmp_path)), groups=ONE())
+    th = threading.Thread(target=t.fit)
+    th.start()
+    reads, bad = 0, []
+    while th.is_alive():
+        try: text, summary = (tmp_path / "metrics.csv").read_text(), (tmp_path / "summary.json").read_text()
+        except FileNotFoundError: continue
+        reads += 1
+        rows = text.splitlines()
+        if not text.endswith("\n") or len(rows) < 2 or len({r.count(",") for r in rows}) != 1: bad.append(text)
+        try: json.loads(summary)
+        except ValueError: bad.append(summary)
+    th.join()
+    assert reads > 30 and bad == [], (reads, bad[:3])
+    assert metrics_steps(tmp_path) == list(range(1, 21))
+
+
+def test_a_full_disk_at_a_metrics_write_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("JIGSAW_FAULT", "enospc-metrics@0:2")
+    t = Trainer(TrainConfig(**SMALL, max_steps=3, out=str(tmp_path)), groups=ONE())
+    with pytest.raises(RunFolderError, match=re.escape(f"{tmp_path / 'metrics.csv'}: not written (No space left on device")
+                       + r".*free disk space or choose another --out \(--keep-last K bounds the checkpoints kept\)"):
+        t.fit()
+    assert metrics_steps(tmp_path) == [1]  # the previous file, whole
+
+
+# ------------------------------------------------------------------------------------------------- a stalled rank
+
+@pytest.mark.parametrize("backend", ["mpi", "torch"])
+def test_a_stalled_rank_ends_the_job_naming_the_rank_and_step_waited_on(tmp_path, backend):
+    "SIGSTOP on rank 1 in step 3 (a stalled node): rank 0's watchdog names rank 1 and the step, and the job ends."
+    r = launch(2, [*SIGNAL_RUN, "--backend", backend, "--step-timeout", 3, "--out", tmp_path], fault="stop-forward@1:2", timeout=120)
+    assert r.rc == 124, r.text[-3000:]  # the watchdog's exit status (see the table in nbs/09_train)
+    assert re.search(r"\[jigsaw_ref rank 0\] no progress for \d+ s \(timeout 3 s\) after step 3\b.*waiting for rank 1 \(tag \d+\)", r.err), r.err[-3000:]
+    assert r.t_exit - r.t_first_error < FAULT_TO_EXIT_S and r.wall < 100
+    for _ in range(50):  # the stopped rank was ended too, not left behind
+        try: os.killpg(r.pgid, 0)
+        except ProcessLookupError: break
+        time.sleep(0.2)
+    else: pytest.fail(f"processes of the job are left: {subprocess.run(['ps', '-g', str(r.pgid)], capture_output=True, text=True).stdout}")
+
+
+# ------------------------------------------------------------------------------------------- one run per folder
+
+def test_a_second_job_on_a_run_folder_is_refused_naming_the_job_that_holds_it(tmp_path):
+    p, _ = start(1, [*TINY, "--max-steps", 3, "--out", tmp_path], fault="sleep3-data@0:1")  # a job that holds the folder a while
+    try:
+        t0, held = time.monotonic(), None
+        while not (held or {}).get("run_id"):
+            assert time.monotonic() - t0 < 60 and p.poll() is None, p.communicate()[1][-3000:] if p.poll() is not None else "no run.lock"
+            held = read_lock(tmp_path)[0]; time.sleep(0.05)
+        with pytest.raises(RunFolderError) as e:
+            Trainer(TrainConfig(**SMALL, max_steps=3, out=str(tmp_path)), groups=ONE())
+        out, err = p.communicate(timeout=HANG_S)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL); p.wait()
+    msg = str(e.value)
+    assert f"{tmp_path} is in use by run {held['run_id']} (host {held['host']}, pid {held['pid']}" in msg, msg
+    assert "two jobs must not write one run folder" in msg and "choose another --out" in msg
+    assert p.returncode == 0, err[-3000:]  # the first job was not disturbed
+    assert load_checkpoint(tmp_path / "final.ckpt")["run_id"] == held["run_id"] and metrics_steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_new_run_into_a_folder_holding_another_runs_checkpoints_is_refused_unless_overwrite(tmp_path, no_fsync):
+    kw = dict(SMALL, max_steps=1, out=str(tmp_path))
+    a = Trainer(TrainConfig(**kw), groups=ONE())
+    a.fit()
+    with pytest.raises(RunFolderError, match=rf"holds what another run wrote \(final\.ckpt, summary\.json: run {a.run_id}\); to "
+                                             r"continue that run use --resume auto, to keep it choose another --out, or pass --overwrite"):
+        Trainer(TrainConfig(**kw), groups=ONE()).fit()
+    assert load_checkpoint(tmp_path / "final.ckpt")["run_id"] == a.run_id  # untouched
+    c = Trainer(TrainConfig(**kw, overwrite=True), groups=ONE())
+    c.fit()
+    assert c.run_id != a.run_id and load_checkpoint(tmp_path / "final.ckpt")["run_id"] == c.run_id and metrics_steps(tmp_path) == [1]
+
+
+def test_a_launcher_that_mpi_does_not_connect_is_refused(tmp_path):
+    "torchrun without --backend torch: 4 processes, each an MPI world of 1 (here one of them, as torchrun sets it up)."
+    r = launch(1, [*TINY, "--max-steps", 1, "--out", tmp_path / "o"], env=dict(WORLD_SIZE="4", RANK="0", LOCAL_RANK="0"))
+    assert r.rc == 1 and not (tmp_path / "o").exists(), r.text[-3000:]
+    assert ("[jigsaw_ref rank 0] ConfigError: torchrun started 4 processes (WORLD_SIZE=4) but MPI sees a world of 1: each would "
+            "train alone into the same --out; add --backend torch under torchrun") in r.err, r.err[-3000:]
+    srun = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}  # srun --mpi=none
+    with pytest.raises(ConfigError, match=r"srun started 4 tasks but MPI sees a world of 1.*add --mpi=pmi2"):
+        check_launch(1, "mpi", srun)
+    check_launch(4, "mpi", srun)
+
+
+# ------------------------------------------------------------------------------------------ steps that cannot count
+
+def test_nonfinite_skip_stops_when_more_than_a_fraction_of_the_steps_is_skipped(tmp_path):
+    r = launch(1, [*TINY, "--max-steps", 10, "--ckpt-every", 1, "--out", tmp_path, "--nonfinite", "skip", *DIVERGE])
+    assert r.rc == 1, r.text[-3000:]
+    m = re.search(r"\[jigsaw_ref rank 0\] NonFiniteError: non-finite loss .* (\d+) of the run's 10 steps skipped, more than "
+                  r"--max-skip-fraction 0\.1; the last checkpoint is intact", r.err)
+    assert m and int(m.group(1)) == 2, r.err[-3000:]
+    assert all(torch.isfinite(t).all() for ck in checkpoints(tmp_path).values() for t in ck["params"].values())
+
+
+@pytest.fixture(scope="module")
+def bitrot(tmp_path_factory):
+    "A copy of the generated default store, its statistics fresh, with one byte of a temperature chunk flipped in place (bit rot:"
+    " same size, same modification time); and the first training step whose sample reads that chunk."
+    import shutil
+    from jigsaw_ref.data import stats_path
+    from jigsaw_ref.train import epoch_order
+    src = default_dataset(grid=(16, 32), verbose=False)
+    q = tmp_path_factory.mktemp("bitrot") / "copy.zarr"
+    shutil.copytree(src, q)
+    shutil.copy2(stats_path(src), stats_path(q))
+    order = epoch_order(len(Era5Dataset(q, preset("tiny"), "train", stats=False)), 0, 0)
+    step = next(s for s, i in enumerate(order) if i % 4 == 0)  # a sample at the first time of its day's shard file
+    f = q / "temperature" / "c" / str(int(order[step]) // 4) / "0" / "0" / "0"
+    st, raw = f.stat(), bytearray(f.read_bytes())
+    raw[40] ^= 0x10
+    f.write_bytes(bytes(raw))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return q, step, int(order[step]), f
+
+
+def _fit_ranks(comm, kw, way):
+    from jigsaw_ref.comm import make_groups
+    from jigsaw_ref.grid import Grid
+    t = Trainer(TrainConfig(**kw, way=way), groups=make_groups(Grid.named(way, comm.Get_size()), comm=comm))
+    t.fit()
+    return [h["bad_sample"] for h in t.history], len(t.bad)
+
+
+def test_a_bad_sample_is_skipped_on_every_rank_and_counted(bitrot, tmp_path, no_fsync):
+    "2-way: only the rank holding the temperature channels reads the bad chunk; both skip that step; the count is kept."
+    q, step, i, f = bitrot
+    kw = dict(SMALL, data=str(q), max_steps=step + 2, bad_samples="skip", out=str(tmp_path))
+    got = run_ranks(2, _fit_ranks, kw, "2")
+    assert got == [([0] * step + [1, 0], 1)] * 2
+    ck = load_checkpoint(tmp_path / "final.ckpt")
+    assert [b["key"] for b in ck["bad_samples"]] == [[False, [i]]] and str(f) in ck["bad_samples"][0]["message"]
+    assert json.loads((tmp_path / "summary.json").read_text())["bad_samples"] == 1
+    assert ck["data"]["samples"] == step + 2  # the skipped sample counts as consumed: a requeued run never meets it again
+
+
+@pytest.mark.parametrize("how,err,msg", [
+    (dict(bad_samples="stop"), "BadSampleError", r"cannot read variable 'temperature' at time index {i} \(.*\): {f} is corrupt or truncated"),
+    (dict(bad_samples="skip", max_bad_samples=0), "DataError", r"1 bad samples, more than --max-bad-samples 0; the last: .*{f}"),
+])
+def test_a_bad_sample_stops_the_run_when_asked_or_past_the_bound(bitrot, tmp_path, no_fsync, how, err, msg):
+    q, step, i, f = bitrot
+    t = Trainer(TrainConfig(**SMALL, data=str(q), max_steps=step + 2, ckpt_every=1, out=str(tmp_path), **how), groups=ONE())
+    with pytest.raises(DataError, match=msg.format(i=i, f=re.escape(str(f)))) as e:
+        t.fit()
+    assert type(e.value).__name__ == err and "\n" not in str(e.value)
+    assert sorted(checkpoints(tmp_path)) == step_names(range(1, step + 1))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ import torch
 from jigsaw_ref.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from jigsaw_ref.comm import Group, make_groups
 from jigsaw_ref.grid import Grid
-from jigsaw_ref.ranks import run_ranks
-from jigsaw_ref.train import DEMO_STEPS, Trainer, TrainConfig, arg_parser, demo, epoch_order, main, parse_args
+from jigsaw_ref.ranks import RankFailed, run_ranks
+from jigsaw_ref.train import DEMO_STEPS, ResumeError, Trainer, TrainConfig, arg_parser, demo, epoch_order, main, parse_args
 from test_mpi import ROOT, mpiexec
 
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # noqa: E731
@@ -301,3 +302,82 @@ def test_a_step_never_touches_the_global_random_generator(tmp_path):
     before = torch.get_rng_state()
     t.train_step(t.next_indices(), 1)
     assert torch.equal(before, torch.get_rng_state())
+
+
+# ------------------------------------------------------------ resume is faithful to the run or refuses (issue 17)
+
+@pytest.fixture
+def no_fsync(monkeypatch):
+    "In-process checkpoints without fsync (what these tests look at is the schedule, not durability)."
+    import jigsaw_ref.checkpoint as ckpt
+    monkeypatch.setattr(ckpt, "FSYNC", False)
+
+
+def _lrs(t): return [g["lr"] for g in t.opt.param_groups]
+
+
+def _stepped(kw, out, n):
+    "A fresh trainer of `kw` whose schedule is stepped `n` times: the learning rates a run of those settings has after n steps."
+    t = Trainer(TrainConfig(**kw, out=str(out)), groups=ONE())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": only a replay
+        for _ in range(n): t.sched.step()
+    return t
+
+
+def test_a_longer_run_on_resume_is_refused_or_rescheduled_so_the_lr_never_climbs_back(tmp_path, no_fsync):
+    "A 4-step run's step-3 checkpoint, resumed for 8 steps: refused; with --reschedule the cosine of an 8-step run from step 3 on."
+    kw = dict(BASE, max_steps=4, ckpt_every=3)
+    Trainer(TrainConfig(**kw, out=str(tmp_path / "a")), groups=ONE()).fit()
+    ck = str(tmp_path / "a" / "step0000003.ckpt")
+    longer = dict(kw, max_steps=8, ckpt_every=0)
+    with pytest.raises(ResumeError, match=r"\{'total_steps': \(4, 8\)\}.*a bound of 4 steps \(--max-steps, --epochs\).*--reschedule"):
+        Trainer(TrainConfig(**longer, out=str(tmp_path / "b"), resume=ck), groups=ONE())
+    b = Trainer(TrainConfig(**longer, out=str(tmp_path / "b"), resume=ck, reschedule=True), groups=ONE())
+    assert b.step == 3
+    b.fit()
+    whole = Trainer(TrainConfig(**longer, out=str(tmp_path / "d")), groups=ONE())
+    whole.fit()
+    lrs = [h["lr"] for h in b.history]
+    assert lrs[3:] == pytest.approx([h["lr"] for h in whole.history][3:], rel=1e-12, abs=1e-15)
+    # from the resume on, the decay of the 8-step run to zero (a restored 4-step cosine would climb back up after step 4)
+    assert all(x >= y for x, y in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0, abs=1e-15)
+    final = load_checkpoint(tmp_path / "b" / "final.ckpt")
+    assert final["schedule"]["total_steps"] == 8 and final["schedule_changes"] == [dict(step=3, changed={"total_steps": [4, 8]})]
+
+
+def test_a_changed_lr_on_resume_is_refused_or_rescheduled_and_recorded(tmp_path, no_fsync):
+    kw = dict(BASE, max_steps=4, ckpt_every=2)
+    Trainer(TrainConfig(**kw, out=str(tmp_path / "a")), groups=ONE()).fit()
+    ck = str(tmp_path / "a" / "step0000002.ckpt")
+    with pytest.raises(ResumeError, match=r"\{'lr': \(0\.001, 0\.002\)\}.*resume with the checkpoint's \(--lr 0\.001\)"):
+        Trainer(TrainConfig(**dict(kw, lr=2e-3), out=str(tmp_path / "b"), resume=ck), groups=ONE())
+    b = Trainer(TrainConfig(**dict(kw, lr=2e-3), out=str(tmp_path / "b"), resume=ck, reschedule=True), groups=ONE())
+    assert _lrs(b) == pytest.approx(_lrs(_stepped(dict(kw, lr=2e-3), tmp_path / "c", 2)), rel=1e-12)
+    b.fit()
+    final = load_checkpoint(tmp_path / "b" / "final.ckpt")  # what the run actually used, and when it changed
+    assert (final["schedule"]["lr"], final["train"]["lr"]) == (2e-3, 2e-3)
+    assert final["schedule_changes"] == [dict(step=2, changed={"lr": [1e-3, 2e-3]})]
+
+
+def test_a_changed_data_parallelism_on_resume_keeps_the_samples_consumed(tmp_path, no_fsync):
+    "dp 1 -> dp 2 with the same per-group batch doubles the global batch: refused as a change of the run; with --reschedule"
+    " it continues from the samples consumed (2), not from step x new global batch (4)."
+    Trainer(TrainConfig(**BASE, max_steps=4, ckpt_every=2, out=str(tmp_path / "a")), groups=ONE()).fit()
+    kw = dict(BASE, max_steps=4, out=str(tmp_path / "b"), resume=str(tmp_path / "a" / "step0000002.ckpt"))
+    with pytest.raises(RankFailed, match=r"ResumeError: .*\{'global_batch': \(1, 2\)\}.*a global batch of 1 \(--batch x data parallelism\)"):
+        run_ranks(2, _position, kw, "1")
+    pos = run_ranks(2, _position, dict(kw, reschedule=True), "1")
+    order = epoch_order(len(Trainer(TrainConfig(**BASE, out=str(tmp_path / "c")), groups=ONE()).train_ds), 0, 0)
+    assert pos == [(2, 2, 2, [int(order[2])]), (2, 2, 2, [int(order[3])])]
+
+
+def _faithful_2way_checkpoint(comm, out):
+    t = Trainer(TrainConfig(**BASE, mode="faithful", way="2", max_steps=1, out=str(out)), groups=make_groups(Grid.named("2", 2), comm=comm))
+    t.fit()
+
+
+def test_a_faithful_checkpoint_is_refused_by_an_exact_run(tmp_path, no_fsync):
+    run_ranks(2, _faithful_2way_checkpoint, tmp_path / "f")
+    with pytest.raises(ResumeError, match=r"written in mode 'faithful', this run is --mode exact; resume with --mode faithful"):
+        Trainer(TrainConfig(**BASE, max_steps=1, out=str(tmp_path / "e"), resume=str(tmp_path / "f" / "final.ckpt")), groups=ONE())
