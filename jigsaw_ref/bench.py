@@ -357,13 +357,13 @@ def targets(res: list[dict]) -> list[str]:
 def predictions(res: list[dict], cfg, peak1: float, link: dict) -> str:
     "Predicted vs measured s/step of the 1-, 2- and 4-way cases of this run."
     from jigsaw_ref.perfmodel import predict_local
-    pred = predict_local(cfg, peak1, link["bw_bytes_s"], link["latency_s"])
+    pred = predict_local(cfg, peak1, link["bw_bytes_s"], link["latency_s"], cores=len(os.sched_getaffinity(0)))
     rows = []
     for way, name in ((1, "1-way"), (2, "2-way"), (4, "4-way")):
         m = next((r for r in res if r["case"] == name), None)
         if m: rows.append(f"{name}: predicted {pred[way]['step']:.3f} s/step (GEMM {pred[way]['gemm']:.3f}, exchanges "
                           f"{pred[way]['comm']:.3f}), measured {m['step_s']:.3f}: {m['step_s'] / pred[way]['step']:.2f} x the prediction")
-    return "performance model, from this run's GEMM peak and link:\n  " + "\n  ".join(rows) if rows else ""
+    return "performance model, from this run's GEMM peak and link (ranks beyond the cores share them):\n  " + "\n  ".join(rows) if rows else ""
 
 # %% ../nbs/12_bench.ipynb #7c102af6
 def main(argv=None):

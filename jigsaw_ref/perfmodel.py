@@ -377,14 +377,16 @@ def schedule_verdict(c: MixerConfig, hw: Machine = A100_NODE, calib: Calib | Non
 
 # %% ../nbs/13_perf_model.ipynb #86afd970
 def predict_local(c: MixerConfig, gemm_gflops: float, bw_bytes_s: float, latency_s: float, ways: tuple = (1, 2, 4),
-                  mem_bytes_s: float | None = None, overlap: float = 0.0) -> dict:
+                  mem_bytes_s: float | None = None, overlap: float = 0.0,
+                  cores: int | None = None) -> dict:  # cores the ranks share (None: one per rank); more ranks than cores share them
     "Predicted seconds per step (and parts) of the activations layout on `ways` ranks of one machine, from measured rates."
     hw = Machine(peak=(("fp32", gemm_gflops * 1e9),), hbm=mem_bytes_s or math.inf, nvlink_pair=bw_bytes_s,
                  net_node=bw_bytes_s, gpus_per_node=max(ways), sms=0, msg_lat=latency_s)
     cal, out = Calib(eta=(("fp32", 1.0),)), {}
     for w in ways:
         p, q = LAYOUTS[w]
-        t = dict(gemm=gemm_time(c, p, q, "fp32", cal, hw), mem=mem_time(c, p, q, hw) if mem_bytes_s else 0.0,
+        share = max(1.0, w / cores) if cores else 1.0  # ranks per core: each computes at 1/share of the rate
+        t = dict(gemm=share * gemm_time(c, p, q, "fp32", cal, hw), mem=mem_time(c, p, q, hw) if mem_bytes_s else 0.0,
                  comm=mp_time(c, p, q, "fp32", cal, hw, "activations", overlap))
         out[w] = dict(t, step=sum(t.values()), bytes=mp_bytes(c, p, q),
                       messages=sum(n for _, _, n in activation_events(c, p, q)))

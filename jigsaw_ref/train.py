@@ -1024,7 +1024,7 @@ def main(argv=None):
     return 0
 
 # %% ../nbs/09_train.ipynb #d8eebef9
-DEMO_STEPS = 1500  # 4-way demo steps: about 4 minutes of training on a quiet 2-core machine
+DEMO_STEPS = 1500  # 4-way demo steps: 6-7 minutes of training measured on a quiet 2-core machine
 
 
 def demo(argv=None):

@@ -690,8 +690,9 @@ def _values(a: xr.DataArray, src: str, var: str, t: int, when, path=None) -> np.
     except (DataError, KeyboardInterrupt): raise
     except Exception as e:
         f = (_bad_chunk_file(path, var, t) if path is not None and Path(path).is_dir() else str(path or src)) or f"{src}/{var}"
+        why = "its checksum does not match" if "checksum" in str(e).lower() else f"{type(e).__name__}: {str(e).split('. ')[0][:80]}"
         raise BadSampleError(f"{src}: cannot read variable {var!r} at time index {t} ({when}): {f} is corrupt or truncated "
-                             f"({type(e).__name__}: {str(e)[:80]}); restore that file from a copy (or regenerate the store), "
+                             f"({why}); restore that file from a copy (or regenerate the store), "
                              f"or exclude that time with `split`", store=src, variable=var, time_index=t, time=str(when), file=f) from e
 
 

@@ -962,14 +962,16 @@ for H in (10352, 1600):
 # %%
 #| export
 def predict_local(c: MixerConfig, gemm_gflops: float, bw_bytes_s: float, latency_s: float, ways: tuple = (1, 2, 4),
-                  mem_bytes_s: float | None = None, overlap: float = 0.0) -> dict:
+                  mem_bytes_s: float | None = None, overlap: float = 0.0,
+                  cores: int | None = None) -> dict:  # cores the ranks share (None: one per rank); more ranks than cores share them
     "Predicted seconds per step (and parts) of the activations layout on `ways` ranks of one machine, from measured rates."
     hw = Machine(peak=(("fp32", gemm_gflops * 1e9),), hbm=mem_bytes_s or math.inf, nvlink_pair=bw_bytes_s,
                  net_node=bw_bytes_s, gpus_per_node=max(ways), sms=0, msg_lat=latency_s)
     cal, out = Calib(eta=(("fp32", 1.0),)), {}
     for w in ways:
         p, q = LAYOUTS[w]
-        t = dict(gemm=gemm_time(c, p, q, "fp32", cal, hw), mem=mem_time(c, p, q, hw) if mem_bytes_s else 0.0,
+        share = max(1.0, w / cores) if cores else 1.0  # ranks per core: each computes at 1/share of the rate
+        t = dict(gemm=share * gemm_time(c, p, q, "fp32", cal, hw), mem=mem_time(c, p, q, hw) if mem_bytes_s else 0.0,
                  comm=mp_time(c, p, q, "fp32", cal, hw, "activations", overlap))
         out[w] = dict(t, step=sum(t.values()), bytes=mp_bytes(c, p, q),
                       messages=sum(n for _, _, n in activation_events(c, p, q)))
@@ -984,6 +986,7 @@ test_close(_pl[1]["step"] / (train_step_flops(preset("medium")) / 100e9), 1, eps
 test_eq(_pl[2]["bytes"], mp_bytes(preset("medium"), 1, 2))
 assert _pl[1]["step"] > _pl[2]["step"] > _pl[2]["gemm"]
 assert predict_local(preset("medium"), 100.0, 5e9, 5e-6, overlap=1.0)[2]["comm"] <= _pl[2]["comm"]
+test_close(predict_local(preset("medium"), 100.0, 5e9, 5e-6, cores=2)[4]["gemm"], 2 * _pl[4]["gemm"])  # 4 ranks on 2 cores
 
 # %% [markdown]
 # The numbers above are an example of the call with round inputs, not a measurement; `jigsaw-bench` passes the

@@ -536,7 +536,7 @@ def test_generated_chunks_carry_checksums_and_a_flipped_byte_is_a_bad_sample(sto
     b = bytearray(shard.read_bytes()); b[40] ^= 0x10; shard.write_bytes(bytes(b))
     d[0]  # other days are fine
     with pytest.raises(BadSampleError, match=rf"cannot read variable 'temperature' at time index 4 \(.*\): {shard} is corrupt "
-                                             r"or truncated \(ValueError: Stored and computed checksum do not match") as e:
+                                             r"or truncated \(its checksum does not match\); restore") as e:
         d[4]
     assert (e.value.variable, e.value.time_index, e.value.file) == ("temperature", 4, str(shard))
     assert Era5Dataset(q, cfg, stats=d.stats, lon_parts=2, lon_index=1).get(4)[0].shape == (22, 16, 16)  # other chunks of that file are fine
