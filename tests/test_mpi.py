@@ -3,9 +3,11 @@ ranks agree on each verdict (see mpi_util.agree), so a failure fails every rank 
 
 Each suite runs on each backend and algorithm, chosen for the ranks by JIGSAW_TEST_BACKEND (`mpi`: `comm.Group`
 on mpi4py; `torch`: `comm.TorchGroup` on gloo) and JIGSAW_TEST_ALGO (`p2p` or `coll`; the comm suite tests both
-algorithms itself). By default: MPI p2p on 2, 4 and 8 ranks (8: dp 2 x 4-way and 2 x 4, oversubscribed on 2
-cores) and every other backend x algorithm on 4 ranks (the 2x2 layout and four others); the rest of the product
-(2 and 8 ranks for those) is `slow`. tests/test_torch_group.py checks the two backends bit for bit."""
+algorithms itself). By default: MPI p2p on 2 and 4 ranks, the layers also on 8 (dp 2 x 4-way and 2 x 4,
+oversubscribed on 2 cores), and every other backend x algorithm on 4 ranks (the 2x2 layout and four others), except
+the longest launches (`LONG`: the whole model on 8 ranks and with the library collectives, the comm suite on 8),
+which with the rest of the product are `slow` (`pytest -m slow tests/test_mpi.py`: all 30).
+tests/test_torch_group.py checks the two backends bit for bit."""
 import os
 import subprocess
 import sys
@@ -42,15 +44,18 @@ def run_mpi(n, target, timeout=480, extra=(), env=None):
     return r.stdout
 
 
+LONG = {"comm-mpi-both-n8", "model-mpi-p2p-n8", "model-mpi-coll-n4", "model-torch-coll-n4"}  # 25-60 s each on 2 cores
+
+
 def _runs():
     "(suite, ranks, backend, algo) of every run; default: MPI p2p on every size, the other combinations on 4 ranks."
     for suite in ("test_comm_mpi.py", "test_layers_mpi.py", "test_model_mpi.py"):
         for backend in ("mpi", "torch"):
             for algo in (["both"] if suite == "test_comm_mpi.py" else ["p2p", "coll"]):
                 for n in (2, 4, 8):
-                    default = (backend, algo) in (("mpi", "p2p"), ("mpi", "both")) or n == 4
-                    yield pytest.param(suite, n, backend, algo, marks=() if default else pytest.mark.slow,
-                                       id=f"{suite[5:-7]}-{backend}-{algo}-n{n}")
+                    name = f"{suite[5:-7]}-{backend}-{algo}-n{n}"
+                    default = ((backend, algo) in (("mpi", "p2p"), ("mpi", "both")) or n == 4) and name not in LONG
+                    yield pytest.param(suite, n, backend, algo, marks=() if default else pytest.mark.slow, id=name)
 
 
 @pytest.mark.parametrize("suite,n,backend,algo", list(_runs()))

@@ -166,7 +166,8 @@ def test_failed_checkpoint_write_removes_its_temp_file(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------ SIGKILL mid-write, resume
 
-@pytest.mark.parametrize("n,killed", [(2, 0), (2, 1), (4, 3)], ids=["2way-writer0", "2way-writer1", "4way-writer3"])
+@pytest.mark.parametrize("n,killed", [(2, 0), pytest.param(2, 1, marks=pytest.mark.slow), (4, 3)],
+                         ids=["2way-writer0", "2way-writer1", "4way-writer3"])  # writer 1: the same path as writer 0
 def test_sigkill_during_a_checkpoint_write_keeps_the_last_good_one_and_resume_auto_uses_it(tmp_path, n, killed):
     r = launch(n, [*TINY, "--way", n, "--max-steps", 4, "--ckpt-every", 1, "--out", tmp_path], fault=f"kill-checkpoint@{killed}:2")
     assert r.rc != 0 and "Killed (signal 9)" in r.text, r.text[-3000:]
@@ -518,7 +519,8 @@ def uninterrupted(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------ preemption, requeue
 
-@pytest.mark.parametrize("sig", ["term", "int", "usr1"])
+@pytest.mark.parametrize("sig", ["term", pytest.param("int", marks=pytest.mark.slow), pytest.param("usr1", marks=pytest.mark.slow)])
+# one signal by default: the three share every line of the trainer's path (nbs/11's table runs all three)
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_a_step_boundary_and_the_requeue_continues_exactly(tmp_path, uninterrupted, sig):
     "Rank 1 gets the signal in step 3's forward pass: both ranks finish step 3, save it, write the metrics and exit with the requeue code."
     name = f"SIG{sig.upper()}"
