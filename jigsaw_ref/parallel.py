@@ -10,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .config import MixerConfig, shard_range, split_sizes
 from .mixer import dropout, init_block, param_shapes, patchify, site_key, unpatchify
-from .comm import Group, all_gather, all_reduce, reduce_scatter
-from .pmatmul import (channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa, layer_norm,
-                                token_mlp, token_mlp_faithful, token_mlp_overlap, token_mlp_summa)
+from .comm import Group, all_gather
+from .pmatmul import (FEATURES, PATCHES, channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa,
+                                gather_contract, layer_norm, matmul_reduce_scatter_out, token_mlp, token_mlp_faithful,
+                                token_mlp_overlap, token_mlp_summa)
 from torch.utils.checkpoint import checkpoint
 from fastcore.basics import patch
 
@@ -201,8 +202,10 @@ def _ln(self: JigsawMixer, x, name, n_features):
 @patch
 def encode(self: JigsawMixer, x):
     "Input block (B, C_j, n_lat, n_lon_i) -> token block (B, T_i, H_j)."
-    x = all_gather(x, self.tensor, 1, split_sizes(self.cfg.n_in, self.q))  # (B, C_in, lat, lon_i)
-    return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), self._gathered("enc.w")) + self.state()["enc.b"]
+    x = patchify(x, self.cfg.patch)  # (B, T_i, C_j, P)
+    z = gather_contract(PATCHES, self._gathered("enc.w"), x, self.tensor, split_sizes(self.cfg.n_in, self.q), xd=2, wd=0,
+                        overlap=self.schedule != "plain")  # all C_in channels contracted
+    return z + self.state()["enc.b"]
 
 # %% ../nbs/06_parallel.ipynb #029c079f
 @patch
@@ -230,14 +233,14 @@ def decode(self: JigsawMixer, x, z, inp):
     "Processor and encoder blocks (B, T_i, H_j), input block -> prediction block (B, V_j, n_lat, n_lon_i)."
     p, c = self.state(), self.cfg
     u = torch.cat([self._ln(x, "dec.ln", c.hidden), z], dim=-1)  # (B, T_i, 2 H_j)
-    y = torch.einsum("btg,gcp->btcp", u, self._gathered("dec.w"))  # (B, T_i, V_out, P), partial over j
-    y = reduce_scatter(y, self.tensor, 2, split_sizes(c.n_out, self.q))  # (B, T_i, V_j, P)
+    ov, vs = self.schedule != "plain", split_sizes(c.n_out, self.q)
+    y = matmul_reduce_scatter_out(FEATURES, self._gathered("dec.w"), u, self.tensor, vs, wd=1, od=2, overlap=ov)  # (B, T_i, V_j, P)
     y = y + (p["dec.b"][:, None] if c.dec_bias == "channel" else p["dec.b"])
     y = unpatchify(y, c.n_lat).permute(0, 2, 3, 1)  # (B, lat, lon_i, V_j)
     dyn = inp[:, : len(residual_inputs(c, self.q, self.j))].permute(0, 2, 3, 1)
     r = torch.cat([self._ln(y, "res.ln1", c.n_out), dyn], -1)
-    r = self._ln(r, "res.ln2", c.n_out + c.n_res_in) @ self._gathered("res.w")  # (B, lat, lon_i, V_out), partial
-    r = reduce_scatter(r, self.tensor, 3, split_sizes(c.n_out, self.q)) + p["res.b"]
+    r = self._ln(r, "res.ln2", c.n_out + c.n_res_in)  # (B, lat, lon_i, F_j): the partial sum's features
+    r = matmul_reduce_scatter_out(FEATURES, self._gathered("res.w"), r, self.tensor, vs, wd=1, od=3, overlap=ov) + p["res.b"]
     return r.permute(0, 3, 1, 2)
 
 # %% ../nbs/06_parallel.ipynb #352c32f1

@@ -5,15 +5,17 @@
 # %% ../nbs/05_partitioned_matmul.ipynb #c57c4d42
 from __future__ import annotations
 from typing import Callable, NamedTuple
+import math
 import torch
 import torch.nn.functional as F
 from .comm import Group, all_gather, all_reduce, expected_bytes, reduce_scatter
 from .config import shard_range, split_sizes
 
 # %% auto #0
-__all__ = ['LEFT', 'RIGHT', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp', 'mlp_steps', 'print_steps', 'plot_exchanges',
-           'channel_mlp', 'layer_norm', 'chunked', 'gather_matmul', 'matmul_reduce_scatter',
-           'gather_matmul_reduce_scatter', 'mm_stage', 'token_mlp_overlap', 'channel_mlp_overlap', 'saved_bytes',
+__all__ = ['LEFT', 'RIGHT', 'PATCHES', 'FEATURES', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp', 'mlp_steps',
+           'print_steps', 'plot_exchanges', 'channel_mlp', 'layer_norm', 'chunked', 'gather_matmul',
+           'matmul_reduce_scatter', 'gather_matmul_reduce_scatter', 'mm_stage', 'token_mlp_overlap',
+           'channel_mlp_overlap', 'contraction', 'gather_contract', 'matmul_reduce_scatter_out', 'saved_bytes',
            'block_bytes', 'token_mlp_faithful', 'channel_mlp_faithful', 'summa', 'token_mlp_summa', 'channel_mlp_summa']
 
 # %% ../nbs/05_partitioned_matmul.ipynb #d7b0a429
@@ -425,6 +427,114 @@ def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes
     y = mm_stage(RIGHT, wb, a, None if faithful else bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
     if faithful: y = y + bb
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% ../nbs/05_partitioned_matmul.ipynb #e9acb5e4
+def contraction(k: int) -> Product:
+    "`tensordot(a, w, k)`: the last `k` dimensions of `a` contracted with the first `k` of `w`, with its two gradients."
+    mat = lambda w: w.reshape(math.prod(w.shape[:k]), -1)  # (K, R): one GEMM, which autocast casts like any matmul
+    lead = lambda t, n: t.reshape(math.prod(t.shape[:n]), -1)  # the first n dimensions as rows
+    return Product(lambda w, a: (a.flatten(a.dim() - k) @ mat(w)).unflatten(-1, w.shape[k:]),
+                   lambda w, g: (g.flatten(g.dim() - w.dim() + k) @ mat(w).mT).unflatten(-1, w.shape[:k]),
+                   lambda g, a: (lead(a, a.dim() - k).mT @ lead(g, a.dim() - k)).reshape(a.shape[a.dim() - k:] + g.shape[a.dim() - k:]),
+                   dim=0, bias_dim=-1)  # separable along the batch; no bias of its own
+
+
+PATCHES, FEATURES = contraction(2), contraction(1)
+
+# %% ../nbs/05_partitioned_matmul.ipynb #ef557a5a
+class _GatherContract(torch.autograd.Function):
+    """Forward: `prod.fwd(w, AG(x))` over `group`, the gathered dimension `xd` of `x` contracted with dimension `wd`
+    of `w`: `sum_k prod.fwd(w_k, x_k)` (`w_k` the slice of `w` that meets block k), mine first while the partners'
+    arrive, theirs added in the rounds' order. Backward: `dw_k = prod.dw(g, x_k)` from the kept blocks; if `x`
+    needs a gradient, `dx = RS(da)`: partner k's `prod.da(w_k, g)` sent as soon as it is computed."""
+    @staticmethod
+    def forward(ctx, w, x, prod, group, sizes, xd, wd):
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        xs = x.contiguous()
+        xb = {k: x.new_empty(_with(x, xd, sizes[k])) for k in range(n) if k != r}
+        reqs = [group.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=61) for to, fr in _rounds(n, r)]
+        y = prod.fwd(w.narrow(wd, c[r], sizes[r]), xs)  # my block while the partners' arrive
+        group.poke([q for rq in reqs for q in rq])
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); y = y + prod.fwd(w.narrow(wd, c[fr], sizes[fr]), xb[fr])
+        xb[r] = xs
+        ctx.save_for_backward(w, *[xb[k] for k in range(n)])
+        ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.amp = prod, group, sizes, wd, _amp(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _GatherContract._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        w, *xb = ctx.saved_tensors
+        prod, group, sizes, wd = ctx.prod, ctx.group, ctx.sizes, ctx.wd
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        wk = lambda k: w.narrow(wd, c[k], sizes[k])
+        dx, got, reqs = None, {fr: torch.empty_like(xb[r]) for _, fr in _rounds(n, r)}, []
+        if ctx.needs_input_grad[1]:  # every rank agrees: the same graph on every rank
+            reqs = [group.start(sends=[(prod.da(wk(to), g).to(xb[r].dtype).contiguous(), to)], recvs=[(got[fr], fr)],
+                                tag=62) for to, fr in _rounds(n, r)]
+            dx = prod.da(wk(r), g)
+            group.poke([q for rq in reqs for q in rq])
+        dw = torch.cat([prod.dw(g, xb[k]) for k in range(n)], dim=wd)  # while the messages fly
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); dx = dx + got[fr]
+        return dw, dx, None, None, None, None, None
+
+# %% ../nbs/05_partitioned_matmul.ipynb #0571a636
+def gather_contract(prod: Product, w, x, group: Group, sizes: list[int], xd: int, wd: int, overlap: bool = True):
+    "`prod.fwd(w, all_gather(x, group, xd, sizes))`, dimension `xd` of `x` meeting dimension `wd` of `w`; overlapped."
+    if group.size == 1: return prod.fwd(w, x)
+    if not (overlap and group.can_overlap): return prod.fwd(w, all_gather(x, group, xd, sizes))
+    return _GatherContract.apply(w, x, prod, group, list(sizes), xd, wd)
+
+# %% ../nbs/05_partitioned_matmul.ipynb #76dee357
+class _MatmulReduceScatterOut(torch.autograd.Function):
+    """Forward: `RS(prod.fwd(w, a))` over `group` along the result's dimension `od`, the one that dimension `wd` of `w`
+    makes: partner k's block `prod.fwd(w_k, a)` computed and sent before the next, mine last, the received blocks
+    added in the rounds' order. Backward: the upstream gradient blocks are all-gathered while my own block's `da`
+    and `dw` are computed; `da = sum_k prod.da(w_k, g_k)`, `dw_k = prod.dw(g_k, a)`."""
+    @staticmethod
+    def forward(ctx, w, a, prod, group, sizes, wd, od):
+        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.od, ctx.amp = prod, group, sizes, wd, od, _amp(a)
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        bufs, reqs = {}, []
+        for to, fr in _rounds(n, r):  # each sent block stays referenced by its request until `wait`
+            y_to = prod.fwd(w.narrow(wd, c[to], sizes[to]), a).contiguous()
+            bufs[fr] = y_to.new_empty(_with(y_to, od, sizes[r]))
+            reqs += group.start(sends=[(y_to, to)], recvs=[(bufs[fr], fr)], tag=63)
+        out = prod.fwd(w.narrow(wd, c[r], sizes[r]), a)  # mine while the messages fly
+        group.wait(reqs)
+        for to, fr in _rounds(n, r): out = out + bufs[fr]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _MatmulReduceScatterOut._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        w, a = ctx.saved_tensors
+        prod, group, sizes, wd, od = ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.od
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        wk = lambda k: w.narrow(wd, c[k], sizes[k])
+        g = g.contiguous()
+        gb = {fr: g.new_empty(_with(g, od, sizes[fr])) for _, fr in _rounds(n, r)}
+        reqs = [group.start(sends=[(g, to)], recvs=[(gb[fr], fr)], tag=64) for to, fr in _rounds(n, r)]
+        da, dw = prod.da(wk(r), g), {r: prod.dw(g, a)}  # my own block while the partners' arrive
+        group.poke([q for rq in reqs for q in rq])
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); da = da + prod.da(wk(fr), gb[fr]); dw[fr] = prod.dw(gb[fr], a)
+        return torch.cat([dw[k] for k in range(n)], dim=wd), da.to(a.dtype), None, None, None, None, None
+
+# %% ../nbs/05_partitioned_matmul.ipynb #8aee491e
+def matmul_reduce_scatter_out(prod: Product, w, a, group: Group, sizes: list[int], wd: int, od: int, overlap: bool = True):
+    "`reduce_scatter(prod.fwd(w, a), group, od, sizes)`, dimension `od` of the result made by dimension `wd` of `w`; overlapped."
+    if group.size == 1: return prod.fwd(w, a)
+    if not (overlap and group.can_overlap): return reduce_scatter(prod.fwd(w, a), group, od, sizes)
+    return _MatmulReduceScatterOut.apply(w, a, prod, group, list(sizes), wd, od)
 
 # %% ../nbs/05_partitioned_matmul.ipynb #9233bd22
 class saved_bytes:

@@ -5,6 +5,7 @@
 #| export
 from __future__ import annotations
 from typing import Callable, NamedTuple
+import math
 import torch
 import torch.nn.functional as F
 from jigsaw_ref.comm import Group, all_gather, all_reduce, expected_bytes, reduce_scatter
@@ -878,6 +879,170 @@ def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes
 # %%
 for _pq in ((1, 2), (2, 1), (2, 2), (3, 2)):
     _check_token(*_pq, fn=token_mlp_overlap); _check_channel(*_pq, fn=channel_mlp_overlap)
+
+# %% [markdown]
+# ### The encoder's and the decoder's exchanges
+#
+# Outside the mixer blocks the tensor axis cuts channels that a GEMM *contracts* or *produces*, not a dimension of
+# the activations. The encoder all-gathers its input channels and contracts them,
+# $Z = X W_{enc} = \sum_k X_{[C_k]} W_{enc}[C_k]$; the decoder and the residual map each rank's channel block to all
+# output channels, a partial sum that is reduce-scattered, $Y_{[V_k]} = \sum_j U_{[j]} W[j][:, V_k]$. Both overlap
+# like the MLPs' exchanges, with the blocks cut on the *weight*: the encoder multiplies its own channel block while
+# the partners' arrive and adds each one as it comes; the decoder computes and sends partner $k$'s output block
+# $U W[:, V_k]$ first and its own last. `contraction(k)` is the product of the two: the last `k` dimensions of the
+# activation contracted with the first `k` of the weight (`k = 2` for the encoder's (channel, pixel) patches, `k = 1`
+# for the decoder's and the residual's features).
+
+# %%
+#| export
+def contraction(k: int) -> Product:
+    "`tensordot(a, w, k)`: the last `k` dimensions of `a` contracted with the first `k` of `w`, with its two gradients."
+    mat = lambda w: w.reshape(math.prod(w.shape[:k]), -1)  # (K, R): one GEMM, which autocast casts like any matmul
+    lead = lambda t, n: t.reshape(math.prod(t.shape[:n]), -1)  # the first n dimensions as rows
+    return Product(lambda w, a: (a.flatten(a.dim() - k) @ mat(w)).unflatten(-1, w.shape[k:]),
+                   lambda w, g: (g.flatten(g.dim() - w.dim() + k) @ mat(w).mT).unflatten(-1, w.shape[:k]),
+                   lambda g, a: (lead(a, a.dim() - k).mT @ lead(g, a.dim() - k)).reshape(a.shape[a.dim() - k:] + g.shape[a.dim() - k:]),
+                   dim=0, bias_dim=-1)  # separable along the batch; no bias of its own
+
+
+PATCHES, FEATURES = contraction(2), contraction(1)
+
+# %%
+test_eq(PATCHES.fwd(torch.ones(3, 2, 5), torch.ones(4, 7, 3, 2)).shape, (4, 7, 5))
+test_eq(FEATURES.da(torch.ones(3, 2, 5), torch.ones(4, 7, 2, 5)).shape, (4, 7, 3))
+test_eq(FEATURES.dw(torch.ones(4, 7, 2, 5), torch.ones(4, 7, 3)).shape, (3, 2, 5))
+_a, _w = torch.randn(4, 7, 3, 2, dtype=torch.float64), torch.randn(3, 2, 5, dtype=torch.float64)
+test_close(PATCHES.fwd(_w, _a), torch.einsum("btcp,cph->bth", _a, _w), eps=1e-12)
+
+# %%
+#| export
+class _GatherContract(torch.autograd.Function):
+    """Forward: `prod.fwd(w, AG(x))` over `group`, the gathered dimension `xd` of `x` contracted with dimension `wd`
+    of `w`: `sum_k prod.fwd(w_k, x_k)` (`w_k` the slice of `w` that meets block k), mine first while the partners'
+    arrive, theirs added in the rounds' order. Backward: `dw_k = prod.dw(g, x_k)` from the kept blocks; if `x`
+    needs a gradient, `dx = RS(da)`: partner k's `prod.da(w_k, g)` sent as soon as it is computed."""
+    @staticmethod
+    def forward(ctx, w, x, prod, group, sizes, xd, wd):
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        xs = x.contiguous()
+        xb = {k: x.new_empty(_with(x, xd, sizes[k])) for k in range(n) if k != r}
+        reqs = [group.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=61) for to, fr in _rounds(n, r)]
+        y = prod.fwd(w.narrow(wd, c[r], sizes[r]), xs)  # my block while the partners' arrive
+        group.poke([q for rq in reqs for q in rq])
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); y = y + prod.fwd(w.narrow(wd, c[fr], sizes[fr]), xb[fr])
+        xb[r] = xs
+        ctx.save_for_backward(w, *[xb[k] for k in range(n)])
+        ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.amp = prod, group, sizes, wd, _amp(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _GatherContract._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        w, *xb = ctx.saved_tensors
+        prod, group, sizes, wd = ctx.prod, ctx.group, ctx.sizes, ctx.wd
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        wk = lambda k: w.narrow(wd, c[k], sizes[k])
+        dx, got, reqs = None, {fr: torch.empty_like(xb[r]) for _, fr in _rounds(n, r)}, []
+        if ctx.needs_input_grad[1]:  # every rank agrees: the same graph on every rank
+            reqs = [group.start(sends=[(prod.da(wk(to), g).to(xb[r].dtype).contiguous(), to)], recvs=[(got[fr], fr)],
+                                tag=62) for to, fr in _rounds(n, r)]
+            dx = prod.da(wk(r), g)
+            group.poke([q for rq in reqs for q in rq])
+        dw = torch.cat([prod.dw(g, xb[k]) for k in range(n)], dim=wd)  # while the messages fly
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); dx = dx + got[fr]
+        return dw, dx, None, None, None, None, None
+
+# %%
+#| export
+def gather_contract(prod: Product, w, x, group: Group, sizes: list[int], xd: int, wd: int, overlap: bool = True):
+    "`prod.fwd(w, all_gather(x, group, xd, sizes))`, dimension `xd` of `x` meeting dimension `wd` of `w`; overlapped."
+    if group.size == 1: return prod.fwd(w, x)
+    if not (overlap and group.can_overlap): return prod.fwd(w, all_gather(x, group, xd, sizes))
+    return _GatherContract.apply(w, x, prod, group, list(sizes), xd, wd)
+
+# %%
+#| export
+class _MatmulReduceScatterOut(torch.autograd.Function):
+    """Forward: `RS(prod.fwd(w, a))` over `group` along the result's dimension `od`, the one that dimension `wd` of `w`
+    makes: partner k's block `prod.fwd(w_k, a)` computed and sent before the next, mine last, the received blocks
+    added in the rounds' order. Backward: the upstream gradient blocks are all-gathered while my own block's `da`
+    and `dw` are computed; `da = sum_k prod.da(w_k, g_k)`, `dw_k = prod.dw(g_k, a)`."""
+    @staticmethod
+    def forward(ctx, w, a, prod, group, sizes, wd, od):
+        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.od, ctx.amp = prod, group, sizes, wd, od, _amp(a)
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        bufs, reqs = {}, []
+        for to, fr in _rounds(n, r):  # each sent block stays referenced by its request until `wait`
+            y_to = prod.fwd(w.narrow(wd, c[to], sizes[to]), a).contiguous()
+            bufs[fr] = y_to.new_empty(_with(y_to, od, sizes[r]))
+            reqs += group.start(sends=[(y_to, to)], recvs=[(bufs[fr], fr)], tag=63)
+        out = prod.fwd(w.narrow(wd, c[r], sizes[r]), a)  # mine while the messages fly
+        group.wait(reqs)
+        for to, fr in _rounds(n, r): out = out + bufs[fr]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(*ctx.amp): return _MatmulReduceScatterOut._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        w, a = ctx.saved_tensors
+        prod, group, sizes, wd, od = ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.od
+        n, r, c = group.size, group.rank, _cuts(sizes)
+        wk = lambda k: w.narrow(wd, c[k], sizes[k])
+        g = g.contiguous()
+        gb = {fr: g.new_empty(_with(g, od, sizes[fr])) for _, fr in _rounds(n, r)}
+        reqs = [group.start(sends=[(g, to)], recvs=[(gb[fr], fr)], tag=64) for to, fr in _rounds(n, r)]
+        da, dw = prod.da(wk(r), g), {r: prod.dw(g, a)}  # my own block while the partners' arrive
+        group.poke([q for rq in reqs for q in rq])
+        for (to, fr), rq in zip(_rounds(n, r), reqs):
+            group.wait(rq); da = da + prod.da(wk(fr), gb[fr]); dw[fr] = prod.dw(gb[fr], a)
+        return torch.cat([dw[k] for k in range(n)], dim=wd), da.to(a.dtype), None, None, None, None, None
+
+# %%
+#| export
+def matmul_reduce_scatter_out(prod: Product, w, a, group: Group, sizes: list[int], wd: int, od: int, overlap: bool = True):
+    "`reduce_scatter(prod.fwd(w, a), group, od, sizes)`, dimension `od` of the result made by dimension `wd` of `w`; overlapped."
+    if group.size == 1: return prod.fwd(w, a)
+    if not (overlap and group.can_overlap): return reduce_scatter(prod.fwd(w, a), group, od, sizes)
+    return _MatmulReduceScatterOut.apply(w, a, prod, group, list(sizes), wd, od)
+
+# %% [markdown]
+# Both against their plain compositions on three thread ranks with uneven channel blocks (3 + 2 + 2), forward and
+# both gradients, in float64: the encoder's shape (patches (B, T, C, P) contracted with $W$ (C, P, H), `x` needing a
+# gradient or not) and the decoder's (features (B, T, G) times $W$ (G, V, P), the output's `V` reduce-scattered):
+
+# %%
+def _ends(tensor, domain, xg, we, ud, wdec):
+    "Outputs and gradients of the overlapped and the plain encoder/decoder exchanges on this rank."
+    k, n, out = tensor.rank, tensor.size, {}
+    sz = split_sizes(xg.shape[2], n)
+    for ov in (True, False):
+        for x_grad in (True, False):
+            w, x = _leaf(we), cut(xg, (2, n, k)).requires_grad_(x_grad)
+            y = gather_contract(PATCHES, w, x, tensor, sz, xd=2, wd=0, overlap=ov)
+            (y * (k + 1)).square().sum().backward()
+            out["enc", ov, x_grad] = (y.detach(), w.grad, x.grad)
+        w, a = _leaf(wdec), _leaf(ud * (k + 1))  # each rank a summand
+        y = matmul_reduce_scatter_out(FEATURES, w, a, tensor, split_sizes(wdec.shape[1], n), wd=1, od=2, overlap=ov)
+        (y * (k + 1)).square().sum().backward()
+        out["dec", ov] = (y.detach(), w.grad, a.grad)
+    return out
+
+_g = torch.Generator().manual_seed(5)
+_xe, _we = torch.randn(2, 6, 7, 3, dtype=torch.float64, generator=_g), torch.randn(7, 3, 5, dtype=torch.float64, generator=_g)
+_ud, _wd = torch.randn(2, 6, 4, dtype=torch.float64, generator=_g), torch.randn(4, 7, 3, dtype=torch.float64, generator=_g)
+for _res in on_grid(1, 3, _ends, _xe, _we, _ud, _wd):
+    for _u, _v in zip(_res["enc", True, True], _res["enc", False, True]): close(_u, _v)
+    for _u, _v in zip(_res["enc", True, False][:2], _res["enc", False, True][:2]): close(_u, _v)
+    assert _res["enc", True, False][2] is None
+    for _u, _v in zip(_res["dec", True], _res["dec", False]): close(_u, _v)
 
 # %% [markdown]
 # And the memory: `saved_bytes` counts the distinct storages autograd keeps for the backward. Per rank, the
