@@ -13,11 +13,11 @@ from .comm import Group
 from .loss import lat_weights_cos, variable_weights
 from .mixer import WeatherMixer, forward_flops, param_count, train_step_flops
 from .parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
-from .pmatmul import saved_bytes
+from .pmatmul import EXCHANGES, saved_bytes
 
 # %% auto #0
 __all__ = ['CASES', 'gemm_gflops', 'MegatronMixer', 'run_case', 'layer_gemms', 'roofline', 'plot_roofline', 'plot_scaling',
-           'MPI_rank', 'cpu_info', 'pingpong', 'summarize', 'table', 'targets', 'predictions', 'main']
+           'MPI_rank', 'cpu_info', 'pingpong', 'summarize', 'table', 'wait_breakdown', 'targets', 'predictions', 'main']
 
 # %% ../nbs/12_bench.ipynb #f2e3f333
 def gemm_gflops(n: int = 1536, threads: int = 1, reps: int = 8) -> float:
@@ -162,7 +162,7 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         opt.step()
         if s: times.append(time.perf_counter() - t0)
         if s == 0 and groups:  # counters: timed steps only
-            for g in groups.values(): g.sent, g.seconds = 0, 0.0
+            for g in groups.values(): g.sent, g.seconds, g.waited = 0, 0.0, {}
         if s == 0 and spec["case"] == "megatron": m.sent = 0
         act = max(act, sb.bytes)
     params = sum(t.numel() * t.element_size() for t in m.parameters())
@@ -170,15 +170,20 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
     if groups:
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
+        waited = {}  # seconds per step waited in each exchange, all groups together
+        for k, g in groups.items():
+            for kind, sec in (getattr(g, "waited", {}) if k in ("tensor", "domain", "dp") else {}).items():
+                waited[kind] = waited.get(kind, 0.0) + sec / steps
         recv = sum(g.recv_peak for k, g in groups.items() if k in ("tensor", "domain"))
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
     else: sent, comm_s = 0, 0.0
+    if not groups: waited = {}
     if not groups: recv = float("nan")
     times.sort()
     return dict(spec=spec, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
                 samples_per_step=n // group_size, params_bytes=params, grads_bytes=params, adam_bytes=moments,
-                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv)
+                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv, waited=waited)
 
 # %% ../nbs/12_bench.ipynb #60309ed2
 def layer_gemms(cfg) -> dict[str, tuple[int, int, int]]:
@@ -307,7 +312,8 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 frac_peak=gf / (peak1 * min(n * spec.get("threads", 1), cores)),
                 state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
-                comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"])
+                comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"],
+                waited=max(rows, key=lambda r: r["comm_s"] if r["comm_s"] == r["comm_s"] else 0).get("waited", {}))  # the slowest waiter's
 
 # %% ../nbs/12_bench.ipynb #8c876b2b
 def table(res: list[dict]) -> str:
@@ -324,6 +330,17 @@ def table(res: list[dict]) -> str:
                      f"{f('act_bytes'):>7.2f}{r['recv_bytes'] / 2**20:>8.1f}{r['sent_bytes'] / 2**20:>9.1f}{r['comm_s']:>8.3f}"
                      f"{100 * r['comm_s'] / r['step_s']:>7.1f}")
     return "\n".join(lines)
+
+# %% ../nbs/12_bench.ipynb #cdee365c
+def wait_breakdown(res: list[dict], top: int = 6) -> list[str]:
+    "One line per Jigsaw case with exchanges: the per-step wait of each exchange, largest first."
+    out = []
+    for r in res:
+        w = sorted((r.get("waited") or {}).items(), key=lambda kv: -kv[1])
+        if not w: continue
+        parts = [f"{EXCHANGES.get(k, k)} {v:.3f}" for k, v in w[:top]]
+        out.append(f"{r['case']} wait by exchange (s/step): " + "; ".join(parts) + (f"; {len(w) - top} more" if len(w) > top else ""))
+    return out
 
 # %% ../nbs/12_bench.ipynb #2bda37cd
 def targets(res: list[dict]) -> list[str]:
@@ -415,7 +432,8 @@ def main(argv=None):
     for name in names:
         res.append(summarize(name, _launch(name, dict(CASES[name], device=a.device), a.model, a.steps, out, overrides), cfg, peak1, cores))
         print(f"  done: {name} on {res[-1]['ranks']} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
-    text = head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + predictions(res, cfg, peak1, link)
+    text = (head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + "\n".join(wait_breakdown(res)) + "\n"
+            + predictions(res, cfg, peak1, link))
     print(text)
     rl = roofline(cfg); plot_roofline(rl, out / "roofline.png")
     result = {"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "link": link, "cases": res, "roofline": rl, "targets": targets(res)}

@@ -12,8 +12,8 @@ from .comm import Group, all_gather, all_reduce, expected_bytes, reduce_scatter
 from .config import shard_range, split_sizes
 
 # %% auto #0
-__all__ = ['LEFT', 'RIGHT', 'PATCHES', 'FEATURES', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp', 'mlp_steps',
-           'print_steps', 'plot_exchanges', 'channel_mlp', 'layer_norm', 'chunked', 'gather_matmul',
+__all__ = ['LEFT', 'RIGHT', 'PATCHES', 'FEATURES', 'EXCHANGES', 'Product', 'bias_full', 'add_bias_shard', 'token_mlp',
+           'mlp_steps', 'print_steps', 'plot_exchanges', 'channel_mlp', 'layer_norm', 'chunked', 'gather_matmul',
            'matmul_reduce_scatter', 'gather_matmul_reduce_scatter', 'mm_stage', 'token_mlp_overlap',
            'channel_mlp_overlap', 'contraction', 'gather_contract', 'matmul_reduce_scatter_out', 'saved_bytes',
            'block_bytes', 'token_mlp_faithful', 'channel_mlp_faithful', 'summa', 'token_mlp_summa', 'channel_mlp_summa']
@@ -676,3 +676,17 @@ def channel_mlp_summa(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, 
     a = drop(F.gelu(a), 2, (_off(t_sizes, i), _off(g_sizes, j)), (T, G))
     y = summa(a, wb, tensor, domain, g_sizes) + bb  # Y[T_i, H_j] = sum_k A[T_i, G_k] Wb[G_k, H_j] + bb
     return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+
+# %% ../nbs/05_partitioned_matmul.ipynb #1d1e2fc8
+EXCHANGES = {
+    "tag 21": "MLP output reduce-scatter (forward)", "tag 22": "MLP output gradient all-gather (backward)",
+    "tag 31": "MLP input all-gather (forward)", "tag 32": "MLP input re-gather (backward)",
+    "tag 33": "MLP input-gradient reduce-scatter (backward)",
+    "tag 41": "SUMMA A blocks (forward)", "tag 42": "SUMMA B blocks (forward)", "tag 43": "SUMMA B blocks (backward)",
+    "tag 44": "SUMMA A blocks (backward)", "tag 45": "SUMMA dA partials (backward)", "tag 46": "SUMMA dB partials (backward)",
+    "tag 51": "2x2 stage input all-gather (forward)", "tag 52": "2x2 stage output reduce-scatter (forward)",
+    "tag 53": "2x2 stage gradient all-gather (backward)", "tag 54": "2x2 stage input re-gather (backward)",
+    "tag 55": "2x2 stage input-gradient reduce-scatter (backward)",
+    "tag 61": "encoder input all-gather (forward)", "tag 62": "encoder input-gradient reduce-scatter (backward)",
+    "tag 63": "decoder/residual reduce-scatter (forward)", "tag 64": "decoder/residual gradient all-gather (backward)",
+    "all_gather": "collective all-gather", "reduce_scatter": "collective reduce-scatter", "all_reduce": "collective all-reduce"}

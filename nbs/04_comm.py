@@ -539,18 +539,23 @@ def _coll_all_reduce(self: TorchGroup, xs):
 
 # %% [markdown]
 # Seconds spent inside the three collectives are added to `group.seconds` (what `jigsaw-bench` reports as
-# exchange time):
+# exchange time), and to `group.waited` by kind: the collective's name, or for a `wait` on posted messages the
+# tag of the exchange they belong to (`jigsaw-bench` prints the wait of each exchange from it):
 
 # %%
 #| export
 def _timed(fn):
-    "Add the seconds spent in a collective to `self.seconds` (groups of one cost nothing)."
+    "Add the seconds spent in a collective to `self.seconds` and to `self.waited[kind]` (groups of one cost nothing)."
     @functools.wraps(fn)
     def wrapper(self, *a, **kw):
         if self.size == 1 or getattr(self, "_timing", False): return fn(self, *a, **kw)  # nested: counted once
         self._timing, t = True, time.perf_counter()
         try: return fn(self, *a, **kw)
-        finally: self.seconds += time.perf_counter() - t; self._timing = False
+        finally:
+            dt, kind = time.perf_counter() - t, fn.__name__
+            if kind == "wait": kind = next((f"tag {r.tag}" for r in a[0] if getattr(r, "tag", None) is not None), kind)
+            self.seconds += dt; self._timing = False
+            self.waited = getattr(self, "waited", {}); self.waited[kind] = self.waited.get(kind, 0.0) + dt
     return wrapper
 
 

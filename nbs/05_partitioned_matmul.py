@@ -13,6 +13,8 @@ from jigsaw_ref.config import shard_range, split_sizes
 
 # %%
 #| hide
+import inspect, re
+import jigsaw_ref.pmatmul as _pm  # the exported module: its source for the tag check
 from fastcore.test import test_eq, test_close, test_fail
 from jigsaw_ref.comm import make_groups
 from jigsaw_ref.grid import Grid
@@ -1414,3 +1416,30 @@ for _n in (2, 3):
     for _bw in (False, True):
         _got = on_grid(_n, _n, _block_sent, "summa", _bw, 2, 6 * _n, 2 * _n, 3 * _n, 4 * _n)
         test_eq(set(_got), {block_bytes(6 * _n, 2 * _n, 3 * _n, 4 * _n, _n, _n, itemsize=8, batch=2, schedule="summa", backward=_bw)})
+
+# %% [markdown]
+# ## Which exchange is which
+#
+# Every posted exchange carries a tag, and `group.waited` adds up the seconds a rank waited for each one
+# (`jigsaw-bench` prints them per step). The names, by tag:
+
+# %%
+#| export
+EXCHANGES = {
+    "tag 21": "MLP output reduce-scatter (forward)", "tag 22": "MLP output gradient all-gather (backward)",
+    "tag 31": "MLP input all-gather (forward)", "tag 32": "MLP input re-gather (backward)",
+    "tag 33": "MLP input-gradient reduce-scatter (backward)",
+    "tag 41": "SUMMA A blocks (forward)", "tag 42": "SUMMA B blocks (forward)", "tag 43": "SUMMA B blocks (backward)",
+    "tag 44": "SUMMA A blocks (backward)", "tag 45": "SUMMA dA partials (backward)", "tag 46": "SUMMA dB partials (backward)",
+    "tag 51": "2x2 stage input all-gather (forward)", "tag 52": "2x2 stage output reduce-scatter (forward)",
+    "tag 53": "2x2 stage gradient all-gather (backward)", "tag 54": "2x2 stage input re-gather (backward)",
+    "tag 55": "2x2 stage input-gradient reduce-scatter (backward)",
+    "tag 61": "encoder input all-gather (forward)", "tag 62": "encoder input-gradient reduce-scatter (backward)",
+    "tag 63": "decoder/residual reduce-scatter (forward)", "tag 64": "decoder/residual gradient all-gather (backward)",
+    "all_gather": "collective all-gather", "reduce_scatter": "collective reduce-scatter", "all_reduce": "collective all-reduce"}
+
+# %% [markdown]
+# Every tag this module posts has its name (read from this module's own source):
+
+# %%
+test_eq({f"tag {t}" for t in re.findall(r"tag=(\d+)", inspect.getsource(_pm))}, {k for k in EXCHANGES if k.startswith("tag")})

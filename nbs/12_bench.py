@@ -13,7 +13,7 @@ from jigsaw_ref.comm import Group
 from jigsaw_ref.loss import lat_weights_cos, variable_weights
 from jigsaw_ref.mixer import WeatherMixer, forward_flops, param_count, train_step_flops
 from jigsaw_ref.parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
-from jigsaw_ref.pmatmul import saved_bytes
+from jigsaw_ref.pmatmul import EXCHANGES, saved_bytes
 
 # %%
 #| hide
@@ -233,7 +233,7 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         opt.step()
         if s: times.append(time.perf_counter() - t0)
         if s == 0 and groups:  # counters: timed steps only
-            for g in groups.values(): g.sent, g.seconds = 0, 0.0
+            for g in groups.values(): g.sent, g.seconds, g.waited = 0, 0.0, {}
         if s == 0 and spec["case"] == "megatron": m.sent = 0
         act = max(act, sb.bytes)
     params = sum(t.numel() * t.element_size() for t in m.parameters())
@@ -241,15 +241,20 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
     if groups:
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
+        waited = {}  # seconds per step waited in each exchange, all groups together
+        for k, g in groups.items():
+            for kind, sec in (getattr(g, "waited", {}) if k in ("tensor", "domain", "dp") else {}).items():
+                waited[kind] = waited.get(kind, 0.0) + sec / steps
         recv = sum(g.recv_peak for k, g in groups.items() if k in ("tensor", "domain"))
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
     else: sent, comm_s = 0, 0.0
+    if not groups: waited = {}
     if not groups: recv = float("nan")
     times.sort()
     return dict(spec=spec, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
                 samples_per_step=n // group_size, params_bytes=params, grads_bytes=params, adam_bytes=moments,
-                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv)
+                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv, waited=waited)
 
 # %% [markdown]
 # ## Roofline of each layer
@@ -416,7 +421,8 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 frac_peak=gf / (peak1 * min(n * spec.get("threads", 1), cores)),
                 state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
-                comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"])
+                comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"],
+                waited=max(rows, key=lambda r: r["comm_s"] if r["comm_s"] == r["comm_s"] else 0).get("waited", {}))  # the slowest waiter's
 
 # %%
 #| export
@@ -434,6 +440,27 @@ def table(res: list[dict]) -> str:
                      f"{f('act_bytes'):>7.2f}{r['recv_bytes'] / 2**20:>8.1f}{r['sent_bytes'] / 2**20:>9.1f}{r['comm_s']:>8.3f}"
                      f"{100 * r['comm_s'] / r['step_s']:>7.1f}")
     return "\n".join(lines)
+
+# %% [markdown]
+# Where the wait goes: for each Jigsaw case, the seconds per step that its most-waiting rank spent in each
+# exchange (`group.waited`, named by `EXCHANGES`), largest first:
+
+# %%
+#| export
+def wait_breakdown(res: list[dict], top: int = 6) -> list[str]:
+    "One line per Jigsaw case with exchanges: the per-step wait of each exchange, largest first."
+    out = []
+    for r in res:
+        w = sorted((r.get("waited") or {}).items(), key=lambda kv: -kv[1])
+        if not w: continue
+        parts = [f"{EXCHANGES.get(k, k)} {v:.3f}" for k, v in w[:top]]
+        out.append(f"{r['case']} wait by exchange (s/step): " + "; ".join(parts) + (f"; {len(w) - top} more" if len(w) > top else ""))
+    return out
+
+# %%
+_wb = wait_breakdown([dict(case="2-way", waited={"tag 21": 0.01, "tag 63": 0.002, "all_reduce": 0.03}), dict(case="1-way", waited={})])
+test_eq(len(_wb), 1)
+assert _wb[0].index("collective all-reduce 0.030") < _wb[0].index("MLP output reduce-scatter (forward) 0.010") < _wb[0].index("decoder")
 
 # %% [markdown]
 # The targets, as ratios measured in the same run:
@@ -538,7 +565,8 @@ def main(argv=None):
     for name in names:
         res.append(summarize(name, _launch(name, dict(CASES[name], device=a.device), a.model, a.steps, out, overrides), cfg, peak1, cores))
         print(f"  done: {name} on {res[-1]['ranks']} ranks: {res[-1]['step_s']:.2f} s/step", flush=True)
-    text = head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + predictions(res, cfg, peak1, link)
+    text = (head + "\n" + table(res) + "\n" + "\n".join(targets(res)) + "\n" + "\n".join(wait_breakdown(res)) + "\n"
+            + predictions(res, cfg, peak1, link))
     print(text)
     rl = roofline(cfg); plot_roofline(rl, out / "roofline.png")
     result = {"cpu": cpu_info(), "peak1": peak1, "peak2": peak2, "link": link, "cases": res, "roofline": rl, "targets": targets(res)}
