@@ -595,7 +595,7 @@ def test_keep_last_keeps_the_newest_step_checkpoints_and_the_final_one(tmp_path,
 
 def test_the_metrics_are_never_seen_empty_or_partial_while_a_run_writes_them(tmp_path):
     "A reader polling metrics.csv and summary.json while the run replaces them every step sees whole files only."
-    t = Trainer(TrainConfig(**SMALL, max_steps=20, out=str(tmp_path)), groups=ONE())
+    t = Trainer(TrainConfig(**SMALL, max_steps=20, out=str(tmp_path), metrics_every=0), groups=ONE())
     th = threading.Thread(target=t.fit)
     th.start()
     reads, bad = 0, []
@@ -614,7 +614,7 @@ def test_the_metrics_are_never_seen_empty_or_partial_while_a_run_writes_them(tmp
 
 def test_a_full_disk_at_a_metrics_write_names_the_file_and_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("JIGSAW_FAULT", "enospc-metrics@0:2")
-    t = Trainer(TrainConfig(**SMALL, max_steps=3, out=str(tmp_path)), groups=ONE())
+    t = Trainer(TrainConfig(**SMALL, max_steps=3, out=str(tmp_path), metrics_every=0), groups=ONE())
     with pytest.raises(RunFolderError, match=re.escape(f"{tmp_path / 'metrics.csv'}: not written (No space left on device")
                        + r".*free disk space or choose another --out \(--keep-last K bounds the checkpoints kept\)"):
         t.fit()
