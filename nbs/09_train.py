@@ -1617,10 +1617,10 @@ def main(argv=None):
 # `jigsaw-demo` is the README's main job: 4-way Jigsaw training of the `demo` preset on the embedded default
 # data on 4 MPI ranks for a fixed number of steps from a fixed seed, then the evaluation against persistence
 # and climatology (a rerun replaces the previous demo run in `--out`). Bounded by steps (not minutes), it gives the same scorecard on any machine (bit-identical on
-# CPU), only sooner or later. With `DEMO_STEPS` the scorecard beats persistence in most cells through 24 h (49 of
+# CPU), only sooner or later. With `DEMO_STEPS` the scorecard beats persistence in most cells through 24 h (39 of
 # the 57 cells of the 6, 12 and 24 h leads, measured); on this project's quiet 2-core machine (AMD EPYC) its training took
-# 6.2 and 7.3 minutes in two runs (0.16-0.36 s per 4-way step), the whole demo 8 minutes with the default data
-# already generated and 10 minutes from a fresh clone (`benchmarks/results/demo_runs.txt`).
+# 4.1 and 3.9 minutes in two runs (0.14-0.41 s per 4-way step), the whole demo 4.5 minutes with the default data
+# already generated and 8 minutes from a fresh clone (`benchmarks/results/demo_runs.txt`).
 
 # %%
 #| export

@@ -767,7 +767,7 @@ def sc_steps(w):
     record("disk full at the metrics write of step 2", r, out, {"step0000001.ckpt"}, kind="refuse", pick="RunFolderError",
            check=r["rc"] == 1 and metrics_steps(out) == [1])
     out = w / "polled"
-    p = job(1, [*TINY, "--max-steps", "40", "--out", out], wait=False)
+    p = job(1, [*TINY, "--max-steps", "40", "--out", out, "--metrics-every", "0"], wait=False)  # rewritten every step
     t0, reads, bad = time.perf_counter(), 0, 0
     while p.poll() is None:
         try: text = (out / "metrics.csv").read_text()

@@ -26,10 +26,10 @@
 # ```
 #
 # Measured on this project's 2-core machine (AMD EPYC, nothing else running; `benchmarks/results/demo_runs.txt`):
-# from a fresh clone the demo takes about 10 minutes (1.3 generating the default data on first use, 6-7 training
-# 1500 steps, the rest evaluation and start-up), 8 minutes once the data exists. It is bounded by steps from a
-# fixed seed, so two runs print byte-identical scorecards; the model beats persistence in 49 of the 57 cells of
-# the 6, 12 and 24 h leads (`benchmarks/results/demo_scorecard.txt`).
+# from a fresh clone the demo takes about 8 minutes (1.2 simulating the default data on first use, then its
+# statistics and climatology, 4 training 950 steps, the rest evaluation and start-up), 4.5 minutes once the data
+# exists. It is bounded by steps from a fixed seed, so two runs print byte-identical scorecards; the model beats
+# persistence in 39 of the 57 cells of the 6, 12 and 24 h leads (`benchmarks/results/demo_scorecard.txt`).
 #
 # **Run the tests** (notebooks, then pytest, which includes 2-, 4- and 8-rank `mpiexec` runs, the ipyparallel
 # MPI notebook and the docs site; the site's browser check needs Debian's `chromium`, which `.ci/run` installs):
