@@ -5,7 +5,8 @@ Each suite runs on each backend and algorithm, chosen for the ranks by JIGSAW_TE
 on mpi4py; `torch`: `comm.TorchGroup` on gloo) and JIGSAW_TEST_ALGO (`p2p` or `coll`; the comm suite tests both
 algorithms itself). By default: MPI p2p on 2 and 4 ranks, the layers also on 8 (dp 2 x 4-way and 2 x 4,
 oversubscribed on 2 cores), and every other backend x algorithm on 4 ranks (the 2x2 layout and four others), except
-the longest launches (`LONG`: the whole model on 8 ranks and with the library collectives, the comm suite on 8),
+the longest launches (`LONG`: the whole model on 8 ranks and with the library collectives, the comm suite on 8, the
+layers with gloo's collectives),
 which with the rest of the product are `slow` (`pytest -m slow tests/test_mpi.py`: all 30).
 tests/test_torch_group.py checks the two backends bit for bit."""
 import os
@@ -44,7 +45,8 @@ def run_mpi(n, target, timeout=480, extra=(), env=None):
     return r.stdout
 
 
-LONG = {"comm-mpi-both-n8", "model-mpi-p2p-n8", "model-mpi-coll-n4", "model-torch-coll-n4"}  # 25-60 s each on 2 cores
+LONG = {"comm-mpi-both-n8", "model-mpi-p2p-n8", "model-mpi-coll-n4", "model-torch-coll-n4",  # 25-60 s each on 2 cores
+        "layers-torch-coll-n4"}  # the library collectives on gloo: layers-mpi-coll-n4 runs the same layers on them
 
 
 def _runs():
