@@ -948,8 +948,9 @@ class _GatherContract(torch.autograd.Function):
         prod, group, sizes, wd = ctx.prod, ctx.group, ctx.sizes, ctx.wd
         n, r, c = group.size, group.rank, _cuts(sizes)
         wk = lambda k: w.narrow(wd, c[k], sizes[k])
-        dx, got, reqs = None, {fr: torch.empty_like(xb[r]) for _, fr in _rounds(n, r)}, []
+        dx, reqs = None, []
         if ctx.needs_input_grad[1]:  # every rank agrees: the same graph on every rank
+            got = {fr: torch.empty_like(xb[r]) for _, fr in _rounds(n, r)}
             reqs = [group.start(sends=[(prod.da(wk(to), g).to(xb[r].dtype).contiguous(), to)], recvs=[(got[fr], fr)],
                                 tag=62) for to, fr in _rounds(n, r)]
             dx = prod.da(wk(r), g)
