@@ -626,8 +626,9 @@ Image(filename=str(_res / "roofline_medium.png"), width=560)
 #   measured exchange wait is about twice the other's for about the same bytes.
 # - **Memory**: state and saved activations per rank are 1/n of the 1-way figures for both layouts and every
 #   schedule; recomputation trades about 0.2 of the activations for 1.3-1.5 x the step time.
-# - **Baselines**: Jigsaw is ahead of Megatron-1D on the same ranks in every run so far; against DDP's samples/s on
-#   2 ranks it has been level or up to 10% behind (DDP keeps a whole model per rank: twice the state and activations).
+# - **Baselines**: Jigsaw is ahead of Megatron-1D on the same ranks in this run and the previous one on this machine
+#   kind; against DDP's samples/s on 2 ranks it was 1.03 in the previous run and 0.91 in this one (DDP keeps a whole
+#   model per rank: twice the state and the activations of 2-way).
 
 # %%
 def _ceiling(bench: dict) -> str:
