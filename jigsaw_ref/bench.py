@@ -171,9 +171,8 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         waited = {}  # seconds per step waited in each exchange, all groups together
-        for k, g in groups.items():
-            for kind, sec in (getattr(g, "waited", {}) if k in ("tensor", "domain", "dp") else {}).items():
-                waited[kind] = waited.get(kind, 0.0) + sec / steps
+        for k in ("tensor", "domain", "dp"):
+            for kind, sec in groups[k].waited.items(): waited[kind] = waited.get(kind, 0.0) + sec / steps
         recv = sum(g.recv_peak for k, g in groups.items() if k in ("tensor", "domain"))
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
@@ -313,7 +312,7 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
                 comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"],
-                waited=max(rows, key=lambda r: r["comm_s"] if r["comm_s"] == r["comm_s"] else 0).get("waited", {}))  # the slowest waiter's
+                waited=max((r["waited"] for r in rows), key=lambda w: sum(w.values())))  # the rank that waited most
 
 # %% ../nbs/12_bench.ipynb #8c876b2b
 def table(res: list[dict]) -> str:

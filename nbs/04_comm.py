@@ -156,6 +156,7 @@ class Group:
         if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
         if staging not in ("auto", "always", "never"): raise ConfigError(f"staging={staging!r}: choose auto, always or never")
         self.comm, self.algo, self.staging, self.sent, self.seconds, self.wire = comm, algo, staging, 0, 0.0, wire
+        self.waited = {}  # seconds inside exchanges by kind (see `_timed`)
         self.size = 1 if comm is None else comm.Get_size()
         self.rank = 0 if comm is None else comm.Get_rank()
         self.pool, self._aware = StagingPool(), None
@@ -471,6 +472,7 @@ class TorchGroup(Group):
         import torch.distributed as dist
         if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
         self.dist, self.pg, self.comm, self.algo, self.staging, self.sent, self.seconds = dist, pg, pg, algo, "never", 0, 0.0
+        self.waited = {}  # seconds inside exchanges by kind (see `_timed`)
         self.wire = wire
         self.inflight = self.recv_peak = 0
         self.progress_chunks = 1  # torch.distributed's backends progress by themselves
@@ -555,7 +557,7 @@ def _timed(fn):
             dt, kind = time.perf_counter() - t, fn.__name__
             if kind == "wait": kind = next((f"tag {r.tag}" for r in a[0] if getattr(r, "tag", None) is not None), kind)
             self.seconds += dt; self._timing = False
-            self.waited = getattr(self, "waited", {}); self.waited[kind] = self.waited.get(kind, 0.0) + dt
+            self.waited[kind] = self.waited.get(kind, 0.0) + dt
     return wrapper
 
 

@@ -634,6 +634,7 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self.step, self.history, self.last_save, self.last_load = 0, [], None, None
+        self._metrics_at, self._metrics_n = None, None  # when rank 0 last rewrote the metrics, and how many steps they held
         self.samples, self.epoch, self.epoch_pos = 0, 0, 0  # samples consumed: in all, and in the current epoch
         self.bad, self.schedule_changes, self.stopped, self.watchdog = [], [], None, None
         self.resumed_from = self.saved_path = self.saved_step = None
@@ -1337,7 +1338,7 @@ def fit(self: Trainer) -> list[dict]:
                 print(f"jigsaw-train: --max-minutes {tc.max_minutes:g} reached at step {self.step} of {self.total_steps}: "
                       f"checkpoint {self.saved_path}; continue with --resume auto", file=sys.stderr, flush=True)
     except BaseException:  # an error ends the run: the steps it made since the last rewrite are not lost
-        if self.rank == 0 and getattr(self, "_metrics_n", None) != len(self.history):
+        if self.rank == 0 and self._metrics_n != len(self.history):
             try: self._write_metrics()
             except Exception: pass  # the error that ended the run is the one to report
         raise
@@ -1368,7 +1369,7 @@ def _write_atomic(path: Path, text: str):
 @patch
 def _metrics_due(self: Trainer, rec: dict, forced: bool) -> bool:
     "Rank 0: is it time to rewrite the metrics (forced, the first step of this run, a validation, or `metrics_every` s)?"
-    now, last = time.monotonic(), getattr(self, "_metrics_at", None)
+    now, last = time.monotonic(), self._metrics_at
     if not (forced or last is None or "val_loss" in rec or now - last >= self.tc.metrics_every): return False
     self._metrics_at = now
     return True
