@@ -21,11 +21,12 @@ from .checkpoint import (CheckpointError, MAGIC, Reader, fault_point, find_check
                                    prune, read_file, read_manifest, save_checkpoint, save_sharded)
 
 # %% auto #0
-__all__ = ['LOCK_NAME', 'STALE_S', 'KNOWN_ERRORS', 'DEMO_STEPS', 'TrainConfig', 'epoch_order', 'rollout_k', 'make_optimizer',
-           'make_schedule', 'schedule_plan', 'parse_signals', 'check_settings', 'agree', 'check_launch', 'Stopper',
-           'RunFolderError', 'settings_hash', 'lock_info', 'read_lock', 'describe', 'stale_reason', 'claim_folder',
-           'check_claim', 'release_folder', 'NonFiniteError', 'ResumeError', 'job_groups', 'Trainer', 'run_of',
-           'foreign', 'field_help', 'arg_parser', 'parse_args', 'install_abort_hook', 'main', 'demo']
+__all__ = ['LOCK_NAME', 'STALE_S', 'LOCK_GRACE_S', 'KNOWN_ERRORS', 'DEMO_STEPS', 'TrainConfig', 'epoch_order', 'rollout_k',
+           'make_optimizer', 'make_schedule', 'schedule_plan', 'parse_signals', 'check_settings', 'agree',
+           'check_launch', 'Stopper', 'RunFolderError', 'settings_hash', 'lock_info', 'read_lock', 'describe',
+           'stale_reason', 'claim_folder', 'check_claim', 'release_folder', 'NonFiniteError', 'ResumeError',
+           'job_groups', 'Trainer', 'run_of', 'foreign', 'field_help', 'arg_parser', 'parse_args', 'install_abort_hook',
+           'main', 'demo']
 
 # %% ../nbs/09_train.ipynb #05355421
 @dataclass(frozen=True)
@@ -293,8 +294,10 @@ def _job_id() -> str | None:
 
 def lock_info(run_id: str, tc: TrainConfig) -> dict:
     "What `run.lock` says about this process's claim."
+    st = _proc_stat(os.getpid())
     return dict(claim=uuid.uuid4().hex[:12], run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
-                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), settings=settings_hash(tc), job=_job_id())
+                pid_start=st[19] if st else None, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), settings=settings_hash(tc),
+                job=_job_id())
 
 # %% ../nbs/09_train.ipynb #0d4dffc3
 def read_lock(folder) -> tuple[dict | None, float]:
@@ -314,25 +317,45 @@ def describe(info: dict | None) -> str:
             + (f", {info['job']}" if info.get("job") else "") + f", settings {info.get('settings')})")
 
 # %% ../nbs/09_train.ipynb #7c4a2883
-def _alive(pid) -> bool:
-    try: os.kill(int(pid), 0); return True
-    except ProcessLookupError: return False
-    except (PermissionError, TypeError, ValueError): return True
+LOCK_GRACE_S = 10.0  # a lock holder of this host that is still being torn down gets this long to go
 
 
-def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S) -> str | None:
+def _proc_stat(pid) -> list[str] | None:
+    "The fields of /proc/PID/stat after the command name (state first, start time at index 19); None where there are none."
+    try: return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError): return None
+
+
+def _alive(pid, start: str | None = None, grace: float = LOCK_GRACE_S) -> bool:
+    "Whether process `pid` (started at `start`, clock ticks since boot) runs: a zombie, a reused pid or one that exits within `grace` s does not."
+    t_end = time.monotonic() + grace
+    while True:
+        try: os.kill(int(pid), 0)
+        except ProcessLookupError: return False
+        except (TypeError, ValueError): return True  # not a pid we can judge: assume the holder lives
+        except PermissionError: pass
+        st = _proc_stat(pid)
+        if st is None: return True  # no /proc: kill 0 is all we know
+        if st[0] in "ZXx": return False  # exited, not yet reaped (a crashed job's rank outlives mpiexec's return)
+        if start is not None and st[19] != str(start): return False  # the pid now belongs to another process
+        if time.monotonic() >= t_end: return True
+        time.sleep(0.1)  # a rank killed by its job's abort may still be tearing down: wait for it
+
+
+def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S, grace: float = LOCK_GRACE_S) -> str | None:
     "Why the claim `other` (refreshed `age` s ago) no longer holds against `me`, or None while it does."
     if other.get("claim") == me["claim"]: return "this run's own claim"
     if not other: return f"an unreadable lock, {age:.0f} s old" if age > 60 else None
     if other.get("host") == me["host"]:
         if other.get("pid") == me["pid"]: return "this process's own claim"  # a notebook or a test: a new trainer
-        if not _alive(other.get("pid")): return f"process {other.get('pid')} on {other.get('host')} is not running"
+        if not _alive(other.get("pid"), other.get("pid_start"), grace):
+            return f"process {other.get('pid')} on {other.get('host')} is not running"
     if other.get("job") and other.get("job") == me["job"]: return f"an earlier run of the same job ({me['job']}: requeued)"
     if age > stale_s: return f"not refreshed for {age / 60:.0f} min"
     return None
 
 # %% ../nbs/09_train.ipynb #dd88583a
-def claim_folder(folder, me: dict, stale_s: float = STALE_S) -> str | None:
+def claim_folder(folder, me: dict, stale_s: float = STALE_S, grace: float = LOCK_GRACE_S) -> str | None:
     "Claim `folder` for the run `me` (`lock_info`): None if it was free, a note if a stale lock was taken over; else `RunFolderError`."
     folder, f = Path(folder), Path(folder) / LOCK_NAME
     try:
@@ -342,7 +365,7 @@ def claim_folder(folder, me: dict, stale_s: float = STALE_S) -> str | None:
             return None
         except FileExistsError: pass
         other, age = read_lock(folder)
-        why = stale_reason(other, age, me, stale_s)
+        why = stale_reason(other, age, me, stale_s, grace)
         if why is None:
             raise RunFolderError(f"{folder} is in use by {describe(other)}: two jobs must not write one run folder; wait for "
                                  f"it to end, choose another --out, or, if that job is gone, delete {f}")
@@ -413,15 +436,18 @@ class Trainer:
         self.stopper = stopper or Stopper(tc.stop_signals, self.rank)
         self.run_id = self.g["world"].allgather_obj(uuid.uuid4().hex[:12])[0]
         self._claim()  # before anything long: a second job on this folder is refused at once
-        self._setup_data()
-        self._setup_model()
-        self.step, self.history, self.last_save, self.last_load = 0, [], None, None
-        self._metrics_at, self._metrics_n = None, None  # when rank 0 last rewrote the metrics, and how many steps they held
-        self.samples, self.epoch, self.epoch_pos = 0, 0, 0  # samples consumed: in all, and in the current epoch
-        self.bad, self.schedule_changes, self.stopped, self.watchdog = [], [], None, None
-        self.resumed_from = self.saved_path = self.saved_step = None
-        self.total_steps = self._bound()
-        if tc.resume: self._resume()
+        try:
+            self._setup_data()
+            self._setup_model()
+            self.step, self.history, self.last_save, self.last_load = 0, [], None, None
+            self._metrics_at, self._metrics_n = None, None  # when rank 0 last rewrote the metrics, and how many steps they held
+            self.samples, self.epoch, self.epoch_pos = 0, 0, 0  # samples consumed: in all, and in the current epoch
+            self.bad, self.schedule_changes, self.stopped, self.watchdog = [], [], None, None
+            self.resumed_from = self.saved_path = self.saved_step = None
+            self.total_steps = self._bound()
+            if tc.resume: self._resume()
+        except BaseException:
+            self.release(); raise  # a run that cannot start leaves no claim behind
 
 # %% ../nbs/09_train.ipynb #ff1d20a6
 @patch
@@ -432,6 +458,12 @@ def _claim(self: Trainer):
     note = agree(self.g["world"], lambda: claim_folder(self.out, self.lock, stale) if self.rank == 0 else None)
     if note: print(f"jigsaw-train: {note}", file=sys.stderr, flush=True)
     self._guarded = False
+
+
+@patch
+def release(self: Trainer):
+    "Rank 0 gives the run folder up (at the end of the run, and on every error that ends it)."
+    if self.rank == 0: release_folder(self.out, self.lock)
 
 # %% ../nbs/09_train.ipynb #14ee70d0
 def run_of(path) -> str | None:
@@ -888,7 +920,7 @@ def fit(self: Trainer) -> list[dict]:
         if bar is not None: bar.close()
         self.watchdog.stop()
         if installed: self.stopper.uninstall()
-    if self.rank == 0: release_folder(self.out, self.lock)
+        self.release()  # ended, stopped or failed: the folder is free for the next launch
     return self.history
 
 # %% ../nbs/09_train.ipynb #0231a1f1

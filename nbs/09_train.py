@@ -435,7 +435,7 @@ signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 # (same host), when it belongs to an earlier run of the same scheduler job (a requeue, possibly on another
 # node), or when it was not refreshed for `STALE_S` (another host, where the process cannot be checked).
 # Otherwise a second job on the folder is refused, naming the job that holds it. The lock is removed when the
-# run ends or stops; a crashed run leaves it, stale.
+# run ends, stops or fails; a rank killed outright (by its job's abort, or `kill -9`) leaves it, stale.
 #
 # The *run id* names the logical run: a fresh run draws one, a resumed run takes its checkpoint's, so a run
 # requeued ten times is one run. Checkpoints and `summary.json` carry it. A new run (not resuming) into a
@@ -469,8 +469,10 @@ def _job_id() -> str | None:
 
 def lock_info(run_id: str, tc: TrainConfig) -> dict:
     "What `run.lock` says about this process's claim."
+    st = _proc_stat(os.getpid())
     return dict(claim=uuid.uuid4().hex[:12], run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
-                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), settings=settings_hash(tc), job=_job_id())
+                pid_start=st[19] if st else None, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), settings=settings_hash(tc),
+                job=_job_id())
 
 
 # %%
@@ -494,19 +496,39 @@ def describe(info: dict | None) -> str:
 
 # %%
 #| export
-def _alive(pid) -> bool:
-    try: os.kill(int(pid), 0); return True
-    except ProcessLookupError: return False
-    except (PermissionError, TypeError, ValueError): return True
+LOCK_GRACE_S = 10.0  # a lock holder of this host that is still being torn down gets this long to go
 
 
-def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S) -> str | None:
+def _proc_stat(pid) -> list[str] | None:
+    "The fields of /proc/PID/stat after the command name (state first, start time at index 19); None where there are none."
+    try: return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError): return None
+
+
+def _alive(pid, start: str | None = None, grace: float = LOCK_GRACE_S) -> bool:
+    "Whether process `pid` (started at `start`, clock ticks since boot) runs: a zombie, a reused pid or one that exits within `grace` s does not."
+    t_end = time.monotonic() + grace
+    while True:
+        try: os.kill(int(pid), 0)
+        except ProcessLookupError: return False
+        except (TypeError, ValueError): return True  # not a pid we can judge: assume the holder lives
+        except PermissionError: pass
+        st = _proc_stat(pid)
+        if st is None: return True  # no /proc: kill 0 is all we know
+        if st[0] in "ZXx": return False  # exited, not yet reaped (a crashed job's rank outlives mpiexec's return)
+        if start is not None and st[19] != str(start): return False  # the pid now belongs to another process
+        if time.monotonic() >= t_end: return True
+        time.sleep(0.1)  # a rank killed by its job's abort may still be tearing down: wait for it
+
+
+def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S, grace: float = LOCK_GRACE_S) -> str | None:
     "Why the claim `other` (refreshed `age` s ago) no longer holds against `me`, or None while it does."
     if other.get("claim") == me["claim"]: return "this run's own claim"
     if not other: return f"an unreadable lock, {age:.0f} s old" if age > 60 else None
     if other.get("host") == me["host"]:
         if other.get("pid") == me["pid"]: return "this process's own claim"  # a notebook or a test: a new trainer
-        if not _alive(other.get("pid")): return f"process {other.get('pid')} on {other.get('host')} is not running"
+        if not _alive(other.get("pid"), other.get("pid_start"), grace):
+            return f"process {other.get('pid')} on {other.get('host')} is not running"
     if other.get("job") and other.get("job") == me["job"]: return f"an earlier run of the same job ({me['job']}: requeued)"
     if age > stale_s: return f"not refreshed for {age / 60:.0f} min"
     return None
@@ -514,7 +536,7 @@ def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S) ->
 
 # %%
 #| export
-def claim_folder(folder, me: dict, stale_s: float = STALE_S) -> str | None:
+def claim_folder(folder, me: dict, stale_s: float = STALE_S, grace: float = LOCK_GRACE_S) -> str | None:
     "Claim `folder` for the run `me` (`lock_info`): None if it was free, a note if a stale lock was taken over; else `RunFolderError`."
     folder, f = Path(folder), Path(folder) / LOCK_NAME
     try:
@@ -524,7 +546,7 @@ def claim_folder(folder, me: dict, stale_s: float = STALE_S) -> str | None:
             return None
         except FileExistsError: pass
         other, age = read_lock(folder)
-        why = stale_reason(other, age, me, stale_s)
+        why = stale_reason(other, age, me, stale_s, grace)
         if why is None:
             raise RunFolderError(f"{folder} is in use by {describe(other)}: two jobs must not write one run folder; wait for "
                                  f"it to end, choose another --out, or, if that job is gone, delete {f}")
@@ -563,14 +585,36 @@ def release_folder(folder, me: dict):
 _tc = TrainConfig(model="tiny")
 _a, _b = lock_info("run-a", _tc), lock_info("run-b", _tc)
 test_eq(claim_folder(work / "claimed", _a), None)
-_other = dict(_a, pid=os.getppid())  # a live process of this host that is not us
+_other = dict(_a, pid=os.getppid(), pid_start=_proc_stat(os.getppid())[19])  # a live process of this host that is not us
 (work / "claimed" / LOCK_NAME).write_text(json.dumps(_other))
-test_fail(lambda: claim_folder(work / "claimed", _b), contains=f"is in use by run run-a (host {socket.gethostname()}, pid {os.getppid()}")
+test_fail(lambda: claim_folder(work / "claimed", _b, grace=0.2), contains=f"is in use by run run-a (host {socket.gethostname()}, pid {os.getppid()}")
+(work / "claimed" / LOCK_NAME).write_text(json.dumps(dict(_other, pid_start="1")))  # the same pid, another process: reused
+assert claim_folder(work / "claimed", _b, grace=0.2).endswith("is not running")
 (work / "claimed" / LOCK_NAME).write_text(json.dumps(dict(_a, pid=2**22 + 7)))  # a process that is not running
 print(claim_folder(work / "claimed", _b))
 check_claim(work / "claimed", _b)
 test_fail(lambda: check_claim(work / "claimed", _a), contains="was taken over by run run-b")
 release_folder(work / "claimed", _b); test_eq(read_lock(work / "claimed")[0], None)
+
+
+# %% [markdown]
+# A job that crashed leaves its lock behind, and its rank 0 may outlive `mpiexec`'s return for a moment: killed by
+# the job's abort but not yet reaped (a zombie), or still being torn down. Liveness is judged by what the process
+# is (`/proc/PID/stat`: its state, and its start time against the one the lock recorded, so a reused pid does not
+# count), and a holder of this host gets `LOCK_GRACE_S` to finish dying; so a requeue launched the moment a crashed
+# job returns takes the folder over. An exited child that nobody reaped yet stands in for the crashed rank:
+
+# %%
+import subprocess
+_z = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not waited for: a zombie
+for _ in range(300):
+    if _proc_stat(_z.pid)[0] == "Z": break
+    time.sleep(0.1)
+test_eq(_proc_stat(_z.pid)[0], "Z")
+(work / "claimed" / LOCK_NAME).write_text(json.dumps(dict(_a, pid=_z.pid, pid_start=_proc_stat(_z.pid)[19])))
+test_eq(_alive(_z.pid, grace=0.2), False)
+assert claim_folder(work / "claimed", _b).endswith("is not running")
+_z.wait(); release_folder(work / "claimed", _b)
 
 
 # %% [markdown]
@@ -631,15 +675,18 @@ class Trainer:
         self.stopper = stopper or Stopper(tc.stop_signals, self.rank)
         self.run_id = self.g["world"].allgather_obj(uuid.uuid4().hex[:12])[0]
         self._claim()  # before anything long: a second job on this folder is refused at once
-        self._setup_data()
-        self._setup_model()
-        self.step, self.history, self.last_save, self.last_load = 0, [], None, None
-        self._metrics_at, self._metrics_n = None, None  # when rank 0 last rewrote the metrics, and how many steps they held
-        self.samples, self.epoch, self.epoch_pos = 0, 0, 0  # samples consumed: in all, and in the current epoch
-        self.bad, self.schedule_changes, self.stopped, self.watchdog = [], [], None, None
-        self.resumed_from = self.saved_path = self.saved_step = None
-        self.total_steps = self._bound()
-        if tc.resume: self._resume()
+        try:
+            self._setup_data()
+            self._setup_model()
+            self.step, self.history, self.last_save, self.last_load = 0, [], None, None
+            self._metrics_at, self._metrics_n = None, None  # when rank 0 last rewrote the metrics, and how many steps they held
+            self.samples, self.epoch, self.epoch_pos = 0, 0, 0  # samples consumed: in all, and in the current epoch
+            self.bad, self.schedule_changes, self.stopped, self.watchdog = [], [], None, None
+            self.resumed_from = self.saved_path = self.saved_step = None
+            self.total_steps = self._bound()
+            if tc.resume: self._resume()
+        except BaseException:
+            self.release(); raise  # a run that cannot start leaves no claim behind
 
 
 # %% [markdown]
@@ -659,6 +706,12 @@ def _claim(self: Trainer):
     note = agree(self.g["world"], lambda: claim_folder(self.out, self.lock, stale) if self.rank == 0 else None)
     if note: print(f"jigsaw-train: {note}", file=sys.stderr, flush=True)
     self._guarded = False
+
+
+@patch
+def release(self: Trainer):
+    "Rank 0 gives the run folder up (at the end of the run, and on every error that ends it)."
+    if self.rank == 0: release_folder(self.out, self.lock)
 
 
 # %%
@@ -1346,7 +1399,7 @@ def fit(self: Trainer) -> list[dict]:
         if bar is not None: bar.close()
         self.watchdog.stop()
         if installed: self.stopper.uninstall()
-    if self.rank == 0: release_folder(self.out, self.lock)
+        self.release()  # ended, stopped or failed: the folder is free for the next launch
     return self.history
 
 
