@@ -59,13 +59,13 @@ def make_data(model: str, days: int) -> Path:
 def run(name, ranks, way, a, data, seed, out_root) -> dict:
     "One `jigsaw-train` job, then `collect` of its folder."
     out = out_root / name
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "jigsaw_ref.train", "--model", a.model, "--way", str(way),
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "jigsaw_ref.cli", "--model", a.model, "--way", str(way),
            "--batch", "1", "--epochs", str(a.epochs), "--data", str(data), "--mode", "exact", "--lr", str(a.lr),
            "--lr-encdec", str(a.lr_encdec), "--warmup-steps", "-1", "--val-batches", "0", "--seed", str(seed),
            "--out", str(out), "--progress", "false"]
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    print("$", " ".join(cmd[:3] + ["python -m jigsaw_ref.train"] + cmd[6:]), flush=True)
+    print("$", " ".join(cmd[:3] + ["python -m jigsaw_ref.cli"] + cmd[6:]), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return collect(name, ranks, way, out, data, seed, time.perf_counter() - t0)
@@ -114,7 +114,7 @@ def val_rmse(ckpt, data) -> dict:
     from jigsaw_ref.data import Era5Dataset
     from jigsaw_ref.loss import lat_weights_cos
     from jigsaw_ref.mixer import WeatherMixer
-    from jigsaw_ref.train import load_checkpoint
+    from jigsaw_ref.checkpoint import load_checkpoint
     ck = load_checkpoint(ckpt)
     cfg = MixerConfig(**ck["config"])
     m = WeatherMixer(cfg, torch.float32, "cpu", seed=0)

@@ -72,7 +72,8 @@ def rank_main(a) -> int:
     from mpi4py import MPI
     from jigsaw_ref import checkpoint
     from jigsaw_ref.pmatmul import saved_bytes
-    from jigsaw_ref.train import Trainer, TrainConfig, install_abort_hook
+    from jigsaw_ref.train import Trainer, TrainConfig
+    from jigsaw_ref.cli import install_abort_hook
     comm = MPI.COMM_WORLD
     install_abort_hook(comm)
     torch.set_num_threads(int(os.environ.get("JIGSAW_THREADS", "1")))

@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     a = parse(argv)
     os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1"); os.environ.setdefault("OMP_NUM_THREADS", "1")
     from jigsaw_ref.comm import launcher
-    from jigsaw_ref.train import Trainer, TrainConfig, install_abort_hook
+    from jigsaw_ref.train import Trainer, TrainConfig
+    from jigsaw_ref.cli import install_abort_hook
     if a.ranks > 1 and launcher() == "single": return relaunch(a)
     import torch
     from mpi4py import MPI

@@ -21,7 +21,10 @@ from jigsaw_ref.data import DataError, Era5Dataset
 from jigsaw_ref.generator import default_dataset
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.ranks import run_ranks
-from jigsaw_ref.train import NonFiniteError, Trainer, TrainConfig, check_settings, install_abort_hook, parse_args, read_lock
+from jigsaw_ref.train import NonFiniteError, Trainer, TrainConfig
+from jigsaw_ref.settings import check_settings
+from jigsaw_ref.runfolder import read_lock
+from jigsaw_ref.cli import install_abort_hook, parse_args
 
 torch.set_num_threads(1)
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # the groups of a one-rank job
@@ -91,7 +94,7 @@ def launch(n, args, fault=None):
     mpiexec = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                **({"JIGSAW_FAULT": fault} if fault else {}))
-    p = subprocess.Popen([str(mpiexec), "-n", str(n), sys.executable, "-m", "jigsaw_ref.train", *map(str, args)],
+    p = subprocess.Popen([str(mpiexec), "-n", str(n), sys.executable, "-m", "jigsaw_ref.cli", *map(str, args)],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines, t_err = [], None
     for line in p.stderr:  # stream: note when the first rank reports its error
@@ -447,7 +450,7 @@ DIVERGE = ["--lr", "1e9", "--lr-encdec", "1e9", "--clip", "0", "--warmup-steps",
 
 def job(n, args, fault=None, env=None, timeout=150, wait=True):
     "Launch `jigsaw-train ARGS` on `n` ranks (mpiexec for n > 1): exit status, output, seconds, hung (`wait=False`: the process)."
-    cmd = ([str(mpiexec), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.train", *map(str, args)]
+    cmd = ([str(mpiexec), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.cli", *map(str, args)]
     e = {k: v for k, v in os.environ.items() if k != "JIGSAW_FAULT"}
     e.update(MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if fault: e["JIGSAW_FAULT"] = fault

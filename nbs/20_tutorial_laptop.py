@@ -62,7 +62,7 @@ assert set(ds.level.values.tolist()) == {250, 500, 850} and ds.sizes["latitude"]
 # jigsaw-demo
 # ```
 #
-# runs `mpiexec -n 4 python -m jigsaw_ref.train --model demo --way 4 --epochs 50 --max-steps 950 --seed 0
+# runs `mpiexec -n 4 python -m jigsaw_ref.cli --model demo --way 4 --epochs 50 --max-steps 950 --seed 0
 # --lr 1e-3 --lr-encdec 1e-3 --warmup-steps 50 --batch 1 --out runs/demo` (4-way Jigsaw on 4 ranks, a fixed
 # number of steps from a fixed seed, so the same scorecard on any machine) and then scores `runs/demo/final.ckpt`
 # with `jigsaw-eval` into `runs/demo/eval/` (both folders relative to where you run it). `--steps`, `--seed`,

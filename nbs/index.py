@@ -57,8 +57,11 @@
 # | `06a_api` | `jigsaw_ref` | the public names a training loop of your own needs |
 # | `07_generator` | `generator` | the embedded default data: a forced two-layer atmosphere on the sphere |
 # | `08_data` | `data` | WeatherBench2-layout ERA5 reader, each rank reading only its block |
-# | `09_train` | `train` | `jigsaw-train`: the distributed trainer |
+# | `08a_settings` | `settings` | every setting of a run, typed and checked (flags, config files, `--set`) before any collective |
+# | `08b_runfolder` | `runfolder` | one run per folder, stop signals, the run's lineage |
+# | `09_train` | `train` | the distributed trainer: one step, then the loop |
 # | `09a_checkpoint` | `checkpoint` | sharded, layout-independent checkpoints (zarr), atomic and checksummed; `jigsaw-ckpt` |
+# | `09b_cli` | `cli` | `jigsaw-train` and `jigsaw-demo`: the command line, the launcher, exit statuses |
 # | `10_evaluate` | `evaluate` | `jigsaw-eval`: WeatherBench2-style RMSE, ACC and bias; persistence and climatology |
 # | `11_reliability` | | what happens on failures, and every bad input with its message |
 # | `12_bench` | `bench` | `jigsaw-bench`: Jigsaw against DDP and Megatron-style tensor parallelism, roofline |
@@ -69,8 +72,8 @@
 # The layering, which `tests/test_layering.py` checks by reading every module's imports: the one-process model
 # (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`)
 # knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model composes
-# the two; `train`, `evaluate` and `bench` compose everything, and nothing imports `train`; there is no import
-# cycle.
+# the two; `settings` and `runfolder` sit below the trainer and know no model; `train`, `evaluate` and `bench`
+# compose everything, and only the command line (`cli`) imports `train`; there is no import cycle.
 
 # %% [markdown]
 # ## The presets

@@ -1,5 +1,5 @@
 """The house, read from the imports of jigsaw_ref/*.py (static: every `import` and `from ... import` anywhere in a
-module, function bodies included): no import cycle, nothing imports `train` but the command-line entry points,
+module, function bodies included): no import cycle, nothing imports `train` but the command line (`cli`),
 and the layering that index.ipynb states holds."""
 import ast
 from pathlib import Path
@@ -40,8 +40,16 @@ def test_no_import_cycle():
 
 
 def test_nothing_imports_train():
-    "Only the CLI entry points (train's own main/demo) live in train; no other module imports it."
-    assert not [m for m in MODULES if "train" in GRAPH[m]], {m: sorted(GRAPH[m]) for m in MODULES if "train" in GRAPH[m]}
+    "The trainer is composed only by the command line (`cli`: jigsaw-train, jigsaw-demo); no other module imports it."
+    users = [m for m in MODULES if "train" in GRAPH[m] and m != "cli"]
+    assert not users, {m: sorted(GRAPH[m]) for m in users}
+    assert not [m for m in MODULES if "cli" in GRAPH[m]], "nothing imports the command line"
+
+
+def test_the_trainer_rooms():
+    "settings (what a run is) and runfolder (where it writes) sit below the trainer and know nothing of models or data."
+    assert not (_closure("settings") & {"mixer", "parallel", "pmatmul", "data", "checkpoint", "train", "runfolder"}), sorted(_closure("settings"))
+    assert not (_closure("runfolder") & {"mixer", "parallel", "pmatmul", "data", "train"}), sorted(_closure("runfolder"))
 
 
 @pytest.mark.parametrize("mod", ["config", "mixer", "loss"])
@@ -60,9 +68,9 @@ def test_data_knows_layouts_never_models():
 
 
 def test_nothing_imports_the_composers():
-    "train, evaluate and bench compose everything; nothing below them imports them (evaluate only from train's CLI)."
+    "train, evaluate and bench compose everything; nothing below them imports them (evaluate only from the command line's demo)."
     for top in ("bench", "evaluate"):
-        users = [m for m in MODULES if top in GRAPH[m] and m not in ("train",)]
+        users = [m for m in MODULES if top in GRAPH[m] and m not in ("cli",)]
         assert not users, (top, users)
 
 

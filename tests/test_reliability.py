@@ -35,7 +35,10 @@ from jigsaw_ref.data import DataError, Era5Dataset
 from jigsaw_ref.generator import default_dataset
 from jigsaw_ref.checkpoint import MAGIC, CheckpointError, load_checkpoint, save_checkpoint
 from jigsaw_ref.ranks import run_ranks
-from jigsaw_ref.train import RunFolderError, Trainer, TrainConfig, check_launch, check_settings, parse_args, read_lock
+from jigsaw_ref.train import Trainer, TrainConfig
+from jigsaw_ref.settings import check_launch, check_settings
+from jigsaw_ref.runfolder import RunFolderError, read_lock
+from jigsaw_ref.cli import parse_args
 from test_mpi import ROOT, mpiexec
 
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # noqa: E731
@@ -61,8 +64,8 @@ class Run:
 
 
 def start(n, args, fault=None, env=None) -> tuple[subprocess.Popen, list]:
-    "Start `python -m jigsaw_ref.train ARGS` on `n` ranks (no mpiexec for 1) in its own process group; (process, command)."
-    cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.train", *map(str, args)]
+    "Start `python -m jigsaw_ref.cli ARGS` on `n` ranks (no mpiexec for 1) in its own process group; (process, command)."
+    cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.cli", *map(str, args)]
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("JIGSAW_FAULT", None)
     if fault: env["JIGSAW_FAULT"] = fault
@@ -72,7 +75,7 @@ def start(n, args, fault=None, env=None) -> tuple[subprocess.Popen, list]:
 
 
 def launch(n, args, fault=None, timeout=HANG_S, env=None) -> Run:
-    "Run `python -m jigsaw_ref.train ARGS` on `n` ranks (no mpiexec for 1); fail the test if it hangs."
+    "Run `python -m jigsaw_ref.cli ARGS` on `n` ranks (no mpiexec for 1); fail the test if it hangs."
     t0 = time.monotonic()
     p, cmd = start(n, args, fault, env)
     got, first = {"out": [], "err": []}, []

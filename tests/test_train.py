@@ -15,7 +15,8 @@ from jigsaw_ref.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from jigsaw_ref.comm import Group, make_groups
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.ranks import RankFailed, run_ranks
-from jigsaw_ref.train import DEMO_STEPS, ResumeError, Trainer, TrainConfig, arg_parser, demo, epoch_order, main, parse_args
+from jigsaw_ref.train import ResumeError, Trainer, TrainConfig, epoch_order
+from jigsaw_ref.cli import DEMO_STEPS, arg_parser, demo, main, parse_args
 from test_mpi import ROOT, mpiexec
 
 ONE = lambda: {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}  # noqa: E731
@@ -24,7 +25,7 @@ BASE = dict(model="tiny", dtype="float64", lr=1e-3, lr_encdec=1e-3, warmup_steps
 
 
 def cli(n, args, timeout=600):
-    cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.train", *args]
+    cmd = ([mpiexec(), "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "jigsaw_ref.cli", *args]
     # this Python's bin first, so the MPI wheel's mpiexec and the installed package are the ones used
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1",
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
