@@ -52,7 +52,8 @@
 # | `03_grid` | `grid` | the dp x domain x tensor grid and its communicators |
 # | `04_comm` | `comm` | point-to-point exchanges and collectives over mpi4py, thread ranks or torch.distributed (NCCL, gloo), as autograd functions; byte counts; staging of device tensors; launchers, devices, the groups of a run; a watchdog |
 # | `04a_ranks` | `ranks` | in-process thread ranks: the same `Group` code as MPI, so notebooks run 2 and 4 ranks |
-# | `05_partitioned_matmul` | `pmatmul` | token and channel mixing and LayerNorm on a p x q grid, derived and run: the 2-way sums, the 2x2 table and figure, the backward, the overlapped, faithful and SUMMA schedules |
+# | `04b_probe` | `probe` | what a run does, recorded: every message of a group (sender, receiver, shape, bytes, tag) as a table and a figure; the bytes autograd saves |
+# | `05_partitioned_matmul` | `pmatmul` | token and channel mixing and LayerNorm on a p x q grid, derived and run: the 2-way sums, the general form, the 2x2 exchanges traced, the backward, one ring primitive under the overlapped, faithful and SUMMA schedules |
 # | `06_parallel` | `parallel` | the whole model on any layout, exact and faithful modes; completing gradients; precision |
 # | `06a_api` | `jigsaw_ref` | the public names a training loop of your own needs |
 # | `07_generator` | `generator` | the embedded default data: a forced two-layer atmosphere on the sphere |
@@ -67,10 +68,10 @@
 # | `20`-`24` | | tutorials: a laptop, your own ERA5, a GPU cluster (and SLURM), the large-batch experiment, your own training loop |
 #
 # The layering, which `tests/test_layering.py` checks by reading every module's imports: the one-process model
-# (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`)
-# knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model composes
-# the two; `train`, `evaluate` and `bench` compose everything, and nothing imports `train`; there is no import
-# cycle.
+# (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`,
+# `probe`) knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model
+# composes the two; `train`, `evaluate` and `bench` compose everything, and nothing imports `train`; there is no
+# import cycle.
 
 # %% [markdown]
 # ## The presets

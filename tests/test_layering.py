@@ -47,11 +47,11 @@ def test_nothing_imports_train():
 @pytest.mark.parametrize("mod", ["config", "mixer", "loss"])
 def test_one_process_model_imports_no_communication(mod):
     "The one-process model (config, mixer, loss) is the reference: it reads on its own."
-    assert not (_closure(mod) & {"comm", "grid", "ranks", "pmatmul", "parallel"}), sorted(_closure(mod))
+    assert not (_closure(mod) & {"comm", "grid", "ranks", "probe", "pmatmul", "parallel"}), sorted(_closure(mod))
 
 
 def test_communication_knows_grids_and_tensors_never_models_or_data():
-    for mod in ("comm", "grid", "ranks"):
+    for mod in ("comm", "grid", "ranks", "probe"):
         assert not (_closure(mod) & {"mixer", "parallel", "pmatmul", "data", "generator", "train", "evaluate"}), (mod, sorted(_closure(mod)))
 
 
@@ -67,4 +67,4 @@ def test_nothing_imports_the_composers():
 
 
 def test_every_module_is_covered():
-    assert {"config", "mixer", "loss", "grid", "comm", "ranks", "pmatmul", "parallel"} <= set(MODULES)
+    assert {"config", "mixer", "loss", "grid", "comm", "ranks", "probe", "pmatmul", "parallel"} <= set(MODULES)
