@@ -13,8 +13,8 @@ from .config import MixerConfig, preset
 
 # %% auto #0
 __all__ = ['token_mix', 'channel_mix', 'param_shapes', 'param_count', 'forward_flops', 'train_step_flops', 'patchify',
-           'unpatchify', 'dropout_key', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'init_block', 'full_params',
-           'init_params']
+           'unpatchify', 'dropout_key', 'drop_index', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'init_block',
+           'full_params', 'init_params']
 
 # %% ../nbs/01_mixer.ipynb #e4c0fe02
 def token_mix(x, w, b=None):
@@ -102,34 +102,91 @@ def dropout_key(seed: int, step: int, site: int = 0) -> int:
     return int(_hash32(_hash32(k) ^ (site & _M32))[0])
 
 # %% ../nbs/01_mixer.ipynb #5f0a1b54
-def keep_mask(shape, p: float, key: int, starts, full, device=None):
+_GAPS: dict = {}
+
+
+def _gap_table(p: float, longest: int, device=None) -> torch.Tensor:
+    "int64 thresholds floor((1-p)^k 2^32) for k = 0, 1, ... while not 0 and k <= longest + 1, then one 0."
+    key = (p, longest, str(device))
+    if key not in _GAPS:
+        thr, t = [2**32], 1.0
+        for _ in range(longest + 1):
+            t *= 1 - p
+            if int(t * 2**32) == 0: break
+            thr.append(int(t * 2**32))
+        _GAPS[key] = torch.tensor(thr + [0], dtype=torch.int64, device=device)
+    return _GAPS[key]
+
+# %% ../nbs/01_mixer.ipynb #341f929f
+def _gaps(u: torch.Tensor, p: float, table: torch.Tensor) -> torch.Tensor:
+    "g = #{k >= 1 : u < table[k]} for int64 uniforms `u` in [0, 2^32) (table from `_gap_table`)."
+    K = table.numel() - 2  # the last k with a threshold
+    g = (torch.log((u.double() + 0.5) / 2**32) / math.log1p(-p)).floor().clamp(0, K).long() if p < 1 else torch.zeros_like(u)
+    while True:  # settle the estimate exactly (it is off by one near a threshold, more where thresholds repeat)
+        step = (u < table[g + 1]).long() - ((u >= table[g]) & (g > 0)).long()  # below the next one: up; not below this one: down
+        if not step.any(): return g
+        g = g + step
+
+# %% ../nbs/01_mixer.ipynb #d50127b3
+def _gaps_per_draw(end: int, p: float) -> int:
+    "Gaps drawn per row at a time: the mean number of drops up to column `end` plus 3 standard deviations and 2."
+    return int(end * p + 3 * math.sqrt(end * p + 1) + 2)
+
+# %% ../nbs/01_mixer.ipynb #673a921c
+def drop_index(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
+    "Flat indices (row-major, into the block `shape` at `starts` of a tensor with extents `full`) of the dropped elements."
+    *lead, n = shape
+    c0, end = starts[-1], starts[-1] + n  # my columns [c0, end); gaps are walked from column 0
+    R = torch.zeros(1, dtype=torch.int64, device=device)
+    for d, m in enumerate(lead):  # global row numbers of my rows, row-major
+        R = R[:, None] * (full[d] if d else 1) + torch.arange(starts[d], starts[d] + m, dtype=torch.int64, device=device)
+        R = R.reshape(-1)
+    if n == 0 or R.numel() == 0: return torch.zeros(0, dtype=torch.int64, device=device)
+    table = _gap_table(p, end, device)
+    stream = _hash32(_hash32(_hash32(R & _M32) ^ key) ^ (R >> 32))  # one stream per row (key mixed after hashing R)
+    M = _gaps_per_draw(end, p)
+    rows, last, m0, out = torch.arange(R.numel(), device=device), torch.full((R.numel(),), -1, dtype=torch.int64, device=device), 0, []
+    while rows.numel():
+        u = _hash32(stream[rows, None] ^ torch.arange(m0, m0 + M, dtype=torch.int64, device=device))  # (rows, M)
+        c = last[rows, None] + torch.cumsum(_gaps(u, p, table) + 1, 1)  # drop columns
+        r_i, m_i = ((c >= c0) & (c < end)).nonzero(as_tuple=True)
+        out.append(rows[r_i] * n + c[r_i, m_i] - c0)
+        last[rows] = c[:, -1]
+        rows, m0 = rows[c[:, -1] < end - 1], m0 + M
+    return torch.cat(out).sort().values  # ascending: the same tensor however many draws the rows took
+
+# %% ../nbs/01_mixer.ipynb #b6637bd1
+def keep_mask(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
     "Keep-mask (bool) of the block `shape` at `starts` of a full tensor with extents `full`: the same bits on any layout."
-    idx = torch.zeros((), dtype=torch.int64, device=device)
-    for d, n in enumerate(shape):
-        ix = torch.arange(starts[d], starts[d] + n, dtype=torch.int64, device=device)
-        idx = idx * (full[d] if d else 1) + ix.view([n] + [1] * (len(shape) - d - 1))
-    u = _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32))
-    return u >= int(p * 2**32)
+    m = torch.ones(math.prod(shape), dtype=torch.bool, device=device)
+    m[drop_index(shape, p, key, starts, full, device)] = False
+    return m.view(tuple(shape))
 
 # %% ../nbs/01_mixer.ipynb #66c7f223
-class _HashDropout(torch.autograd.Function):
-    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, recomputed (nothing saved)."
+def _scaled(x, p: float) -> torch.Tensor:
+    "`x / (1 - p)` written row-major whatever the strides of `x` (one pass, so the drops' flat indices apply)."
+    return torch.div(x, 1 - p, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+class _Dropout(torch.autograd.Function):
+    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, from the saved dropped positions."
     @staticmethod
     def forward(ctx, x, p, key, starts, full):
-        ctx.args = (p, key, starts, full)
-        return x * keep_mask(x.shape, p, key, starts, full, x.device) / (1 - p)
+        idx = drop_index(x.shape, p, key, starts, full, x.device)
+        ctx.save_for_backward(idx); ctx.p = p
+        return _scaled(x, p).view(-1).index_fill_(0, idx, 0).view(x.shape)
 
     @staticmethod
     def backward(ctx, g):
-        p, key, starts, full = ctx.args
-        return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
+        idx, = ctx.saved_tensors
+        return _scaled(g, ctx.p).view(-1).index_fill_(0, idx, 0).view(g.shape), None, None, None, None
 
 # %% ../nbs/01_mixer.ipynb #c9cf81a5
 def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
     "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
     if not training or p == 0: return x
     starts = tuple(starts) if starts is not None else (0,) * x.dim()
-    return _HashDropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+    return _Dropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
 
 # %% ../nbs/01_mixer.ipynb #5114695c
 def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int:

@@ -15,6 +15,7 @@ from jigsaw_ref.config import MixerConfig, preset
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 
+
 # %% [markdown]
 # # WeatherMixer
 #
@@ -50,6 +51,7 @@ def token_mix(x, w, b=None):
     y = torch.einsum("st,bth->bsh", w, x)
     return y if b is None else y + b[:, None]
 
+
 # %%
 #| export
 def channel_mix(x, w, b=None):
@@ -57,11 +59,13 @@ def channel_mix(x, w, b=None):
     y = torch.einsum("bth,hg->btg", x, w)
     return y if b is None else y + b
 
+
 # %%
 _x, _w = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
 test_close(token_mix(_x, _w), torch.stack([_w @ xi for xi in _x]))
 _wc = torch.randn(3, 6, dtype=torch.float64)
 test_close(channel_mix(_x, _wc), _x @ _wc)
+
 
 # %% [markdown]
 # ## Parameters with explicit shapes
@@ -96,11 +100,13 @@ def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
           "res.w": (Vo + V, Vo), "res.b": (Vo,)}
     return s
 
+
 # %%
 #| export
 def param_count(c: MixerConfig) -> int:
     "Number of parameters of the one-process WeatherMixer, without allocating it."
     return sum(math.prod(s) for s in param_shapes(c).values())
+
 
 # %% [markdown]
 # The released code prints these counts for its 1-way models (720x1440 grid, $P = 60$, 3 blocks,
@@ -128,6 +134,7 @@ _par = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
 for (H, fs, fc), n in _released_2way.items():
     test_eq(param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc, **_par)), n)
 
+
 # %% [markdown]
 # ## FLOPs
 #
@@ -147,15 +154,18 @@ def forward_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_res_in) * c.n_out
     return batch * (enc + k * c.blocks * blk + dec + res)
 
+
 # %%
 #| export
 def train_step_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     "FLOPs of one training step by the paper's convention: 3x the forward GEMM FLOPs."
     return 3 * forward_flops(c, batch, k)
 
+
 # %%
 # C3 (H=4896): ~6.9 TFLOP per forward; the paper's 3.03 s/step on one A100 in FP32 is 81% of 19.5 TF/s
 test_close(train_step_flops(preset("c3")) / 3.03 / 19.5e12, 0.81, eps=0.02)
+
 
 # %% [markdown]
 # ## The model
@@ -176,6 +186,7 @@ def patchify(x, P: int):
     x = x.reshape(B, C, n_lat, n_lon // P, P)  # b c i j p
     return x.permute(0, 3, 2, 1, 4).reshape(B, (n_lon // P) * n_lat, C, P)
 
+
 # %%
 #| export
 def unpatchify(y, n_lat: int):
@@ -183,6 +194,7 @@ def unpatchify(y, n_lat: int):
     B, T, C, P = y.shape
     y = y.reshape(B, T // n_lat, n_lat, C, P)  # b j i c p
     return y.permute(0, 3, 2, 1, 4).reshape(B, C, n_lat, (T // n_lat) * P)
+
 
 # %%
 _img = torch.arange(2 * 3 * 4 * 8.).reshape(2, 3, 4, 8)
@@ -204,14 +216,12 @@ test_eq(patchify(_img, 4)[0, 5, 1], _img[0, 1, 1, 4:8])  # token 5 = lon patch 1
 #
 # `torch.nn.functional.dropout` draws its mask from the process's random stream, so a model cut over four
 # ranks would drop different elements than the same model in one process, and a run resumed on another
-# layout would continue differently. Here the mask of every element is a pure function of the step's key,
-# the dropout site and the element's **global** index: element $e$ of site $s$ is kept when
-# $h(h(e \oplus k_s) \oplus \lfloor e / 2^{32} \rfloor) \ge p \cdot 2^{32}$, with $h$ a 32-bit integer
-# hash (a lowbias32-style mixer, products split so they fit in int64) and $k_s$ the key mixed with the site
-# number. A rank computes the mask of its block from the block's offsets alone, O(block) work and no
-# communication, and gets exactly the bits the one-process model gets for those elements. The mask is not
-# saved for the backward either: it is recomputed there from the same key, so dropout costs no activation
-# memory.
+# layout would continue differently. Here which elements are dropped is a pure function of the step's key,
+# the dropout site and the element's **global** index, and a rank finds those of its block from the block's
+# offsets alone, with no communication.
+#
+# First, the integer hash the whole construction rests on (it also draws the initial weights, below):
+# $h$ is a 32-bit integer mixer (lowbias32-style; products split so they fit in int64), exact on every device.
 
 # %%
 #| export
@@ -222,6 +232,7 @@ def _mul32(x, c: int):
     "`(x * c) mod 2^32` for int64 tensors `x` in [0, 2^32) without int64 overflow."
     return ((x * (c & 0xFFFF)) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
+
 # %%
 #| export
 def _hash32(x):
@@ -230,6 +241,7 @@ def _hash32(x):
     x = x ^ (x >> 15); x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
 
+
 # %%
 #| export
 def dropout_key(seed: int, step: int, site: int = 0) -> int:
@@ -237,47 +249,156 @@ def dropout_key(seed: int, step: int, site: int = 0) -> int:
     k = torch.tensor([(seed * 0x9E3779B1 + step) & _M32], dtype=torch.int64)
     return int(_hash32(_hash32(k) ^ (site & _M32))[0])
 
+
 # %%
 test_eq(dropout_key(0, 3), dropout_key(0, 3))
 assert len({dropout_key(0, s) for s in range(100)} | {dropout_key(1, s) for s in range(100)}) == 200
 
 # %% [markdown]
-# `keep_mask` gives the mask of a block from its offsets: `starts[d]` is where the block begins along dim
-# $d$ of the full tensor and `full[d]` the full extent (dim 0, the batch, needs no extent).
+# **Drops as gaps along each row.** Hashing every element (a dozen integer passes over each hidden tensor, in
+# the forward and again in the backward) cost up to 70% of a training step. At the rates used ($p = 10^{-3}$)
+# almost nothing is dropped, so the drops are drawn *directly*: along each row of the full tensor (all indices
+# but the last fixed; $R$ its global row number) the numbers of kept elements between consecutive drops are
+# independent geometric variables, $P(g \ge k) = (1-p)^k$, which is exactly a sequence of independent
+# Bernoulli($p$) drops. Gap $m$ of row $R$ comes from the uniform 32-bit integer
+# $u_{R,m} = h(h(h(h(R \bmod 2^{32}) \oplus k_s) \oplus \lfloor R/2^{32} \rfloor) \oplus m)$ by an exact integer
+# comparison with the thresholds $\lfloor (1-p)^k\, 2^{32} \rfloor$ (computed by repeated multiplication in
+# Python floats: the same bits on every machine):
+# $$g_{R,m} = \#\{k \ge 1 : u_{R,m} < \lfloor (1-p)^k 2^{32} \rfloor\}, \qquad c_{R,m} = c_{R,m-1} + g_{R,m} + 1,\ c_{R,0} = -1,$$
+# and the drops of row $R$ are its columns $c_{R,1}, c_{R,2}, \dots$. A rank holding columns $[c_0, c_0+n)$ of a
+# row walks the row's gaps from column 0 (about $p\,(c_0+n)$ of them, a few per row) and keeps the drops that
+# land in its columns. So the work is $O(p \cdot \text{row length})$ per row, not $O(1)$ per element, and the
+# drops of a block are exactly the full tensor's drops there on every layout.
+#
+# `_gap_table` holds the thresholds, descending, with $2^{32}$ at $k = 0$ and a 0 after the last (gaps past the
+# row's end need no entry). `_gaps` finds $g$ for many $u$ at once: a floating-point estimate
+# $\lfloor \ln(u / 2^{32}) / \ln(1-p) \rfloor$, then corrected by exact integer comparisons with the thresholds
+# on both sides, so the result is the integer definition above on any device (a binary search over the
+# table gives the same numbers about ten times slower).
 
 # %%
 #| export
-def keep_mask(shape, p: float, key: int, starts, full, device=None):
+_GAPS: dict = {}
+
+
+def _gap_table(p: float, longest: int, device=None) -> torch.Tensor:
+    "int64 thresholds floor((1-p)^k 2^32) for k = 0, 1, ... while not 0 and k <= longest + 1, then one 0."
+    key = (p, longest, str(device))
+    if key not in _GAPS:
+        thr, t = [2**32], 1.0
+        for _ in range(longest + 1):
+            t *= 1 - p
+            if int(t * 2**32) == 0: break
+            thr.append(int(t * 2**32))
+        _GAPS[key] = torch.tensor(thr + [0], dtype=torch.int64, device=device)
+    return _GAPS[key]
+
+
+# %%
+#| export
+def _gaps(u: torch.Tensor, p: float, table: torch.Tensor) -> torch.Tensor:
+    "g = #{k >= 1 : u < table[k]} for int64 uniforms `u` in [0, 2^32) (table from `_gap_table`)."
+    K = table.numel() - 2  # the last k with a threshold
+    g = (torch.log((u.double() + 0.5) / 2**32) / math.log1p(-p)).floor().clamp(0, K).long() if p < 1 else torch.zeros_like(u)
+    while True:  # settle the estimate exactly (it is off by one near a threshold, more where thresholds repeat)
+        step = (u < table[g + 1]).long() - ((u >= table[g]) & (g > 0)).long()  # below the next one: up; not below this one: down
+        if not step.any(): return g
+        g = g + step
+
+
+# %%
+_t = _gap_table(0.3, 50)
+_u = torch.randint(0, 2**32, (10000,), generator=torch.Generator().manual_seed(0))
+test_eq(_gaps(_u, 0.3, _t), (_u[:, None] < _t[None, 1:]).sum(1))  # the count, by brute force
+test_eq(_gaps(_t[1:-1], 0.3, _t), torch.arange(_t.numel() - 2))  # exactly at a threshold: not below it
+_t = _gap_table(1e-3, 30000)  # the tail, where consecutive thresholds repeat (u of a few units)
+_u = torch.cat([torch.arange(0, 3000, 7), _u[:1000]])
+test_eq(_gaps(_u, 1e-3, _t), (_u[:, None] < _t[None, 1:]).sum(1))
+
+
+# %% [markdown]
+# `drop_index` gives the dropped elements of a block from its offsets: `starts[d]` is where the block begins
+# along dim $d$ of the full tensor and `full[d]` the full extent (dim 0, the batch, needs no extent). Each row
+# draws its gaps `M` at a time (enough for all of them with overwhelming probability); a row that has not yet
+# passed its last column draws `M` more.
+
+# %%
+#| export
+def _gaps_per_draw(end: int, p: float) -> int:
+    "Gaps drawn per row at a time: the mean number of drops up to column `end` plus 3 standard deviations and 2."
+    return int(end * p + 3 * math.sqrt(end * p + 1) + 2)
+
+
+# %%
+#| export
+def drop_index(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
+    "Flat indices (row-major, into the block `shape` at `starts` of a tensor with extents `full`) of the dropped elements."
+    *lead, n = shape
+    c0, end = starts[-1], starts[-1] + n  # my columns [c0, end); gaps are walked from column 0
+    R = torch.zeros(1, dtype=torch.int64, device=device)
+    for d, m in enumerate(lead):  # global row numbers of my rows, row-major
+        R = R[:, None] * (full[d] if d else 1) + torch.arange(starts[d], starts[d] + m, dtype=torch.int64, device=device)
+        R = R.reshape(-1)
+    if n == 0 or R.numel() == 0: return torch.zeros(0, dtype=torch.int64, device=device)
+    table = _gap_table(p, end, device)
+    stream = _hash32(_hash32(_hash32(R & _M32) ^ key) ^ (R >> 32))  # one stream per row (key mixed after hashing R)
+    M = _gaps_per_draw(end, p)
+    rows, last, m0, out = torch.arange(R.numel(), device=device), torch.full((R.numel(),), -1, dtype=torch.int64, device=device), 0, []
+    while rows.numel():
+        u = _hash32(stream[rows, None] ^ torch.arange(m0, m0 + M, dtype=torch.int64, device=device))  # (rows, M)
+        c = last[rows, None] + torch.cumsum(_gaps(u, p, table) + 1, 1)  # drop columns
+        r_i, m_i = ((c >= c0) & (c < end)).nonzero(as_tuple=True)
+        out.append(rows[r_i] * n + c[r_i, m_i] - c0)
+        last[rows] = c[:, -1]
+        rows, m0 = rows[c[:, -1] < end - 1], m0 + M
+    return torch.cat(out).sort().values  # ascending: the same tensor however many draws the rows took
+
+
+# %%
+#| export
+def keep_mask(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
     "Keep-mask (bool) of the block `shape` at `starts` of a full tensor with extents `full`: the same bits on any layout."
-    idx = torch.zeros((), dtype=torch.int64, device=device)
-    for d, n in enumerate(shape):
-        ix = torch.arange(starts[d], starts[d] + n, dtype=torch.int64, device=device)
-        idx = idx * (full[d] if d else 1) + ix.view([n] + [1] * (len(shape) - d - 1))
-    u = _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32))
-    return u >= int(p * 2**32)
+    m = torch.ones(math.prod(shape), dtype=torch.bool, device=device)
+    m[drop_index(shape, p, key, starts, full, device)] = False
+    return m.view(tuple(shape))
+
 
 # %%
 _full = keep_mask((3, 6, 5), 0.3, 7, (0, 0, 0), (3, 6, 5))
 test_eq(keep_mask((2, 4, 2), 0.3, 7, (1, 2, 3), (3, 6, 5)), _full[1:3, 2:6, 3:5])  # a block has the full mask's bits
 test_close(keep_mask((64, 64, 64), 0.3, 7, (0, 0, 0), (64, 64, 64)).double().mean(), 0.7, eps=0.01)
+_big = ~keep_mask((8, 256, 512), 0.01, 9, (0, 0, 0), (8, 256, 512))  # 1M elements, about 10,000 drops
+test_close(_big.double().mean(), 0.01, eps=4 * math.sqrt(0.01 / _big.numel()))  # the rate, within 4 sigma
+test_close((_big[..., 1:] & _big[..., :-1]).double().mean(), 1e-4, eps=4e-5)  # neighbours dropped together: p^2
+test_close((_big[:, 1:] & _big[:, :-1]).double().mean(), 1e-4, eps=4e-5)  # across rows too
+
 
 # %% [markdown]
-# The autograd function: forward $y = x \odot m / (1-p)$, backward $\partial x = \partial y \odot m / (1-p)$
-# with $m$ recomputed, so nothing is saved.
+# The autograd function: forward $y = x \odot m / (1-p)$, backward $\partial x = \partial y \odot m / (1-p)$. The
+# dropped positions (about $p$ of the elements, as int64) are saved for the backward instead of being drawn
+# again: at $p = 10^{-3}$ that is 0.8% of the bytes of the tensor they mask. Both directions are one division
+# pass and a scatter of zeros, the cost of `torch.nn.functional.dropout`'s own multiply.
 
 # %%
 #| export
-class _HashDropout(torch.autograd.Function):
-    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, recomputed (nothing saved)."
+def _scaled(x, p: float) -> torch.Tensor:
+    "`x / (1 - p)` written row-major whatever the strides of `x` (one pass, so the drops' flat indices apply)."
+    return torch.div(x, 1 - p, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+class _Dropout(torch.autograd.Function):
+    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, from the saved dropped positions."
     @staticmethod
     def forward(ctx, x, p, key, starts, full):
-        ctx.args = (p, key, starts, full)
-        return x * keep_mask(x.shape, p, key, starts, full, x.device) / (1 - p)
+        idx = drop_index(x.shape, p, key, starts, full, x.device)
+        ctx.save_for_backward(idx); ctx.p = p
+        return _scaled(x, p).view(-1).index_fill_(0, idx, 0).view(x.shape)
 
     @staticmethod
     def backward(ctx, g):
-        p, key, starts, full = ctx.args
-        return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
+        idx, = ctx.saved_tensors
+        return _scaled(g, ctx.p).view(-1).index_fill_(0, idx, 0).view(g.shape), None, None, None, None
+
 
 # %%
 #| export
@@ -285,7 +406,8 @@ def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
     "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
     if not training or p == 0: return x
     starts = tuple(starts) if starts is not None else (0,) * x.dim()
-    return _HashDropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+    return _Dropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+
 
 # %%
 _x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
@@ -293,8 +415,11 @@ _y = dropout(_x, 0.5, True, key=11)
 _y.sum().backward()
 test_eq((_y == 0), (_x.grad == 0))  # dropped in the forward, zero gradient in the backward
 test_close(_y[_y != 0], 2 * _x[_y != 0])
+test_eq(_y.detach(), _x.detach() * keep_mask(_x.shape, 0.5, 11, (0, 0, 0), _x.shape) / 0.5)  # x * m / (1 - p), bit for bit
 assert dropout(_x, 0.5, False, key=11) is _x  # evaluation: the identity
 test_eq(dropout(_x[:, 2:4].detach(), 0.5, True, key=11, starts=(0, 2, 0), full=(2, 6, 5)), _y[:, 2:4].detach())  # a block, alone
+test_eq(dropout(_x.detach().transpose(1, 2), 0.5, True, key=11), _x.detach().transpose(1, 2) * keep_mask((2, 5, 6), 0.5, 11, (0, 0, 0), (2, 5, 6)) / 0.5)  # any strides
+
 
 # %% [markdown]
 # Sites: every dropout of a forward pass has its own number, `site = ((rollout step * blocks + block) * 4 + which)`,
@@ -309,10 +434,12 @@ def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int
     "The key of one dropout site of a forward pass whose key is `key`."
     return int(_hash32(torch.tensor([key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)]))[0])
 
+
 # %%
 #| export
 def _ln(x, w, b, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
 
 # %%
 #| export
@@ -330,6 +457,7 @@ class WeatherMixer(nn.Module):
         "Parameters by their dotted names (views, not copies)."
         return {n: self.params[n.replace(".", "/")] for n in self._names}
 
+
 # %% [markdown]
 # The encoder: one linear map from the $C_\text{in} P$ values of a patch to $H$ features.
 
@@ -340,6 +468,7 @@ def encode(self: WeatherMixer, x):
     "Pixels (B, C_in, n_lat, n_lon) -> tokens (B, T, H)."
     p = self.state()
     return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
+
 
 # %% [markdown]
 # A mixer block, with each dropout placed by `dropout`'s key and offsets:
@@ -360,6 +489,7 @@ def block(self: WeatherMixer, x, i: int, key: int = 0, sample0: int = 0, rollout
     u = drop(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), 2)
     return x + drop(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), 3)
 
+
 # %% [markdown]
 # The decoder with its skip connection, then the per-pixel linear residual:
 
@@ -377,6 +507,7 @@ def decode(self: WeatherMixer, x, z, inp):
     r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
     return r.permute(0, 3, 1, 2)
 
+
 # %% [markdown]
 # The forward pass: encode, run the processor `k` times with tied weights, decode.
 
@@ -389,6 +520,7 @@ def forward(self: WeatherMixer, x, k: int = 1, key: int = 0, sample0: int = 0):
     for r in range(k):
         for i in range(self.cfg.blocks): h = self.block(h, i, key, sample0, r)
     return self.decode(h, z, x)
+
 
 # %% [markdown]
 # ## Initialisation
@@ -407,6 +539,7 @@ def _fan_in(name, shape):
     if name.endswith("tok1.w") or name.endswith("tok2.w"): return shape[1]
     return shape[0]  # (in, out) orientation: dec.w (2H, V_out, P), res.w, ch*.w
 
+
 # %%
 #| export
 def _uniform(index: list, shape, key: int):
@@ -415,6 +548,7 @@ def _uniform(index: list, shape, key: int):
     for d, ix in enumerate(index):
         idx = idx * shape[d] + torch.as_tensor(ix, dtype=torch.int64).view([len(ix)] + [1] * (len(index) - d - 1))
     return _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32)).double() / 2**32
+
 
 # %%
 #| export
@@ -434,11 +568,13 @@ def init_block(cfg: MixerConfig, name: str, index: list | None = None, seed: int
         v = v * keep.view([-1 if k == ax else 1 for k in range(v.dim())])
     return v.to(dtype)
 
+
 # %%
 #| export
 def full_params(cfg: MixerConfig, seed: int = 0, dtype=torch.float64):
     "Yield `(name, tensor)` for every initial parameter of `cfg`, one at a time, from `seed`."
     for name in param_shapes(cfg): yield name, init_block(cfg, name, None, seed, dtype)
+
 
 # %% [markdown]
 # A block computed alone has exactly the full tensor's values there, non-contiguous index lists included:
@@ -452,12 +588,14 @@ test_eq(init_block(_c, "res.w", [list(range(5)), [0, 18, 19, 20]], seed=3)[:, 2:
 assert not torch.equal(dict(full_params(_c, seed=4))["enc.w"], _full["enc.w"])
 test_close(_full["blocks.0.tok1.w"].abs().max(), 1 / math.sqrt(_c.tokens), eps=1e-3)
 
+
 # %%
 #| export
 @torch.no_grad()
 def init_params(params: dict, cfg: MixerConfig, seed: int | None = 0):
     "Initialise `params` (name -> tensor, the shapes of `param_shapes(cfg)`) in place from `seed`."
     for name, v in full_params(cfg, seed): params[name].copy_(v)
+
 
 # %%
 _tiny = preset("tiny")
