@@ -61,6 +61,7 @@
 # | `09_train` | `train` | `jigsaw-train`: the distributed trainer |
 # | `09a_checkpoint` | `checkpoint` | sharded, layout-independent checkpoints (zarr), atomic and checksummed; `jigsaw-ckpt` |
 # | `10_evaluate` | `evaluate` | `jigsaw-eval`: WeatherBench2-style RMSE, ACC and bias; persistence and climatology |
+# | `10a_forecast` | `forecast` | `jigsaw-forecast`: a checkpoint's forecasts in the WeatherBench2 layout (xarray, zarr written by ranks) |
 # | `11_reliability` | | what happens on failures, and every bad input with its message |
 # | `12_bench` | `bench` | `jigsaw-bench`: Jigsaw against DDP and Megatron-style tensor parallelism, roofline |
 # | `13_perf_model` | `perfmodel` | a performance model of the paper's strong and weak scaling tables |
