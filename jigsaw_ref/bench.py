@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .config import preset, shard_range
 from .comm import Group
 from .loss import lat_weights_cos, variable_weights
-from .mixer import WeatherMixer, forward_flops, param_count, train_step_flops
+from .mixer import WeatherMixer, dropout_key, forward_flops, param_count, train_step_flops
 from .parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
 from .pmatmul import EXCHANGES, saved_bytes
 
@@ -125,7 +125,7 @@ def _build(spec: dict, cfg, comm):
     x, y = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon), torch.randn(1, cfg.n_out, cfg.n_lat, cfg.n_lon)
     if spec["case"] == "jigsaw":
         from jigsaw_ref.grid import Grid
-        grid = Grid.named(spec["way"], n); groups = make_groups(grid, "mpi", spec.get("algo", "p2p"), comm)
+        grid = Grid.named(spec["way"], n); groups = make_groups(grid, spec.get("backend", "mpi"), spec.get("algo", "p2p"), comm)
         d, i, j = grid.coords(r)
         m = JigsawMixer(cfg, groups["tensor"], groups["domain"], spec.get("mode", "exact"), torch.float32, device=dev,
                         schedule=spec.get("schedule", "overlap"), recompute=spec.get("recompute", False))
@@ -147,6 +147,7 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
     comm = MPI.COMM_WORLD
     torch.set_num_threads(spec.get("threads", 1)); torch.manual_seed(0)
     cfg, n, r = preset(model, **(overrides or {})), comm.Get_size(), comm.Get_rank()
+    if "dropout" in spec: cfg = cfg.replace(dropout=spec["dropout"])  # the dropout cases: the preset's model with dropout on
     m, groups, x, y, lat_w, vw, count, group_size = _build(spec, cfg, comm)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4, weight_decay=3e-6)
     times, act = [], 0
@@ -155,7 +156,8 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
         with saved_bytes() as sb:
-            loss = loss_share(m(x), y, lat_w, vw, count)
+            kw = {"key": dropout_key(0, s)} if cfg.dropout else {}  # a new mask every step, as in training
+            loss = loss_share(m(x, **kw), y, lat_w, vw, count)
         loss.backward()
         if groups: sync_grads(m, groups["dp"]); clip_grads(m, groups["model"], 1.0)
         else: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -174,15 +176,16 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         for k in ("tensor", "domain", "dp"):
             for kind, sec in groups[k].waited.items(): waited[kind] = waited.get(kind, 0.0) + sec / steps
         recv = sum(g.recv_peak for k, g in groups.items() if k in ("tensor", "domain"))
+        shm = sum(g.shm.slot_bytes for g in groups.values() if getattr(g, "shm", None) is not None)  # gloo's shared-memory slots
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
     else: sent, comm_s = 0, 0.0
     if not groups: waited = {}
-    if not groups: recv = float("nan")
+    if not groups: recv, shm = float("nan"), 0
     times.sort()
     return dict(spec=spec, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
                 samples_per_step=n // group_size, params_bytes=params, grads_bytes=params, adam_bytes=moments,
-                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv, waited=waited)
+                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv, waited=waited, shm_bytes=shm)
 
 # %% ../nbs/12_bench.ipynb #60309ed2
 def layer_gemms(cfg) -> dict[str, tuple[int, int, int]]:
@@ -261,10 +264,14 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "2-way test chunks": _case("jigsaw", 2, "2", env={"JIGSAW_PROGRESS_CHUNKS": "4"}),  # MPI_Test between GEMM chunks
     "2-way faithful": _case("jigsaw", 2, "2", mode="faithful"), "2-way recompute": _case("jigsaw", 2, "2", recompute=True),
     "ddp": _case("ddp", 2), "megatron": _case("megatron", 2),
-    "4-way": _case("jigsaw", 4, "4"), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
+    "1-way dropout": _case("jigsaw", 1, dropout=1e-3), "2-way dropout": _case("jigsaw", 2, "2", dropout=1e-3),
+    "4-way": _case("jigsaw", 4, "4"), "4-way dropout": _case("jigsaw", 4, "4", dropout=1e-3), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
     "4-way faithful": _case("jigsaw", 4, "4", mode="faithful"), "4-way recompute": _case("jigsaw", 4, "4", recompute=True),
     "4-way summa": _case("jigsaw", 4, "4", schedule="summa"), "4-way faithful summa": _case("jigsaw", 4, "4", mode="faithful", schedule="summa"),
     "megatron 4": _case("megatron", 4),
+    # the same layouts on TorchGroup (torch.distributed: gloo here, NCCL on GPUs) instead of the MPI Group
+    "2-way torch": _case("jigsaw", 2, "2", backend="torch"), "2-way torch faithful": _case("jigsaw", 2, "2", backend="torch", mode="faithful"),
+    "4-way torch": _case("jigsaw", 4, "4", backend="torch"), "4-way torch faithful": _case("jigsaw", 4, "4", backend="torch", mode="faithful"),
 }
 
 # %% ../nbs/12_bench.ipynb #35c1db9c
@@ -312,7 +319,8 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
                 comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"],
-                waited=max((r["waited"] for r in rows), key=lambda w: sum(w.values())))  # the rank that waited most
+                waited=max((r["waited"] for r in rows), key=lambda w: sum(w.values())),  # the rank that waited most
+                shm_bytes=max(r.get("shm_bytes", 0) for r in rows))
 
 # %% ../nbs/12_bench.ipynb #8c876b2b
 def table(res: list[dict]) -> str:
@@ -363,6 +371,14 @@ def targets(res: list[dict]) -> list[str]:
             out.append(f"{name} parameters+gradients+Adam per rank / (1-way / {j['group_size']}): {j['state_bytes'] / (one['state_bytes'] / j['group_size']):.4f}")
         if (j := get(name)) and (rc := get(name + " recompute")):
             out.append(f"{name} with recomputation: {rc['act_bytes'] / j['act_bytes']:.2f} of the activations, {rc['step_s'] / j['step_s']:.2f} of the step time")
+    for name in ("1-way", "2-way", "4-way"):
+        if (b := get(name)) and (d := get(name + " dropout")):
+            out.append(f"{name} with dropout p = 1e-3 / without: {d['step_s'] / b['step_s']:.3f} of the step time (target <= 1.05)")
+    for name in ("2-way", "2-way faithful", "4-way", "4-way faithful"):
+        tname = name.replace("-way", "-way torch")
+        if (m := get(name)) and (t := get(tname)):
+            out.append(f"{tname} / {name} (TorchGroup over gloo / MPI Group) step time: {t['step_s'] / m['step_s']:.2f} (target <= 1.10); "
+                       f"gloo shared-memory slots {t['shm_bytes'] / 2**20:.0f} MB per rank")
     if (o := get("4-way")) and (sm := get("4-way summa")):
         out.append(f"4-way SUMMA / activation-moving: {sm['step_s'] / o['step_s']:.2f} of the step time, {sm['sent_bytes'] / o['sent_bytes']:.2f} "
                    f"of the bytes, {sm['comm_s'] / max(o['comm_s'], 1e-9):.2f} of the exchange wait, {sm['act_bytes'] / o['act_bytes']:.2f} "
