@@ -22,7 +22,7 @@ from fastcore.test import test_eq, test_close
 # %% [markdown]
 # # Benchmarks
 #
-# > `jigsaw-bench`: step time, achieved GFLOP/s against a GEMM peak measured in the same run, per-rank memory and communication, for 1-, 2- and 4-way Jigsaw and two baselines built with torch's own tools (DDP, and Megatron-style 1D tensor parallelism).
+# > `jigsaw-bench`: step time, achieved GFLOP/s against a GEMM peak measured in the same run, per-rank memory and communication, for 1-, 2- and 4-way Jigsaw and three baselines built with torch's own tools (DDP, FSDP, and Megatron-style 1D tensor parallelism).
 
 # %% [markdown]
 # ## What is measured, and how
@@ -40,7 +40,8 @@ from fastcore.test import test_eq, test_close
 # The baselines share the model, data and optimizer: **DDP** is `torch.nn.parallel.DistributedDataParallel`
 # around the one-process `WeatherMixer` (gloo), one sample per rank; **Megatron-1D** keeps the activations
 # replicated on every rank and splits each MLP Megatron's way (first linear by output rows, second by input
-# columns, one `torch.distributed.nn.functional.all_reduce` after each MLP), the encoder and decoder replicated.
+# columns, one `torch.distributed.nn.functional.all_reduce` after each MLP), the encoder and decoder replicated;
+# **FSDP** is torch's `fully_shard` (FSDP2) around the one-process model on a CPU mesh, one sample per rank.
 #
 # On a 2-core machine 1 and 2 ranks are timed; 4 ranks are oversubscribed, so their times are reported for
 # volume and memory only.
@@ -169,6 +170,45 @@ _x = torch.randn(1, _c.n_in, _c.n_lat, _c.n_lon)
 test_close(MegatronMixer(_c, 0, 1)(_x), WeatherMixer(_c)(_x), eps=1e-5)
 
 # %% [markdown]
+# ## The FSDP baseline
+#
+# FSDP is what a user whose model does not fit one device tries first: data parallelism whose parameters,
+# gradients and Adam moments are sharded over the ranks, each parameter all-gathered when it is used and its
+# gradient reduce-scattered. `fsdp_model` applies torch's FSDP2 (`fully_shard`) to the one-process
+# `WeatherMixer` over a CPU mesh of every rank (gloo). The model keeps all its parameters in one
+# `ParameterDict`, so it is one FSDP unit: the whole model is gathered for the forward, freed after it
+# (`reshard_after_forward`), gathered again for the backward, and its gradients reduce-scattered once. Per rank
+# that is $1/n$ of the state, the activations of a whole sample, and $3 (n-1)/n$ of the parameter bytes sent
+# per step (two all-gathers and one reduce-scatter).
+#
+# Its saved activations are counted as every case's are (the storages autograd saves when they are saved, the
+# weights the GEMMs keep included): FSDP frees its gathered weights between the forward and the backward, so its
+# figure overstates what it holds then by the bytes of the parameters.
+#
+# FSDP2 averages the gradients over the mesh like DDP; some torch releases summed them on gloo (pytorch issue
+# 162338; `set_gradient_divide_factor` / `set_force_sum_reduction_for_comms` set it by hand there).
+# `tests/test_fsdp.py` checks, before any timing, that after one step FSDP's gradients and parameters are DDP's
+# in float64.
+
+# %%
+#| export
+def fsdp_model(cfg, n: int, dtype=torch.float32, seed: int = 0):
+    "The one-process WeatherMixer sharded with FSDP2 (`fully_shard`) over a CPU mesh of torch.distributed's `n` ranks."
+    import warnings
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # our loss does no in-place op on the output
+    m = WeatherMixer(cfg, dtype, seed=seed)
+    fully_shard(m, mesh=init_device_mesh("cpu", (n,)))
+    return m
+
+# %%
+#| export
+def _local(t):
+    "A rank's own part of `t`: the local shard of an FSDP (DTensor) parameter or moment, else `t`."
+    return t.to_local() if hasattr(t, "to_local") else t
+
+# %% [markdown]
 # ## One case on one rank
 #
 # `run_case` is what each rank of a benchmark job runs; `main` (the `jigsaw-bench` command) launches one job
@@ -210,6 +250,7 @@ def _build(spec: dict, cfg, comm):
     if spec["case"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(WeatherMixer(cfg, torch.float32)), None, x, y, lat_w, var_w, y.numel() * n, 1
+    if spec["case"] == "fsdp": return fsdp_model(cfg, n), None, x, y, lat_w, var_w, y.numel() * n, 1
     return MegatronMixer(cfg, r, n), None, x, y, lat_w, var_w, y.numel(), n
 
 # %% [markdown]
@@ -243,8 +284,8 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
             for g in groups.values(): g.sent, g.seconds, g.waited = 0, 0.0, {}
         if s == 0 and spec["case"] == "megatron": m.sent = 0
         act = max(act, sb.bytes)
-    params = sum(t.numel() * t.element_size() for t in m.parameters())
-    moments = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    params = sum(_local(t).numel() * _local(t).element_size() for t in m.parameters())  # this rank's (shards under FSDP)
+    moments = sum(_local(v).numel() * _local(v).element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     if groups:
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
@@ -255,6 +296,7 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         shm = sum(g.shm.slot_bytes for g in groups.values() if getattr(g, "shm", None) is not None)  # gloo's shared-memory slots
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
+    elif spec["case"] == "fsdp": sent, comm_s = 3 * (n - 1) * params, float("nan")  # 2 all-gathers + 1 reduce-scatter of n shards
     else: sent, comm_s = 0, 0.0
     if not groups: waited = {}
     if not groups: recv, shm = float("nan"), 0
@@ -371,7 +413,7 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "4-way": _case("jigsaw", 4, "4"), "4-way dropout": _case("jigsaw", 4, "4", dropout=1e-3), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
     "4-way faithful": _case("jigsaw", 4, "4", mode="faithful"), "4-way recompute": _case("jigsaw", 4, "4", recompute=True),
     "4-way summa": _case("jigsaw", 4, "4", schedule="summa"), "4-way faithful summa": _case("jigsaw", 4, "4", mode="faithful", schedule="summa"),
-    "megatron 4": _case("megatron", 4),
+    "megatron 4": _case("megatron", 4), "fsdp": _case("fsdp", 2), "fsdp 4": _case("fsdp", 4),
     # the same layouts on TorchGroup (torch.distributed: gloo here, NCCL on GPUs) instead of the MPI Group
     "2-way torch": _case("jigsaw", 2, "2", backend="torch"), "2-way torch faithful": _case("jigsaw", 2, "2", backend="torch", mode="faithful"),
     "4-way torch": _case("jigsaw", 4, "4", backend="torch"), "4-way torch faithful": _case("jigsaw", 4, "4", backend="torch", mode="faithful"),
@@ -500,6 +542,11 @@ def targets(res: list[dict]) -> list[str]:
             out.append(f"{name} parameters+gradients+Adam per rank / (1-way / {j['group_size']}): {j['state_bytes'] / (one['state_bytes'] / j['group_size']):.4f}")
         if (j := get(name)) and (rc := get(name + " recompute")):
             out.append(f"{name} with recomputation: {rc['act_bytes'] / j['act_bytes']:.2f} of the activations, {rc['step_s'] / j['step_s']:.2f} of the step time")
+    for j, f in ((get("2-way"), get("fsdp")), (get("4-way"), get("fsdp 4"))):
+        if j and f:
+            out.append(f"{j['case']} vs FSDP on {f['ranks']} ranks: {j['samples_s'] / f['samples_s']:.2f} of its samples/s (target > 1), "
+                       f"{j['state_bytes'] / f['state_bytes']:.2f} of its state and {j['act_bytes'] / f['act_bytes']:.2f} of its saved "
+                       f"activations per rank (targets <= 1)")
     for name in ("1-way", "2-way", "4-way"):
         if (b := get(name)) and (d := get(name + " dropout")):
             out.append(f"{name} with dropout p = 1e-3 / without: {d['step_s'] / b['step_s']:.3f} of the step time (target <= 1.05)")
