@@ -65,14 +65,16 @@
 # | `11_reliability` | | what happens on failures, and every bad input with its message |
 # | `12_bench` | `bench` | `jigsaw-bench`: Jigsaw against DDP and Megatron-style tensor parallelism, roofline |
 # | `13_perf_model` | `perfmodel` | a performance model of the paper's strong and weak scaling tables |
+# | `13a_plan` | `plan` | `jigsaw-plan`: per-rank memory and step time of every layout, DDP, FSDP and Megatron-1D on given devices, checked against measured peaks; the trainer's memory check |
 # | `14_mpi_notebook` | | 2-way and 4-way on four ipyparallel MPI engines, checked against one process |
 # | `20`-`24` | | tutorials: a laptop, your own ERA5, a GPU cluster (and SLURM), the large-batch experiment, your own training loop |
 #
 # The layering, which `tests/test_layering.py` checks by reading every module's imports: the one-process model
 # (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`,
 # `probe`) knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model
-# composes the two; `train`, `evaluate` and `bench` compose everything, and nothing imports `train`; there is no
-# import cycle.
+# composes the two; `plan` (memory and time of a run) uses the model, its layout and `perfmodel`, never the trainer
+# or the data, so that `train` can call it before it builds anything; `train`, `evaluate` and `bench` compose
+# everything, and nothing imports `train`; there is no import cycle.
 
 # %% [markdown]
 # ## The presets

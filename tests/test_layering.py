@@ -66,5 +66,10 @@ def test_nothing_imports_the_composers():
         assert not users, (top, users)
 
 
+def test_plan_knows_models_and_the_performance_model_never_trainers_or_data():
+    "plan is imported by train (its memory check): it may use the model, the layout and perfmodel, nothing above them."
+    assert not (_closure("plan") & {"train", "bench", "evaluate", "data", "checkpoint", "generator"}), sorted(_closure("plan"))
+
+
 def test_every_module_is_covered():
     assert {"config", "mixer", "loss", "grid", "comm", "ranks", "probe", "pmatmul", "parallel"} <= set(MODULES)
