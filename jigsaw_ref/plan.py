@@ -458,7 +458,11 @@ def _reason(best, ok, rows, dev) -> str:
         return (f"nothing fits {dev}: the smallest peak, {r['layout']}, needs {r['peak'] / 2**30:.1f} GiB per rank; "
                 f"try recomputation, a smaller batch, or more devices")
     others = sorted((r for r in ok if r is not best), key=lambda r: -r["samples_s"])
-    nxt = f"; next {others[0]['layout']} at {others[0]['samples_s']:.3g}" if others else "; the only layout that fits"
+    if not others: nxt = "; the only layout that fits"
+    elif others[0]["samples_s"] > best["samples_s"]:
+        nxt = (f"; {others[0]['layout']} predicts {others[0]['samples_s']:.3g}, within 1%, with "
+               f"{(others[0]['peak'] - best['peak']) / 2**30:.2f} GiB more per rank")
+    else: nxt = f"; next {others[0]['layout']} at {others[0]['samples_s']:.3g}"
     return (f"{best['layout']} (dp {best['dp']}) fits with {best['peak'] / 2**30:.1f} of {dev.memory / 2**30:.1f} GiB per rank "
             f"and has the most predicted samples/s among the {len(ok)} layouts that fit (within 1%, the least memory): "
             f"{best['samples_s']:.3g}{nxt}")
