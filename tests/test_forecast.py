@@ -149,6 +149,7 @@ def test_bad_initial_times_and_leads_are_one_line_errors(ckpt, tmp_path, capsys)
         main([str(ckpt), "--out", str(tmp_path / "x.zarr"), "--leads", "six"])
 
 
+@pytest.mark.slow  # 80-100 s on the shared 2-core machine; the thread-rank tests run the same paths by default
 def test_under_mpiexec_two_ranks_score_and_write_what_one_process_does(store, ckpt, tmp_path):
     """`mpiexec -n 2`: jigsaw-eval's ranks share the initial times, jigsaw-forecast's write their chunks (float64, so
     only the order of the sums differs); both equal the one-process results."""
