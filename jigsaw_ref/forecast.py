@@ -4,7 +4,7 @@
 
 # %% ../nbs/10a_forecast.ipynb #65789ad9
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys, time, types
 from pathlib import Path
 import numpy as np
 import torch
@@ -160,6 +160,14 @@ def forecast(checkpoint,  # a checkpoint of any layout (sharded store folder or 
     out = to_dataset(f, src.time.values[times], [k * cfg.dt_hours for k in ks], layout, levels, ds.lat, ds.lon,
                      variable_attrs(src, cfg, layout, path), np_dt)
     return out.assign_attrs(_attrs(ck, checkpoint, path, cfg))
+
+# %% ../nbs/10a_forecast.ipynb #06761a5d
+class _CallableModule(types.ModuleType):
+    "This module, callable as `forecast`."
+    def __call__(self, *args, **kw): return forecast(*args, **kw)
+
+
+if __name__ != "__main__": sys.modules[__name__].__class__ = _CallableModule  # (not in the notebook's kernel)
 
 # %% ../nbs/10a_forecast.ipynb #d7f7ed3b
 def create_store(out, block: xr.Dataset, init, chunk: int):

@@ -4,7 +4,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys, time, types
 from pathlib import Path
 import numpy as np
 import torch
@@ -255,6 +255,20 @@ def forecast(checkpoint,  # a checkpoint of any layout (sharded store folder or 
 
 
 # %% [markdown]
+# `jigsaw_ref.forecast` is also the name of this module, which Python binds on the package as soon as the module is
+# imported (by `jigsaw-forecast`, say); so the module itself is callable as `forecast`, and
+# `jigsaw_ref.forecast(checkpoint, ...)` works whichever of the two the name holds.
+
+# %%
+#| export
+class _CallableModule(types.ModuleType):
+    "This module, callable as `forecast`."
+    def __call__(self, *args, **kw): return forecast(*args, **kw)
+
+
+if __name__ != "__main__": sys.modules[__name__].__class__ = _CallableModule  # (not in the notebook's kernel)
+
+# %% [markdown]
 # Checked against the plainest rollout, in float64: the model applied to a sample of `data.Era5Dataset` (z-scored
 # input and statics), fed back, denormalised with the dataset's statistics, placed by hand.
 
@@ -423,6 +437,10 @@ test_eq(main([str(_d / "m.ckpt"), "--out", str(_d / "f3.zarr"), "--init", "2000-
 _f3 = xr.open_zarr(_d / "f3.zarr", consolidated=False)
 test_eq(_f3.sizes["time"], 4); test_eq(_f3.sizes["prediction_timedelta"], 2)
 test_eq(main([str(_d / "m.ckpt"), "--out", str(_d / "f4.zarr"), "--init", "2000-01-06T01"]), 2)
+
+# %%
+import jigsaw_ref, jigsaw_ref.forecast
+test_eq(jigsaw_ref.forecast(_d / "m.ckpt", init_times=["2000-01-06T00"], leads=1).sizes["time"], 1)  # the package's name works
 
 # %%
 _tmp.cleanup()

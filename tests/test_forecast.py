@@ -169,3 +169,10 @@ def test_under_mpiexec_two_ranks_score_and_write_what_one_process_does(store, ck
         assert math.isclose(v, row["value"], rel_tol=1e-9, abs_tol=1e-12), (row, v)
     ref = forecast(ckpt, init_times="test", leads=3, dtype=torch.float64)
     xr.testing.assert_allclose(xr.open_zarr(tmp_path / "f2.zarr", consolidated=False).load(), ref, rtol=1e-12)
+
+
+def test_the_package_name_forecast_is_callable_even_after_the_module_is_imported(ckpt):
+    import jigsaw_ref
+    import jigsaw_ref.forecast as mod  # binds the module on the package
+    assert jigsaw_ref.forecast is mod and callable(mod)
+    xr.testing.assert_equal(mod(ckpt, init_times=["2000-01-06T00"], leads=1), forecast(ckpt, init_times=["2000-01-06T00"], leads=1))
