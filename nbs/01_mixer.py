@@ -5,6 +5,7 @@
 #| export
 from __future__ import annotations
 import math
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -260,8 +261,9 @@ assert len({dropout_key(0, s) for s in range(100)} | {dropout_key(1, s) for s in
 # almost nothing is dropped, so the drops are drawn *directly*: along each row of the full tensor (all indices
 # but the last fixed; $R$ its global row number) the numbers of kept elements between consecutive drops are
 # independent geometric variables, $P(g \ge k) = (1-p)^k$, which is exactly a sequence of independent
-# Bernoulli($p$) drops. Gap $m$ of row $R$ comes from the uniform 32-bit integer
-# $u_{R,m} = h(h(h(h(R \bmod 2^{32}) \oplus k_s) \oplus \lfloor R/2^{32} \rfloor) \oplus m)$ by an exact integer
+# Bernoulli($p$) drops. Row $R$ has the stream $s_R = h(h(R \bmod 2^{32} \oplus h(\lfloor R/2^{32} \rfloor)) \oplus k_s)$
+# (the key mixed in after $R$ is hashed, so sites whose keys differ in a few bits do not share rows' streams), and
+# gap $m$ of the row comes from the uniform 32-bit integer $u_{R,m} = h(s_R \oplus m)$ by an exact integer
 # comparison with the thresholds $\lfloor (1-p)^k\, 2^{32} \rfloor$ (computed by repeated multiplication in
 # Python floats: the same bits on every machine):
 # $$g_{R,m} = \#\{k \ge 1 : u_{R,m} < \lfloor (1-p)^k 2^{32} \rfloor\}, \qquad c_{R,m} = c_{R,m-1} + g_{R,m} + 1,\ c_{R,0} = -1,$$
@@ -270,57 +272,72 @@ assert len({dropout_key(0, s) for s in range(100)} | {dropout_key(1, s) for s in
 # land in its columns. So the work is $O(p \cdot \text{row length})$ per row, not $O(1)$ per element, and the
 # drops of a block are exactly the full tensor's drops there on every layout.
 #
+# These few numbers per row are computed with numpy in unsigned 32-bit arithmetic (`_h32`, the same mixer as
+# `_hash32`: numpy's uint32 products wrap modulo $2^{32}$ by definition), where a small array costs a
+# microsecond per operation instead of torch's several; on a GPU only the resulting indices are copied to the
+# device, so drawing the mask never waits for the GPU.
+
+# %%
+#| export
+def _h32(x: np.ndarray) -> np.ndarray:
+    "`_hash32` on a numpy uint32 array (in place; products wrap modulo 2^32)."
+    x ^= x >> np.uint32(16); x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15); x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+# %%
+_v = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(1))
+test_eq(torch.from_numpy(_h32(_v.numpy().astype(np.uint32)).astype(np.int64)), _hash32(_v))  # the same mixer, bit for bit
+
+# %% [markdown]
 # `_gap_table` holds the thresholds, descending, with $2^{32}$ at $k = 0$ and a 0 after the last (gaps past the
 # row's end need no entry). `_gaps` finds $g$ for many $u$ at once: a floating-point estimate
 # $\lfloor \ln(u / 2^{32}) / \ln(1-p) \rfloor$, then corrected by exact integer comparisons with the thresholds
-# on both sides, so the result is the integer definition above on any device (a binary search over the
-# table gives the same numbers about ten times slower).
+# on both sides, so the result is the integer definition above on any machine (a binary search over the
+# table gives the same numbers several times slower).
 
 # %%
 #| export
 _GAPS: dict = {}
 
 
-def _gap_table(p: float, longest: int, device=None) -> torch.Tensor:
+def _gap_table(p: float, longest: int) -> np.ndarray:
     "int64 thresholds floor((1-p)^k 2^32) for k = 0, 1, ... while not 0 and k <= longest + 1, then one 0."
-    key = (p, longest, str(device))
-    if key not in _GAPS:
+    if (p, longest) not in _GAPS:
         thr, t = [2**32], 1.0
         for _ in range(longest + 1):
             t *= 1 - p
             if int(t * 2**32) == 0: break
             thr.append(int(t * 2**32))
-        _GAPS[key] = torch.tensor(thr + [0], dtype=torch.int64, device=device)
-    return _GAPS[key]
-
+        _GAPS[(p, longest)] = np.array(thr + [0], dtype=np.int64)
+    return _GAPS[(p, longest)]
 
 # %%
 #| export
-def _gaps(u: torch.Tensor, p: float, table: torch.Tensor) -> torch.Tensor:
-    "g = #{k >= 1 : u < table[k]} for int64 uniforms `u` in [0, 2^32) (table from `_gap_table`)."
-    K = table.numel() - 2  # the last k with a threshold
-    g = (torch.log((u.double() + 0.5) / 2**32) / math.log1p(-p)).floor().clamp(0, K).long() if p < 1 else torch.zeros_like(u)
+def _gaps(u: np.ndarray, p: float, table: np.ndarray) -> np.ndarray:
+    "g = #{k >= 1 : u < table[k]} for uniforms `u` (int64, in [0, 2^32); table from `_gap_table`)."
+    K = len(table) - 2  # the last k with a threshold
+    g = np.zeros_like(u) if p >= 1 else np.clip(np.floor(np.log((u + 0.5) / 2**32) / math.log1p(-p)), 0, K).astype(np.int64)
     while True:  # settle the estimate exactly (it is off by one near a threshold, more where thresholds repeat)
-        step = (u < table[g + 1]).long() - ((u >= table[g]) & (g > 0)).long()  # below the next one: up; not below this one: down
+        step = (u < table[g + 1]).astype(np.int64) - ((u >= table[g]) & (g > 0))  # below the next one: up; not below this one: down
         if not step.any(): return g
-        g = g + step
-
+        g += step
 
 # %%
 _t = _gap_table(0.3, 50)
-_u = torch.randint(0, 2**32, (10000,), generator=torch.Generator().manual_seed(0))
+_u = np.random.default_rng(0).integers(0, 2**32, 10000)
 test_eq(_gaps(_u, 0.3, _t), (_u[:, None] < _t[None, 1:]).sum(1))  # the count, by brute force
-test_eq(_gaps(_t[1:-1], 0.3, _t), torch.arange(_t.numel() - 2))  # exactly at a threshold: not below it
+test_eq(_gaps(_t[1:-1].copy(), 0.3, _t), np.arange(len(_t) - 2))  # exactly at a threshold: not below it
 _t = _gap_table(1e-3, 30000)  # the tail, where consecutive thresholds repeat (u of a few units)
-_u = torch.cat([torch.arange(0, 3000, 7), _u[:1000]])
+_u = np.concatenate([np.arange(0, 3000, 7), _u[:1000]])
 test_eq(_gaps(_u, 1e-3, _t), (_u[:, None] < _t[None, 1:]).sum(1))
-
 
 # %% [markdown]
 # `drop_index` gives the dropped elements of a block from its offsets: `starts[d]` is where the block begins
 # along dim $d$ of the full tensor and `full[d]` the full extent (dim 0, the batch, needs no extent). Each row
-# draws its gaps `M` at a time (enough for all of them with overwhelming probability); a row that has not yet
-# passed its last column draws `M` more.
+# draws its gaps `M` at a time (enough for all of them with high probability); a row that has not yet passed
+# its last column draws `M` more.
 
 # %%
 #| export
@@ -328,31 +345,31 @@ def _gaps_per_draw(end: int, p: float) -> int:
     "Gaps drawn per row at a time: the mean number of drops up to column `end` plus 3 standard deviations and 2."
     return int(end * p + 3 * math.sqrt(end * p + 1) + 2)
 
-
 # %%
 #| export
 def drop_index(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
     "Flat indices (row-major, into the block `shape` at `starts` of a tensor with extents `full`) of the dropped elements."
     *lead, n = shape
     c0, end = starts[-1], starts[-1] + n  # my columns [c0, end); gaps are walked from column 0
-    R = torch.zeros(1, dtype=torch.int64, device=device)
-    for d, m in enumerate(lead):  # global row numbers of my rows, row-major
-        R = R[:, None] * (full[d] if d else 1) + torch.arange(starts[d], starts[d] + m, dtype=torch.int64, device=device)
-        R = R.reshape(-1)
-    if n == 0 or R.numel() == 0: return torch.zeros(0, dtype=torch.int64, device=device)
-    table = _gap_table(p, end, device)
-    stream = _hash32(_hash32(_hash32(R & _M32) ^ key) ^ (R >> 32))  # one stream per row (key mixed after hashing R)
-    M = _gaps_per_draw(end, p)
-    rows, last, m0, out = torch.arange(R.numel(), device=device), torch.full((R.numel(),), -1, dtype=torch.int64, device=device), 0, []
-    while rows.numel():
-        u = _hash32(stream[rows, None] ^ torch.arange(m0, m0 + M, dtype=torch.int64, device=device))  # (rows, M)
-        c = last[rows, None] + torch.cumsum(_gaps(u, p, table) + 1, 1)  # drop columns
-        r_i, m_i = ((c >= c0) & (c < end)).nonzero(as_tuple=True)
+    if n == 0 or math.prod(lead) == 0: return torch.zeros(0, dtype=torch.int64, device=device)
+    R = np.zeros(1, dtype=np.int64)
+    for d, m in enumerate(lead):  # global row numbers of my rows, row-major (ascending)
+        R = (R[:, None] * (full[d] if d else 1) + np.arange(starts[d], starts[d] + m, dtype=np.int64)).ravel()
+    lo = (R & _M32).astype(np.uint32)
+    if R[-1] >> 32: lo ^= _h32((R >> 32).astype(np.uint32))  # rows past 2^32: the high word enters (h(0) = 0)
+    stream = _h32(_h32(lo) ^ np.uint32(key & _M32))  # one stream per row
+    table, M = _gap_table(p, end), _gaps_per_draw(end, p)
+    rows, last, m0, out = np.arange(len(R)), np.full(len(R), -1, dtype=np.int64), 0, []
+    while rows.size:
+        u = _h32(stream[rows, None] ^ np.arange(m0, m0 + M, dtype=np.uint32)).astype(np.int64)  # (rows, M)
+        c = last[rows, None] + np.cumsum(_gaps(u, p, table) + 1, axis=1)  # the drops' columns
+        r_i, m_i = np.nonzero((c >= c0) & (c < end))
         out.append(rows[r_i] * n + c[r_i, m_i] - c0)
         last[rows] = c[:, -1]
         rows, m0 = rows[c[:, -1] < end - 1], m0 + M
-    return torch.cat(out).sort().values  # ascending: the same tensor however many draws the rows took
-
+    idx = np.concatenate(out)
+    if len(out) > 1: idx.sort()  # ascending, however many draws the rows took (one draw: already so)
+    return torch.from_numpy(idx).to(device)
 
 # %%
 #| export
@@ -432,7 +449,10 @@ test_eq(dropout(_x.detach().transpose(1, 2), 0.5, True, key=11), _x.detach().tra
 #| export
 def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int:
     "The key of one dropout site of a forward pass whose key is `key`."
-    return int(_hash32(torch.tensor([key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)]))[0])
+    return int(_h32(np.array([(key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)) & _M32], dtype=np.uint32))[0])
+
+# %%
+test_eq(site_key(12345, 1, 2, 3, 3), int(_hash32(torch.tensor([12345 ^ ((1 * 3 + 2) * 4 + 3) * 0x9E3779B1 & _M32]))[0]))
 
 
 # %%
