@@ -16,7 +16,6 @@ from jigsaw_ref.config import MixerConfig, preset
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 
-
 # %% [markdown]
 # # WeatherMixer
 #
@@ -52,7 +51,6 @@ def token_mix(x, w, b=None):
     y = torch.einsum("st,bth->bsh", w, x)
     return y if b is None else y + b[:, None]
 
-
 # %%
 #| export
 def channel_mix(x, w, b=None):
@@ -60,13 +58,11 @@ def channel_mix(x, w, b=None):
     y = torch.einsum("bth,hg->btg", x, w)
     return y if b is None else y + b
 
-
 # %%
 _x, _w = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
 test_close(token_mix(_x, _w), torch.stack([_w @ xi for xi in _x]))
 _wc = torch.randn(3, 6, dtype=torch.float64)
 test_close(channel_mix(_x, _wc), _x @ _wc)
-
 
 # %% [markdown]
 # ## Parameters with explicit shapes
@@ -101,13 +97,11 @@ def param_shapes(c: MixerConfig) -> dict[str, tuple[int, ...]]:
           "res.w": (Vo + V, Vo), "res.b": (Vo,)}
     return s
 
-
 # %%
 #| export
 def param_count(c: MixerConfig) -> int:
     "Number of parameters of the one-process WeatherMixer, without allocating it."
     return sum(math.prod(s) for s in param_shapes(c).values())
-
 
 # %% [markdown]
 # The released code prints these counts for its 1-way models (720x1440 grid, $P = 60$, 3 blocks,
@@ -135,7 +129,6 @@ _par = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
 for (H, fs, fc), n in _released_2way.items():
     test_eq(param_count(MixerConfig(hidden=H, f_s=fs, f_c=fc, **_par)), n)
 
-
 # %% [markdown]
 # ## FLOPs
 #
@@ -155,18 +148,15 @@ def forward_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     res = 2 * c.n_lat * c.n_lon * (c.n_out + c.n_res_in) * c.n_out
     return batch * (enc + k * c.blocks * blk + dec + res)
 
-
 # %%
 #| export
 def train_step_flops(c: MixerConfig, batch: int = 1, k: int = 1) -> int:
     "FLOPs of one training step by the paper's convention: 3x the forward GEMM FLOPs."
     return 3 * forward_flops(c, batch, k)
 
-
 # %%
 # C3 (H=4896): ~6.9 TFLOP per forward; the paper's 3.03 s/step on one A100 in FP32 is 81% of 19.5 TF/s
 test_close(train_step_flops(preset("c3")) / 3.03 / 19.5e12, 0.81, eps=0.02)
-
 
 # %% [markdown]
 # ## The model
@@ -187,7 +177,6 @@ def patchify(x, P: int):
     x = x.reshape(B, C, n_lat, n_lon // P, P)  # b c i j p
     return x.permute(0, 3, 2, 1, 4).reshape(B, (n_lon // P) * n_lat, C, P)
 
-
 # %%
 #| export
 def unpatchify(y, n_lat: int):
@@ -195,7 +184,6 @@ def unpatchify(y, n_lat: int):
     B, T, C, P = y.shape
     y = y.reshape(B, T // n_lat, n_lat, C, P)  # b j i c p
     return y.permute(0, 3, 2, 1, 4).reshape(B, C, n_lat, (T // n_lat) * P)
-
 
 # %%
 _img = torch.arange(2 * 3 * 4 * 8.).reshape(2, 3, 4, 8)
@@ -233,7 +221,6 @@ def _mul32(x, c: int):
     "`(x * c) mod 2^32` for int64 tensors `x` in [0, 2^32) without int64 overflow."
     return ((x * (c & 0xFFFF)) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
-
 # %%
 #| export
 def _hash32(x):
@@ -242,14 +229,12 @@ def _hash32(x):
     x = x ^ (x >> 15); x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
 
-
 # %%
 #| export
 def dropout_key(seed: int, step: int, site: int = 0) -> int:
     "The key of dropout `site` at optimizer `step` of a run seeded `seed`: the same on every rank."
     k = torch.tensor([(seed * 0x9E3779B1 + step) & _M32], dtype=torch.int64)
     return int(_hash32(_hash32(k) ^ (site & _M32))[0])
-
 
 # %%
 test_eq(dropout_key(0, 3), dropout_key(0, 3))
@@ -379,7 +364,6 @@ def keep_mask(shape, p: float, key: int, starts, full, device=None) -> torch.Ten
     m[drop_index(shape, p, key, starts, full, device)] = False
     return m.view(tuple(shape))
 
-
 # %%
 _full = keep_mask((3, 6, 5), 0.3, 7, (0, 0, 0), (3, 6, 5))
 test_eq(keep_mask((2, 4, 2), 0.3, 7, (1, 2, 3), (3, 6, 5)), _full[1:3, 2:6, 3:5])  # a block has the full mask's bits
@@ -388,7 +372,6 @@ _big = ~keep_mask((8, 256, 512), 0.01, 9, (0, 0, 0), (8, 256, 512))  # 1M elemen
 test_close(_big.double().mean(), 0.01, eps=4 * math.sqrt(0.01 / _big.numel()))  # the rate, within 4 sigma
 test_close((_big[..., 1:] & _big[..., :-1]).double().mean(), 1e-4, eps=4e-5)  # neighbours dropped together: p^2
 test_close((_big[:, 1:] & _big[:, :-1]).double().mean(), 1e-4, eps=4e-5)  # across rows too
-
 
 # %% [markdown]
 # The autograd function: forward $y = x \odot m / (1-p)$, backward $\partial x = \partial y \odot m / (1-p)$. The
@@ -416,7 +399,6 @@ class _Dropout(torch.autograd.Function):
         idx, = ctx.saved_tensors
         return _scaled(g, ctx.p).view(-1).index_fill_(0, idx, 0).view(g.shape), None, None, None, None
 
-
 # %%
 #| export
 def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
@@ -424,7 +406,6 @@ def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
     if not training or p == 0: return x
     starts = tuple(starts) if starts is not None else (0,) * x.dim()
     return _Dropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
-
 
 # %%
 _x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
@@ -436,7 +417,6 @@ test_eq(_y.detach(), _x.detach() * keep_mask(_x.shape, 0.5, 11, (0, 0, 0), _x.sh
 assert dropout(_x, 0.5, False, key=11) is _x  # evaluation: the identity
 test_eq(dropout(_x[:, 2:4].detach(), 0.5, True, key=11, starts=(0, 2, 0), full=(2, 6, 5)), _y[:, 2:4].detach())  # a block, alone
 test_eq(dropout(_x.detach().transpose(1, 2), 0.5, True, key=11), _x.detach().transpose(1, 2) * keep_mask((2, 5, 6), 0.5, 11, (0, 0, 0), (2, 5, 6)) / 0.5)  # any strides
-
 
 # %% [markdown]
 # Sites: every dropout of a forward pass has its own number, `site = ((rollout step * blocks + block) * 4 + which)`,
@@ -454,12 +434,10 @@ def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int
 # %%
 test_eq(site_key(12345, 1, 2, 3, 3), int(_hash32(torch.tensor([12345 ^ ((1 * 3 + 2) * 4 + 3) * 0x9E3779B1 & _M32]))[0]))
 
-
 # %%
 #| export
 def _ln(x, w, b, eps=1e-5):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-
 
 # %%
 #| export
@@ -477,7 +455,6 @@ class WeatherMixer(nn.Module):
         "Parameters by their dotted names (views, not copies)."
         return {n: self.params[n.replace(".", "/")] for n in self._names}
 
-
 # %% [markdown]
 # The encoder: one linear map from the $C_\text{in} P$ values of a patch to $H$ features.
 
@@ -488,7 +465,6 @@ def encode(self: WeatherMixer, x):
     "Pixels (B, C_in, n_lat, n_lon) -> tokens (B, T, H)."
     p = self.state()
     return torch.einsum("btcp,cph->bth", patchify(x, self.cfg.patch), p["enc.w"]) + p["enc.b"]
-
 
 # %% [markdown]
 # A mixer block, with each dropout placed by `dropout`'s key and offsets:
@@ -509,7 +485,6 @@ def block(self: WeatherMixer, x, i: int, key: int = 0, sample0: int = 0, rollout
     u = drop(F.gelu(channel_mix(u, p[pre + "ch1.w"], p[pre + "ch1.b"])), 2)
     return x + drop(channel_mix(u, p[pre + "ch2.w"], p[pre + "ch2.b"]), 3)
 
-
 # %% [markdown]
 # The decoder with its skip connection, then the per-pixel linear residual:
 
@@ -527,7 +502,6 @@ def decode(self: WeatherMixer, x, z, inp):
     r = _ln(r, p["res.ln2.w"], p["res.ln2.b"]) @ p["res.w"] + p["res.b"]
     return r.permute(0, 3, 1, 2)
 
-
 # %% [markdown]
 # The forward pass: encode, run the processor `k` times with tied weights, decode.
 
@@ -540,7 +514,6 @@ def forward(self: WeatherMixer, x, k: int = 1, key: int = 0, sample0: int = 0):
     for r in range(k):
         for i in range(self.cfg.blocks): h = self.block(h, i, key, sample0, r)
     return self.decode(h, z, x)
-
 
 # %% [markdown]
 # ## Initialisation
@@ -559,7 +532,6 @@ def _fan_in(name, shape):
     if name.endswith("tok1.w") or name.endswith("tok2.w"): return shape[1]
     return shape[0]  # (in, out) orientation: dec.w (2H, V_out, P), res.w, ch*.w
 
-
 # %%
 #| export
 def _uniform(index: list, shape, key: int):
@@ -568,7 +540,6 @@ def _uniform(index: list, shape, key: int):
     for d, ix in enumerate(index):
         idx = idx * shape[d] + torch.as_tensor(ix, dtype=torch.int64).view([len(ix)] + [1] * (len(index) - d - 1))
     return _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32)).double() / 2**32
-
 
 # %%
 #| export
@@ -588,13 +559,11 @@ def init_block(cfg: MixerConfig, name: str, index: list | None = None, seed: int
         v = v * keep.view([-1 if k == ax else 1 for k in range(v.dim())])
     return v.to(dtype)
 
-
 # %%
 #| export
 def full_params(cfg: MixerConfig, seed: int = 0, dtype=torch.float64):
     "Yield `(name, tensor)` for every initial parameter of `cfg`, one at a time, from `seed`."
     for name in param_shapes(cfg): yield name, init_block(cfg, name, None, seed, dtype)
-
 
 # %% [markdown]
 # A block computed alone has exactly the full tensor's values there, non-contiguous index lists included:
@@ -608,14 +577,12 @@ test_eq(init_block(_c, "res.w", [list(range(5)), [0, 18, 19, 20]], seed=3)[:, 2:
 assert not torch.equal(dict(full_params(_c, seed=4))["enc.w"], _full["enc.w"])
 test_close(_full["blocks.0.tok1.w"].abs().max(), 1 / math.sqrt(_c.tokens), eps=1e-3)
 
-
 # %%
 #| export
 @torch.no_grad()
 def init_params(params: dict, cfg: MixerConfig, seed: int | None = 0):
     "Initialise `params` (name -> tensor, the shapes of `param_shapes(cfg)`) in place from `seed`."
     for name, v in full_params(cfg, seed): params[name].copy_(v)
-
 
 # %%
 _tiny = preset("tiny")
