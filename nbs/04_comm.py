@@ -609,8 +609,8 @@ def _complete(self: ShmLink):
 
 @patch
 def close(self: ShmLink):
-    "Wait for the outstanding acknowledgements and remove this rank's slot files."
-    if self._thread.is_alive(): self._bg.put(None); self._thread.join(timeout=30)
+    "Wait (at most 5 s: a partner that died sends none) for the outstanding acknowledgements; remove this rank's slot files."
+    if self._thread.is_alive(): self._bg.put(None); self._thread.join(timeout=5)
     for p in self.paths:
         try: os.unlink(p)
         except OSError: pass
