@@ -7,12 +7,16 @@ path of this script with CPU tensors (forced staging, gloo in place of NCCL, the
 tests/test_devices.py under `mpiexec -n 2`. The JSON says which: `"verified_on_gpu": false` for a dry run.
 
 (a) One GPU: 2 and 4 ranks share cuda:0 (NCCL refuses two ranks on one device), exchanging through MPI `Group`s
-    with `staging="always"` (host buffers, allocated once, reused). Layouts: 2-way = 1x2, 4-way = 2x2.
+    with `staging="always"` (host buffers, allocated once, reused). Layouts: 2-way = 1x2, 4-way = 2x2. Checked,
+    then timed (the staging path with the overlapped exchanges, on the scale preset).
 (b) k >= 2 GPUs, one per rank (`comm.local_device`): NCCL (`TorchGroup`, p2p algorithm) and MPI (`Group`,
     staging 'auto': device pointers if the MPI is CUDA-aware, else host staging) 2-way, and 4-way when k >= 4,
     checked the same way; then step times (forward, backward, gradient sync, clipping, Adam) of the C3 model
     (preset 'c3') 1-, 2- and 4-way in FP32 and TF32, and the speedups over 1-way. The paper, on A100s:
-    1.92x / 2.70x (FP32) and 1.66x / 2.25x (TF32) for 2- / 4-way. Skipped, with a note, on fewer than 2 GPUs.
+    1.92x / 2.70x (FP32) and 1.66x / 2.25x (TF32) for 2- / 4-way. Also: the TorchGroup (NCCL point-to-point,
+    batched posting, overlapped schedule) step time over the MPI Group's in the same run (issue 24's target: at
+    most 1.10), and each layout's step with dropout p = 1e-3 over the step without (target: at most 1.05).
+    Skipped, with a note, on fewer than 2 GPUs.
 Each check compares the rank's prediction block, its input-gradient block and every full weight gradient
 (gathered) with the float64 CPU model, as max |error| / max |reference|, in float64, float32 and TF32.
 
@@ -47,6 +51,7 @@ PRECISIONS = ("float64", "float32", "tf32")
 BOUNDS = {"float64": 1e-10, "float32": 1e-4, "tf32": 5e-2}  # max relative error accepted, per precision
 PAPER = {"fp32": {"2": 1.92, "4": 2.70}, "tf32": {"2": 1.66, "4": 2.25}}  # strong scaling of C3 on A100s
 ROLLOUT = 2  # autoregressive steps in the checked forward
+DROPOUT = 1e-3  # the released code's rate, for the dropout timing
 UNVERIFIED = ("written, not verified on a GPU: the device paths (shared cuda:0, one GPU per rank, staging of CUDA "
               "tensors, NCCL, TF32, CUDA timing) have not run yet")
 
@@ -146,9 +151,11 @@ def check(cfg, groups, grid, coords, device, ref, comm, precisions):
 
 # ------------------------------------------------------------------ step times
 
-def step_time(cfg, groups, grid, coords, device, reps, prec, comm=None):
-    "Seconds per training step (forward, loss, backward, gradient sync, clipping, Adam) in FP32 or TF32, batch 1 per model group."
+def step_time(cfg, groups, grid, coords, device, reps, prec, comm=None, dropout=0.0):
+    """Seconds per training step (forward, loss, backward, gradient sync, clipping, Adam) in FP32 or TF32, batch 1 per model
+    group; `dropout`: the layout-independent dropout at that rate (a new key every step, as in training)."""
     set_precision(prec)
+    cfg = cfg.replace(dropout=dropout)
     par = JigsawMixer(cfg, groups["tensor"], groups["domain"], mode="exact", dtype=torch.float32, device=device, seed=0)
     opt = torch.optim.Adam(par.parameters(), lr=1e-4, weight_decay=3e-6)
     g = torch.Generator().manual_seed(1)
@@ -159,9 +166,11 @@ def step_time(cfg, groups, grid, coords, device, reps, prec, comm=None):
     vw = variable_weights(cfg)[slice(*shard_range(cfg.n_out, grid.tensor, coords[2]))].to(device)
     count = B * cfg.n_out * cfg.n_lat * cfg.n_lon
 
+    keys = iter(range(10**9))
+
     def step():
         opt.zero_grad(set_to_none=False)
-        loss_share(par(x), y, lw, vw, count).backward()
+        loss_share(par(x, key=next(keys)), y, lw, vw, count).backward()
         sync_grads(par, groups["dp"])
         clip_grads(par, groups["model"], 1.0)
         opt.step()
@@ -218,6 +227,9 @@ def child(a):
             scfg = preset(a.scale_preset)
             rec["scale_preset"] = a.scale_preset
             rec["s_per_step"] = {p: step_time(scfg, groups, grid, coords, device, a.reps, p, comm) for p in ("fp32", "tf32")}
+        if "drop" in a.jobs:  # the same step with dropout p = 1e-3 (target: at most 1.05 x the step without)
+            scfg = preset(a.scale_preset)
+            rec["s_per_step_dropout"] = {"fp32": step_time(scfg, groups, grid, coords, device, a.reps, "fp32", comm, DROPOUT)}
         rec["wall_s"] = time.perf_counter() - t0
         part["runs"].append(rec)
         if rank == 0: print(json.dumps(rec), flush=True)
@@ -280,7 +292,7 @@ def main():
     # (a) ranks sharing one GPU through host-staged MPI -- written, not verified on a GPU
     shared = {"what": "2 and 4 ranks on one device, MPI Groups, staging='always'", "runs": []}
     for n in ways:
-        part = launch(n, a, a.timeout, placement="cpu" if dry else "shared", backends="mpi", staging="always", jobs="check")
+        part = launch(n, a, a.timeout, placement="cpu" if dry else "shared", backends="mpi", staging="always", jobs="check,time")
         shared["runs"] += part["runs"]
         res.setdefault("mpi_library", part.get("mpi_library")); res.setdefault("cuda_aware_mpi", part.get("cuda_aware_mpi"))
     res["shared_gpu"] = shared
@@ -293,7 +305,7 @@ def main():
         if len(usable) < len(ways): multi["note"] = f"{sorted(set(ways) - set(usable))}-way skipped: {gpus} GPUs"
         for n in usable:
             part = launch(n, a, a.timeout, placement="cpu" if dry else "local", backends=f"mpi,{tb}",
-                          staging="always" if dry else "auto", jobs="check,time")
+                          staging="always" if dry else "auto", jobs="check,time,drop")
             multi["runs"] += part["runs"]
         # 1-way, in this process
         device = torch.device("cpu") if dry else torch.device("cuda", 0)
@@ -301,11 +313,18 @@ def main():
         one = {k: Group() for k in ("world", "model", "tensor", "domain", "dp")}
         scfg, grid1 = preset(a.scale_preset), Grid()
         times = {"1": {p: step_time(scfg, one, grid1, (0, 0, 0), device, a.reps, p) for p in ("fp32", "tf32")}}
+        drop = {"1": step_time(scfg, one, grid1, (0, 0, 0), device, a.reps, "fp32", dropout=DROPOUT) / times["1"]["fp32"]}
         for r in multi["runs"]:
             if "s_per_step" in r: times[f"{r['ranks']}-{r['backend']}"] = r["s_per_step"]
         multi["scaling"] = {"preset": a.scale_preset, "batch_per_model_group": 1, "reps": a.reps, "s_per_step": times,
                             "speedup": {k: {p: times["1"][p] / v[p] for p in v} for k, v in times.items() if k != "1"},
                             "paper_speedup_a100": PAPER}
+        for r in multi["runs"]:
+            if "s_per_step_dropout" in r: drop[f"{r['ranks']}-{r['backend']}"] = r["s_per_step_dropout"]["fp32"] / r["s_per_step"]["fp32"]
+        multi["dropout"] = {"p": DROPOUT, "precision": "fp32", "step_with_over_without": drop, "target": 1.05}
+        multi["torch_over_mpi"] = {  # TorchGroup (NCCL; gloo in the dry run) over the MPI Group, same layout and run
+            str(n): {p: times[f"{n}-{tb}"][p] / times[f"{n}-mpi"][p] for p in ("fp32", "tf32")}
+            for n in usable if f"{n}-{tb}" in times and f"{n}-mpi" in times}
         res["multi_gpu"] = multi
     else:
         res["multi_gpu"] = {"skipped": f"needs >= 2 GPUs, this machine has {gpus}: NCCL and one-GPU-per-rank not run"}
@@ -327,6 +346,14 @@ def main():
         for k, v in sc["speedup"].items():
             w = k.split("-")[0]
             print(f"{a.scale_preset} {k}: " + ", ".join(f"{p} {v[p]:.2f}x (paper {PAPER[p].get(w, '-')}x)" for p in v))
+        for n, v in res["multi_gpu"]["torch_over_mpi"].items():
+            print(f"{a.scale_preset} {n}-way TorchGroup / MPI Group step time: " + ", ".join(f"{p} {v[p]:.2f}" for p in v) + " (target <= 1.10)")
+        for k, v in res["multi_gpu"]["dropout"]["step_with_over_without"].items():
+            print(f"{a.scale_preset} {k} with dropout p = {DROPOUT:g} / without: {v:.3f} (target <= 1.05)")
+    for r in res["shared_gpu"]["runs"]:
+        if "s_per_step" in r:
+            print(f"{a.scale_preset} {r['ranks']} ranks sharing one device, MPI {r.get('transfers')}: "
+                  + ", ".join(f"{p} {t:.3f} s/step" for p, t in r["s_per_step"].items()))
     print(f"wrote {path}  all_pass={res['all_pass']}  verified_on_gpu={res['verified_on_gpu']}")
     return 0 if res["all_pass"] else 1
 

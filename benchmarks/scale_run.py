@@ -4,7 +4,7 @@ computed `synthetic:720x1440` data source. Trains a few steps 4-way on 4 ranks, 
 it 2-way on 2 ranks and 1-way on 1 rank (a step each), and prints for every rank and phase (build, step, save, load)
 the peak resident memory beside the analytic share, and the checkpoint's write and read time and bytes per rank.
 
-Usage:  python benchmarks/scale_run.py [--steps 2] [--work DIR] [--out benchmarks/results/scale_run.txt]
+Usage:  python benchmarks/scale_run.py [--steps 2] [--work DIR] [--out benchmarks/results/scale_run.txt] [--default-malloc]
 
 Memory is read from /proc/self/status: before each phase the peak is reset (`echo 5 > /proc/self/clear_refs`), after
 it VmHWM is the phase's peak resident set. The analytic share of a rank in a phase is what it must hold then:
@@ -13,7 +13,13 @@ it VmHWM is the phase's peak resident set. The analytic share of a rank in a pha
   step:  parameters, gradients, both Adam moments (the state share) + the 1-way run's saved activations / n + its sample block;
   save:  the state share + the writer's buffers (one chunk at a time: about 3 x checkpoint.CHUNK_BYTES);
   load:  parameters + both Adam moments (allocated by the load) + the reader's buffers.
-Everything is above the process's fixed overhead (Python, torch, mpi4py, zarr imported; measured before the build).
+Everything is above the process's fixed overhead (Python, torch, mpi4py, zarr and torch._dynamo, which the optimizer
+imports, loaded; measured before the build).
+The `planned` column is `jigsaw_ref.plan`'s peak of the phase for the rank (base + its terms): the build (parameters
+and the float64 initialisation of the largest block) and the steady training step (state, batch, saved activations,
+receive buffers, workspace); a first step (no gradients or moments before it) stays below it. Save and load are not
+planned ('-'). Each rank fixes glibc's mmap threshold (`plan.tame_allocator`) so freed tensors are given back, as the
+plan assumes; `--default-malloc` leaves glibc's dynamic threshold alone (then blocks under 32 MiB stay in the heap).
 This is a benchmark, not a test: run it once on a quiet machine and read the table.
 """
 import argparse
@@ -70,6 +76,9 @@ def rank_main(a) -> int:
     os.environ.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1"); os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     from mpi4py import MPI
+    from jigsaw_ref.plan import tame_allocator
+    if not a.default_malloc: tame_allocator()
+    import torch._dynamo  # noqa: F401 (the optimizer imports it in the build; part of the fixed overhead)
     from jigsaw_ref import checkpoint
     from jigsaw_ref.pmatmul import saved_bytes
     from jigsaw_ref.train import Trainer, TrainConfig
@@ -104,11 +113,11 @@ def rank_main(a) -> int:
     return 0
 
 
-def launch(n: int, phase: str, way: str, steps: int, work: Path):
+def launch(n: int, phase: str, way: str, steps: int, work: Path, default_malloc: bool = False):
     exe = Path(sys.executable).with_name("mpiexec")
     env = dict(os.environ, MPIR_CVAR_ENABLE_HEAVY_YIELD="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [str(exe), "-n", str(n), sys.executable, __file__, "--rank-phase", phase, "--way", way, "--steps", str(steps),
-           "--work", str(work)]
+           "--work", str(work)] + (["--default-malloc"] if default_malloc else [])
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
@@ -126,9 +135,22 @@ def analytic(r: dict, prev: str, act1: float, n: int, chunk_mib: float) -> tuple
     return first + step_need, state + step_need
 
 
+def planned_mib(r: dict) -> float:
+    "`jigsaw_ref.plan`'s peak (MiB) of row `r`'s phase on its rank, above the measured base (nan for save and load)."
+    from jigsaw_ref.config import preset
+    from jigsaw_ref.grid import Grid
+    from jigsaw_ref.plan import Setup, rank_memory
+    ph = r["phase"].split()[0]
+    if ph not in ("build", "step"): return float("nan")
+    grid = Grid.named(r["way"], int(r["way"]))
+    _, i, j = grid.coords(r["rank"])
+    m = rank_memory(preset("h1024"), grid.domain, grid.tensor, i, j, Setup(), r["base"] * 2**20)
+    return m["phases"]["build"] / 2**20 if ph == "build" else m["peak"] / 2**20
+
+
 def table(rows: list, act1: float, chunk_mib: float) -> str:
-    "The per-rank, per-phase table (MiB): the measured peak beside the analytic share."
-    head = (f"{'run':>5} {'phase':>7} {'rank':>4} {'base':>5} {'rss0':>6} {'peak':>6} {'added':>6} {'ana+':>6} "
+    "The per-rank, per-phase table (MiB): the measured peak beside the analytic share and the plan."
+    head = (f"{'run':>5} {'phase':>7} {'rank':>4} {'base':>5} {'rss0':>6} {'peak':>6} {'planned':>7} {'pl/peak':>7} {'added':>6} {'ana+':>6} "
             f"{'peak-base':>9} {'analytic':>8} {'ratio':>5} {'state':>6} {'act':>6} {'act1/n':>6} {'io MiB':>7} "
             f"{'io s':>5} {'secs':>6}")
     lines, prev = [head], {}
@@ -137,8 +159,9 @@ def table(rows: list, act1: float, chunk_mib: float) -> str:
         add, total = analytic(r, prev.get((r["way"], r["rank"]), ""), act1, n, chunk_mib)
         prev[(r["way"], r["rank"])] = r["phase"].split()[0]
         use = r["peak"] - r["base"]
+        pl = planned_mib(r)
         lines.append(f"{r['way'] + '-way':>5} {r['phase']:>7} {r['rank']:>4} {r['base']:5.0f} {r['rss0']:6.0f} "
-                     f"{r['peak']:6.0f} {r['peak'] - r['rss0']:6.0f} {add:6.0f} {use:9.0f} {total:8.0f} {use / total:5.2f} "
+                     f"{r['peak']:6.0f} {pl:7.0f} {pl / r['peak']:7.2f} {r['peak'] - r['rss0']:6.0f} {add:6.0f} {use:9.0f} {total:8.0f} {use / total:5.2f} "
                      f"{4 * r['params']:6.0f} {r.get('saved_act', float('nan')):6.0f} {act1 / n:6.0f} "
                      f"{r.get('io_bytes', 0) / 2**20:7.0f} {r.get('io_seconds', float('nan')):5.1f} {r['seconds']:6.1f}")
     return "\n".join(lines)
@@ -150,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="folder for the run and its checkpoint (default: a temporary one, removed)")
     ap.add_argument("--out", default=str(HERE / "results" / "scale_run.txt"), help="where the table is written")
     ap.add_argument("--from-work", action="store_true", help="only rebuild the table from the records in --work")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic mmap threshold alone")
     ap.add_argument("--rank-phase", dest="phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--way", default="4", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -162,7 +186,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     runs = (("write", "4", a.steps), ("resume", "2", 1), ("resume", "1", 1))
     for ph, w, k in runs if not a.from_work else ():
-        launch(int(w), ph, w, k, work)
+        launch(int(w), ph, w, k, work, a.default_malloc)
     rows = [r | dict(way=w) for ph, w, _ in runs for r in json.loads((work / f"rows_{ph}_{w}.json").read_text())]
     took = json.loads((work / "seconds.json").read_text()) if a.from_work else time.perf_counter() - t0
     (work / "seconds.json").write_text(json.dumps(took))
@@ -178,8 +202,11 @@ def main(argv=None) -> int:
         f"{took:.0f} s in all",
         f"checkpoint store: {store / 2**20:.0f} MiB on disk; losses: {losses} (the 2-way and 1-way resumes continue the "
         f"4-way run from its checkpoint: the same step {a.steps + 1})",
-        "MiB per rank: base = RSS before the build (the fixed overhead: Python, torch, MPI, zarr); rss0 = RSS at the "
-        "phase's start; peak = VmHWM in the phase (reset before it); added = peak - rss0; ana+ = what the phase must add "
+        f"allocator: {'glibc default' if a.default_malloc else 'mmap threshold fixed at 128 KiB (plan.tame_allocator)'}",
+        "MiB per rank: base = RSS before the build (the fixed overhead: Python, torch, MPI, zarr, torch._dynamo); rss0 = RSS at the "
+        "phase's start; peak = VmHWM in the phase (reset before it); planned = jigsaw_ref.plan's peak of the phase "
+        "(build; steady training step, which a first step stays below; '-' for save and load), pl/peak = planned / peak; "
+        "added = peak - rss0; ana+ = what the phase must add "
         "(build: params + the largest full float64 initial tensor; step: gradients and moments the first time + the "
         "1-way saved activations / n + the sample block; save: chunk buffers; load: the two moments + chunk buffers); "
         "analytic = what the rank must hold above base at the phase's peak (state/n + activations/n + buffers); "

@@ -11,9 +11,9 @@ from fastcore.basics import patch
 from .grid import Grid, groups, split_comms
 
 # %% auto #0
-__all__ = ['Request', 'cuda_aware_mpi', 'StagingPool', 'Group', 'TorchGroup', 'all_gather', 'reduce_scatter', 'all_reduce',
-           'expected_bytes', 'Watchdog', 'launcher', 'local_rank', 'local_device', 'init_torch_distributed',
-           'make_groups']
+__all__ = ['Request', 'cuda_aware_mpi', 'StagingPool', 'Group', 'TorchGroup', 'ShmLink', 'all_gather', 'reduce_scatter',
+           'all_reduce', 'expected_bytes', 'Watchdog', 'launcher', 'local_rank', 'local_device',
+           'init_torch_distributed', 'make_groups']
 
 # %% ../nbs/04_comm.ipynb #64d9e4c0
 class Request:
@@ -265,8 +265,10 @@ def all_reduce(self: Group, x):
 
 # %% ../nbs/04_comm.ipynb #592343ed
 class TorchGroup(Group):
-    "A `Group` over a `torch.distributed` process group (NCCL on GPU, gloo on CPU)."
-    def __init__(self, pg=None, algo: str = "p2p", wire: torch.dtype | None = None):
+    "A `Group` over a `torch.distributed` process group (NCCL on GPU, gloo on CPU); constructing it is collective over `pg`."
+    gloo_reduce_scatter = True  # False once a gloo without reduce-scatter was met (the `coll` reduce-scatter then all-reduces)
+    def __init__(self, pg=None, algo: str = "p2p", wire: torch.dtype | None = None,
+                 shm_min: int | None = None):  # gloo: messages of at least this many bytes go through shared memory (-1: never)
         import torch.distributed as dist
         if algo not in ("p2p", "coll"): raise ConfigError(f"algo={algo!r}: choose 'p2p' or 'coll'")
         self.dist, self.pg, self.comm, self.algo, self.staging, self.sent, self.seconds = dist, pg, pg, algo, "never", 0, 0.0
@@ -276,15 +278,22 @@ class TorchGroup(Group):
         self.progress_chunks = 1  # torch.distributed's backends progress by themselves
         self.size, self.rank = dist.get_world_size(pg), dist.get_rank(pg)
         self._peers = [dist.get_global_rank(pg, k) if pg is not None else k for k in range(self.size)]
+        self._pg = pg if pg is not None else dist.group.WORLD  # the ProcessGroup object (the default one for None)
+        self.gloo = dist.get_backend(pg) == "gloo"
+        if shm_min is None: shm_min = int(os.environ.get("JIGSAW_GLOO_SHM_MIN", str(256 * 1024)))
+        self.shm = ShmLink(self, shm_min) if self.gloo and self.size > 1 and shm_min >= 0 else None
 
     def start(self, sends=(), recvs=(), tag: int = 0) -> list[Request]:
-        "Post the receives `[(buffer, source)]` and sends `[(tensor, dest)]` as one batch (group ranks)."
-        d = self.dist
+        "Post the receives `[(buffer, source)]` and sends `[(tensor, dest)]` (group ranks): one batch on NCCL, one by one on gloo."
         sends, recvs, backs, wires = self._on_wire(sends, recvs)
-        ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
-        for t, k in sends:
-            ops.append(d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag)); self._count(t.numel() * t.element_size())
-        return _copy_back(self._track([Request(w) for w in d.batch_isend_irecv(ops)] if ops else [], recvs, tag), backs, wires)
+        for t, _ in sends: self._count(t.numel() * t.element_size())
+        if self.gloo: reqs = [self._gloo_recv(b, s, tag) for b, s in recvs] + [self._gloo_send(t, k, tag) for t, k in sends]
+        else:
+            d = self.dist
+            ops = [d.P2POp(d.irecv, b, self._peers[s], self.pg, tag) for b, s in recvs]
+            ops += [d.P2POp(d.isend, t.contiguous(), self._peers[k], self.pg, tag) for t, k in sends]
+            reqs = [Request(w) for w in d.batch_isend_irecv(ops)] if ops else []
+        return _copy_back(self._track(reqs, recvs, tag), backs, wires)
 
     def allgather_obj(self, obj) -> list:
         if self.size == 1: return [obj]
@@ -294,6 +303,118 @@ class TorchGroup(Group):
 
     def barrier(self):
         if self.size > 1: self.dist.barrier(group=self.pg)
+
+# %% ../nbs/04_comm.ipynb #6a192889
+@patch
+def _gloo_send(self: TorchGroup, t, dest: int, tag: int) -> Request:
+    if self.shm is not None and self.shm.usable(t, dest): return self.shm.send(t, dest, tag)
+    t = t.contiguous()
+    return Request(self._pg.send([t], dest, tag))
+
+
+@patch
+def _gloo_recv(self: TorchGroup, b, source: int, tag: int) -> Request:
+    if self.shm is not None and self.shm.usable(b, source): return self.shm.recv(b, source, tag)
+    return Request(self._pg.recv([b], source, tag))
+
+# %% ../nbs/04_comm.ipynb #e6b06258
+_ACK_TAG = 1 << 20  # acknowledgements travel on tag + _ACK_TAG (the exchanges' own tags are small numbers)
+
+
+class ShmLink:
+    "Large messages of a gloo `TorchGroup` between ranks of one host, through shared-memory slots (construction is collective)."
+    def __init__(self, group: TorchGroup, min_bytes: int, root: str = "/dev/shm"):
+        import atexit, queue, secrets, threading
+        self.g, self.min_bytes, self.root, self.token = group, max(int(min_bytes), 1), root, secrets.randbits(62)
+        self.slots, self.free, self.maps, self.paths, self.slot_bytes = {}, {}, {}, [], 0
+        self.peers = self._probe(secrets.token_hex(8))
+        self._bg, self._freed, self._queue = queue.SimpleQueue(), queue.SimpleQueue(), queue
+        self._thread = threading.Thread(target=self._complete, daemon=True, name="jigsaw-shm-acks")
+        if any(self.peers): self._thread.start(); atexit.register(self.close)
+
+    def usable(self, t, peer: int) -> bool:
+        "Whether a message of `t`'s size to or from `peer` goes through shared memory (the same answer on both sides)."
+        return self.peers[peer] and t.device.type == "cpu" and t.numel() * t.element_size() >= self.min_bytes
+
+    def _path(self, token: int, sid: int) -> str: return os.path.join(self.root, f"jigsaw-{token:x}-{sid}")
+
+# %% ../nbs/04_comm.ipynb #0362b1e3
+@patch
+def _probe(self: ShmLink, word: str) -> list[bool]:
+    "For every rank of the group: whether it and this rank read each other's probe file (agreed on both sides)."
+    path = self._path(self.token, -1)
+    try:
+        with open(path, "w") as f: f.write(word)
+    except OSError: path = None
+    info = self.g.allgather_obj((path, word))
+    def reads(k):
+        try:
+            with open(info[k][0]) as f: return f.read() == info[k][1]
+        except (OSError, TypeError): return False
+    mine = [k != self.g.rank and reads(k) for k in range(self.g.size)]
+    every = self.g.allgather_obj(mine)
+    if path: os.unlink(path)
+    return [every[self.g.rank][k] and every[k][self.g.rank] for k in range(self.g.size)]
+
+# %% ../nbs/04_comm.ipynb #2d960987
+@patch
+def _complete(self: ShmLink):
+    "The acknowledgement thread: wait for each posted acknowledgement (or send of one) in order; free acknowledged slots."
+    while True:
+        item = self._bg.get()
+        if item is None: return
+        work, sid = item
+        work.wait()
+        if sid is not None: self._freed.put(sid)
+
+
+@patch
+def close(self: ShmLink):
+    "Wait (at most 5 s: a partner that died sends none) for the outstanding acknowledgements; remove this rank's slot files."
+    if self._thread.is_alive(): self._bg.put(None); self._thread.join(timeout=5)
+    for p in self.paths:
+        try: os.unlink(p)
+        except OSError: pass
+
+# %% ../nbs/04_comm.ipynb #cecec9de
+@patch
+def _take(self: ShmLink, peer: int, nbytes: int) -> int:
+    "A free slot of `nbytes` for messages to `peer` (a new one when every such slot awaits its acknowledgement)."
+    while True:
+        try: sid = self._freed.get_nowait()
+        except self._queue.Empty: break
+        self.free.setdefault(self.slots[sid][1], []).append(sid)
+    if self.free.get((peer, nbytes)): return self.free[(peer, nbytes)].pop()
+    sid = len(self.slots)
+    self.paths.append(self._path(self.token, sid))
+    self.slots[sid] = (torch.from_file(self.paths[-1], shared=True, size=nbytes, dtype=torch.uint8), (peer, nbytes))
+    self.slot_bytes += nbytes
+    return sid
+
+# %% ../nbs/04_comm.ipynb #a8f5a8cd
+@patch
+def send(self: ShmLink, t, peer: int, tag: int) -> Request:
+    "Copy `t` into a slot and send its header; the slot is reused once `peer` acknowledges it."
+    pg, nbytes = self.g._pg, t.numel() * t.element_size()
+    sid = self._take(peer, nbytes)
+    self.slots[sid][0].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    work = pg.send([torch.tensor([self.token, sid, nbytes], dtype=torch.int64)], peer, tag)
+    self._bg.put((pg.recv([torch.empty(1, dtype=torch.int64)], peer, tag + _ACK_TAG), sid))
+    return Request(work)
+
+
+@patch
+def recv(self: ShmLink, b, peer: int, tag: int) -> Request:
+    "Receive a header; on completion copy the sender's slot into `b` (contiguous) and acknowledge it."
+    pg, hdr = self.g._pg, torch.empty(3, dtype=torch.int64)
+    def done():
+        token, sid, nbytes = (int(v) for v in hdr)
+        if (token, sid) not in self.maps:  # first message through this slot: map it, then remove its name
+            path = self._path(token, sid)
+            self.maps[(token, sid)] = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8); os.unlink(path)
+        b.view(-1).view(torch.uint8).copy_(self.maps[(token, sid)][:nbytes])
+        self._bg.put((pg.send([torch.tensor([sid], dtype=torch.int64)], peer, tag + _ACK_TAG), None))
+    return Request(pg.recv([hdr], peer, tag), done)
 
 # %% ../nbs/04_comm.ipynb #2f7f1552
 @patch
@@ -313,15 +434,22 @@ def _coll_reduce_scatter(self: TorchGroup, xs, sizes):
     for b in xs.split(sizes):
         pb = xs.new_zeros((m,) + xs.shape[1:]); pb[: b.shape[0]] = b
         blocks.append(pb)
-    if xs.device.type == "cpu":  # gloo: an all-reduce, keeping my block (works with every torch's gloo)
-        full = torch.stack(blocks)
-        self.dist.all_reduce(full, group=self.pg)
-        out = full[self.rank]
+    out = torch.empty_like(blocks[0])
+    if xs.device.type == "cpu" and not TorchGroup.gloo_reduce_scatter: out = self._rs_as_all_reduce(blocks)
     else:
-        out = torch.empty_like(blocks[0])
-        self.dist.reduce_scatter(out, blocks, group=self.pg)
+        try: self.dist.reduce_scatter(out, blocks, group=self.pg)
+        except RuntimeError:  # a gloo without reduce-scatter (torch before 2.6): an all-reduce, keeping my block
+            if xs.device.type != "cpu": raise
+            TorchGroup.gloo_reduce_scatter = False; out = self._rs_as_all_reduce(blocks)
     self._count(sum(b.numel() * b.element_size() for k, b in enumerate(blocks) if k != self.rank))
     return out[: sizes[self.rank]]
+
+
+@patch
+def _rs_as_all_reduce(self: TorchGroup, blocks):
+    full = torch.stack(blocks)
+    self.dist.all_reduce(full, group=self.pg)
+    return full[self.rank]
 
 # %% ../nbs/04_comm.ipynb #779964f5
 @patch

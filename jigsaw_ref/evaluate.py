@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from .config import MixerConfig, canonical
+from .config import MixerConfig, canonical, wb2_name
+from .comm import Group, launcher
 from .mixer import WeatherMixer, param_shapes
 from .loss import lat_weights_area, lat_weights_cos
 from .data import (DataError, Era5Dataset, denormalize, fingerprint, normalize, open_store, resolve_channels,
@@ -17,10 +18,12 @@ from .data import (DataError, Era5Dataset, denormalize, fingerprint, normalize, 
 from .checkpoint import CheckpointError, load_full
 
 # %% auto #0
-__all__ = ['HEADLINE', 'SCORECARD_LEADS', 'STYLES', 'DEFAULT_LEADS', 'lat_weights', 'spatial_mse', 'spatial_bias', 'spatial_acc',
-           'rmse', 'bias', 'acc', 'Scores', 'EvalError', 'load_model', 'read_fields', 'climatology',
-           'cached_climatology', 'rollout', 'score_forecasts', 'nested', 'write_scores', 'scorecard', 'plot_lead',
-           'plot_map', 'data_path', 'open_split', 'evaluate', 'main']
+__all__ = ['STARTS', 'HEADLINE', 'SCORECARD_LEADS', 'STYLES', 'CF_ATTRS', 'DEFAULT_LEADS', 'lat_weights', 'spatial_mse',
+           'spatial_bias', 'spatial_acc', 'rmse', 'bias', 'acc', 'Scores', 'EvalError', 'load_model', 'read_fields',
+           'climatology', 'cached_climatology', 'rollout', 'initial_times', 'lead_counts', 'FieldWindow',
+           'score_forecasts', 'reference_scores', 'nested', 'write_scores', 'scorecard', 'known_attrs', 'channel_attrs',
+           'units_label', 'plot_lead', 'plot_map', 'data_path', 'open_split', 'default_group', 'on_rank0_first',
+           'evaluate', 'main']
 
 # %% ../nbs/10_evaluate.ipynb #32307774
 def lat_weights(lat, kind: str = "area") -> torch.Tensor:
@@ -71,10 +74,23 @@ class Scores:
     def add(self, model: str, lead_h: int, f, o, c):
         "Add forecasts `f` and truths `o` (N, V, lat, lon) of system `model` at `lead_h` hours; `c` the climatology (V, lat, lon)."
         f, o, c = f.double(), o.double(), c.double()
+        self.add_metrics(model, lead_h, spatial_mse(f, o, self.w), spatial_bias(f, o, self.w), spatial_acc(f, o, c, self.w))
+
+    def add_metrics(self, model: str, lead_h: int, mse, bias, acc):
+        "Add per-time metrics (N, V) already reduced over space (`spatial_mse`, `spatial_bias`, `spatial_acc`)."
         s = self.sums.setdefault((model, lead_h), dict(n=0, mse=0.0, bias=0.0, acc=0.0))
-        s["n"] += len(f)
-        for k, v in (("mse", spatial_mse(f, o, self.w)), ("bias", spatial_bias(f, o, self.w)), ("acc", spatial_acc(f, o, c, self.w))):
-            s[k] = s[k] + v.sum(0)
+        s["n"] += len(mse)
+        for k, v in (("mse", mse), ("bias", bias), ("acc", acc)): s[k] = s[k] + v.double().sum(0)
+
+    def merge(self, sums: dict):
+        "Add the running sums `other.sums` of another `Scores` (e.g. another rank's share of the initial times)."
+        for key, o in sums.items():
+            s = self.sums.setdefault(key, dict(n=0, mse=0.0, bias=0.0, acc=0.0))
+            for k in s: s[k] = s[k] + o[k]
+
+    def counts(self, model: str = "model") -> dict:
+        "`{lead_h: number of initial times scored}` of system `model`."
+        return {l: s["n"] for (m, l), s in sorted(self.sums.items(), key=lambda kv: kv[0][1]) if m == model}
 
     def rows(self) -> list[dict]:
         "One dict `(variable, lead_h, metric, model, value)` per channel, lead, metric and system."
@@ -90,8 +106,8 @@ class EvalError(ValueError):
     "Evaluation cannot run; the message names the file and the problem."
 
 # %% ../nbs/10_evaluate.ipynb #ca2c6bca
-def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
-    "The one-process `WeatherMixer` (eval mode, float32) with the parameters of checkpoint `path`, and its metadata."
+def load_model(path, device="cpu", dtype=torch.float32) -> tuple[WeatherMixer, dict]:
+    "The one-process `WeatherMixer` (eval mode, `dtype`) with the parameters of checkpoint `path`, and its metadata."
     cfg, have, meta = load_full(path)
     want = param_shapes(cfg)
     if set(want) != set(have):
@@ -99,7 +115,7 @@ def load_model(path, device="cpu") -> tuple[WeatherMixer, dict]:
                         f"unexpected {sorted(set(have) - set(want))[:5]})")
     bad = {n: (tuple(have[n].shape), s) for n, s in want.items() if tuple(have[n].shape) != tuple(s)}
     if bad: raise EvalError(f"{path}: parameter shapes do not match its config ({{name: (file, config)}} {bad})")
-    m = WeatherMixer(cfg, torch.float32, device, seed=0)
+    m = WeatherMixer(cfg, dtype, device, seed=0)
     with torch.no_grad():
         for n, t in m.state().items(): t.copy_(have[n])
     layout = meta.get("layout") or (1, 1, 1)
@@ -158,46 +174,120 @@ def cached_climatology(src, cfg: MixerConfig, path, split="train", progress: boo
 
 # %% ../nbs/10_evaluate.ipynb #94991f7f
 @torch.no_grad()
-def rollout(model: WeatherMixer, x, steps: int):
-    "Yield the z-scored predictions (B, V, lat, lon) of leads 1..`steps` from inputs `x` (B, C_in, lat, lon), each fed back."
+def rollout(model: WeatherMixer, x, steps: int,
+            sizes=None):  # batch size at each lead (non-increasing; default all of `x`): the first `sizes[k-1]` go on
+    "Yield the z-scored predictions (B_k, V, lat, lon) of leads 1..`steps` from inputs `x` (B, C_in, lat, lon), each fed back."
     V = model.cfg.n_vars
-    for _ in range(steps):
+    for k in range(steps):
+        if sizes is not None: x = x[:sizes[k]]
         y = model(x)[:, :V]
         yield y
         x = torch.cat([y, x[:, V:]], 1)
 
 # %% ../nbs/10_evaluate.ipynb #2a00f561
+STARTS = ("all", "common")  # WB2's per-lead initial times; the initial times common to every lead
+
+
+def initial_times(n: int,  # store times in the split
+                  stride: int,  # store steps per model step
+                  steps: int,  # longest lead (model steps)
+                  samples: int = 0,  # keep this many, spread evenly (0: all)
+                  starts: str = "all") -> np.ndarray:  # 'all' (WB2: room for one lead) or 'common' (room for `steps`)
+    "Split indices of the candidate initial times, increasing."
+    if starts not in STARTS: raise EvalError(f"starts={starts!r}: choose 'all' (WeatherBench2) or 'common'")
+    most = n - (1 if starts == "all" else steps) * stride
+    if most < 1: return np.zeros(0, np.int64)
+    return np.unique(np.linspace(0, most - 1, min(samples, most) if samples > 0 else most).round().astype(np.int64))
+
+
+def lead_counts(idx, n: int, stride: int, steps: int) -> list[int]:
+    "How many of the (increasing) initial times `idx` have their verifying state in the split at leads 1..`steps`."
+    return [int(np.searchsorted(np.asarray(idx), n - k * stride)) for k in range(1, steps + 1)]
+
+# %% ../nbs/10_evaluate.ipynb #2c1fd691
+class FieldWindow:
+    "Physical fields (float64) of the consecutive store times [lo, hi) last asked for; `get` reads only the times it lacks."
+    def __init__(self, src, cfg: MixerConfig, path=""):
+        self.src, self.cfg, self.path, self.lo, self.F, self.read = src, cfg, path, 0, None, 0  # read: times read so far
+
+    def get(self, lo: int, hi: int) -> torch.Tensor:
+        "Fields of store times [lo, hi): (hi - lo, V, lat, lon)."
+        have = 0 if self.F is None else len(self.F)
+        if self.F is not None and self.lo <= lo and hi <= self.lo + have: return self.F[lo - self.lo: hi - self.lo]
+        if self.F is not None and self.lo <= lo < self.lo + have:  # keep the overlap, read the rest
+            new = read_fields(self.src, self.cfg, self.lo + have, hi, self.path)
+            self.F = torch.cat([self.F[lo - self.lo:], new])
+        else: self.F = read_fields(self.src, self.cfg, lo, hi, self.path); new = self.F
+        self.lo, self.read = lo, self.read + len(new)
+        return self.F
+
+# %% ../nbs/10_evaluate.ipynb #9df3ea0a
 @torch.no_grad()
 def score_forecasts(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps: int, w,
-                    batch: int = 8,  # initial times per forward pass
+                    batch: int = 16,  # initial times per forward pass
                     latent: bool = False,  # also score the latent rollout model(x0, k)
                     device="cpu",
                     progress: bool = False,  # a progress bar over initial times x leads
                    ) -> tuple[Scores, dict]:
-    "Scores of model, persistence and climatology at leads 1..`steps`, and the fields `{lead_h: (forecast, truth)}` of sample `idx[0]`."
-    cfg = model.cfg; V, names, s = cfg.n_vars, list(cfg.variables), ds.stride
-    statics = ds.get(0, 1)[0][V:]  # z-scored static channels (S, lat, lon)
-    sc, kept = Scores(names, w), {}
+    "Scores of model, persistence and climatology at leads 1..`steps` from the increasing split indices `idx` (each lead on those whose truth is in the split), and `{lead_h: (forecast, truth)}` of `idx[0]`."
+    cfg = model.cfg; V, names, s, n = cfg.n_vars, list(cfg.variables), ds.stride, ds.i1 - ds.i0
+    dt = next(iter(model.state().values())).dtype
+    idx = np.asarray(idx, np.int64)
+    statics = ds.get(0, 1)[0][V:].to(device, dt)  # z-scored static channels (S, lat, lon)
+    sc, kept, win, cm = Scores(names, w), {}, FieldWindow(src, cfg, ds.src), {}  # cm: climatology's metrics by time
     den = lambda y: denormalize(y.double().cpu(), names, ds.stats)
-    bar = tqdm(total=len(idx) * steps, desc="forecasts (initial times x leads)", unit="forecast", disable=not progress,
-               mininterval=1)
+    bar = tqdm(total=sum(lead_counts(idx, n, s, steps)), desc="forecasts (initial times x leads)", unit="forecast",
+               disable=not progress, mininterval=1)
     for b in range(0, len(idx), batch):
-        ii = [int(i) for i in idx[b: b + batch]]
-        lo, hi = ds.i0 + min(ii), ds.i0 + max(ii) + steps * s + 1
-        F = read_fields(src, cfg, lo, hi, ds.src)
-        at = lambda k: F[[ds.i0 + i + k * s - lo for i in ii]]
-        x0 = at(0)
-        x = torch.cat([normalize(x0.float(), names, ds.stats), statics.expand(len(ii), -1, -1, -1)], 1).to(device)
-        for k, y in enumerate(rollout(model, x, steps), 1):
-            o, lead, f = at(k), k * cfg.dt_hours, den(y)
+        ii = idx[b: b + batch]
+        sizes = [m for m in lead_counts(ii, n, s, steps) if m > 0]
+        lo = int(ii[0])
+        F = win.get(ds.i0 + lo, ds.i0 + min(n, int(ii[-1]) + steps * s + 1))
+        at = lambda k, m: F[torch.as_tensor(ii[:m] + k * s - lo)]
+        x0 = at(0, len(ii))
+        x = torch.cat([normalize(x0.to(dt), names, ds.stats).to(device), statics.expand(len(ii), -1, -1, -1)], 1)
+        for k, y in enumerate(rollout(model, x, len(sizes), sizes), 1):
+            m, lead, f = len(y), k * cfg.dt_hours, den(y)
+            o = at(k, m)
             sc.add("model", lead, f, o, clim)
-            sc.add("persistence", lead, x0, o, clim)
-            sc.add("climatology", lead, clim.expand_as(o), o, clim)
-            if latent: sc.add("latent", lead, den(model(x, k=k)[:, :V]), o, clim)
+            sc.add("persistence", lead, x0[:m], o, clim)
+            _climatology_metrics(sc, lead, ii[:m] + k * s, o, clim, cm)
+            if latent: sc.add("latent", lead, den(model(x[:m], k=k)[:, :V]), o, clim)
             if b == 0: kept[lead] = (f[0], o[0])
-            bar.update(len(ii))
+            bar.update(m)
     bar.close()
     return sc, kept
+
+
+def _climatology_metrics(sc: Scores, lead, times, o, clim, cm: dict):
+    "Add the climatology's metrics at verifying split times `times` (truths `o`), computing those of each time once."
+    new = [j for j, t in enumerate(times.tolist()) if t not in cm]
+    if new:
+        on = o[new].double(); cn = clim.double().expand_as(on)
+        for j, a, b_, c in zip(new, spatial_mse(cn, on, sc.w), spatial_bias(cn, on, sc.w), spatial_acc(cn, on, clim.double(), sc.w)):
+            cm[int(times[j])] = (a, b_, c)
+    got = [cm[int(t)] for t in times.tolist()]
+    sc.add_metrics("climatology", lead, *(torch.stack([g[i] for g in got]) for i in range(3)))
+
+# %% ../nbs/10_evaluate.ipynb #79466815
+@torch.no_grad()
+def reference_scores(model: WeatherMixer, ds: Era5Dataset, src, clim, idx, steps: int, w, latent: bool = False) -> Scores:
+    "`score_forecasts`'s scores computed one initial time at a time (no batching, no window, no reuse)."
+    cfg = model.cfg; V, names, s = cfg.n_vars, list(cfg.variables), ds.stride
+    dt = next(iter(model.state().values())).dtype
+    statics = ds.get(0, 1)[0][V:].to(dt)
+    one = lambda t: read_fields(src, cfg, t, t + 1, ds.src)
+    sc = Scores(names, w)
+    for i in idx:
+        t = ds.i0 + int(i); x0 = one(t)
+        x = torch.cat([normalize(x0.to(dt), names, ds.stats), statics[None]], 1)
+        for k, y in enumerate(rollout(model, x, steps), 1):
+            if t + k * s >= ds.i1: break
+            o, lead, f = one(t + k * s), k * cfg.dt_hours, denormalize(y.double(), names, ds.stats)
+            sc.add("model", lead, f, o, clim); sc.add("persistence", lead, x0, o, clim)
+            sc.add("climatology", lead, clim[None], o, clim)
+            if latent: sc.add("latent", lead, denormalize(model(x, k=k)[:, :V].double(), names, ds.stats), o, clim)
+    return sc
 
 # %% ../nbs/10_evaluate.ipynb #3866a543
 HEADLINE = ("z500", "t850", "t2m", "u10", "v10", "msl")  # WB2 headline variables, plotted when present
@@ -250,22 +340,62 @@ def _figure(**kw):
 STYLES = {"model": ("-", "C3"), "latent": ("-.", "C1"), "persistence": ("--", "C0"), "climatology": (":", "0.4")}
 
 # %% ../nbs/10_evaluate.ipynb #5d40e303
-def plot_lead(rows, variables, metric: str, path):
-    "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`."
-    r = nested(rows)[metric]
+CF_ATTRS = {  # WB2 variable -> units (ERA5's spelling, as WB2 stores them) and long name
+    "geopotential": dict(units="m**2 s**-2", long_name="Geopotential"),
+    "temperature": dict(units="K", long_name="Temperature"),
+    "specific_humidity": dict(units="kg kg**-1", long_name="Specific humidity"),
+    "u_component_of_wind": dict(units="m s**-1", long_name="U component of wind"),
+    "v_component_of_wind": dict(units="m s**-1", long_name="V component of wind"),
+    "mean_sea_level_pressure": dict(units="Pa", long_name="Mean sea level pressure"),
+    "2m_temperature": dict(units="K", long_name="2 metre temperature"),
+    "10m_u_component_of_wind": dict(units="m s**-1", long_name="10 metre U wind component"),
+    "10m_v_component_of_wind": dict(units="m s**-1", long_name="10 metre V wind component"),
+    "land_sea_mask": dict(units="1", long_name="Land-sea mask"), "soil_type": dict(units="~", long_name="Soil type"),
+    "geopotential_at_surface": dict(units="m**2 s**-2", long_name="Geopotential at surface")}
+
+
+def known_attrs(ch: str) -> dict:
+    "`CF_ATTRS` of the WB2 variable of channel `ch` (any spelling of a known channel), else {}."
+    try: return dict(CF_ATTRS.get(wb2_name(canonical(ch))[0], {}))
+    except KeyError: return {}
+
+
+def channel_attrs(src, variables, path="") -> dict:
+    "`{channel: {'units': ..., 'long_name': ...}}` of `variables` in the opened store `src`: its own attributes first, then `CF_ATTRS`."
+    chans, out = resolve_channels(src, variables, (), str(path)), {}
+    for c in variables:
+        own, known = src[chans[c][0]].attrs, known_attrs(c)
+        out[c] = {k: own.get(k, known.get(k)) for k in ("units", "long_name") if own.get(k, known.get(k))}
+    return out
+
+
+def units_label(u: str | None) -> str:
+    "Units in matplotlib's mathtext: 'm**2 s**-2' -> '$\\mathrm{m^{2}\\,s^{-2}}$'; '' for none or dimensionless."
+    if not u or u in ("1", "~"): return ""
+    parts = [(rf"{b}^{{{e}}}" if e else b) for b, _, e in (t.partition("**") for t in str(u).split())]
+    return "$\\mathrm{" + r"\,".join(parts) + "}$"
+
+# %% ../nbs/10_evaluate.ipynb #29cc9c8c
+def plot_lead(rows, variables, metric: str, path,
+              units=None):  # {variable: units} (e.g. from `channel_attrs`): RMSE and bias axes carry them
+    "One panel per variable: `metric` against lead time (h) for every forecast system; saved to `path`; returns the figure."
+    r, units = nested(rows)[metric], units or {}
     n = len(variables); fig = _figure(figsize=(3.2 * n, 2.8)); axs = fig.subplots(1, n, squeeze=False)
     for ax, v in zip(axs[0], variables):
         for model in sorted(r, key=lambda k: list(STYLES).index(k) if k in STYLES else 9):
             d = r[model][v]
             ax.plot(list(d), list(d.values()), STYLES.get(model, ("-", None))[0], color=STYLES.get(model, ("-", None))[1],
                     marker=".", label=model)
-        ax.set_title(v); ax.set_xlabel("lead (h)"); ax.grid(alpha=.3)
-    axs[0][0].set_ylabel(metric.upper()); axs[0][0].legend(fontsize=7)
+        u = units_label(units.get(v)) if metric in ("rmse", "bias") else ""
+        ax.set_title(v); ax.set_xlabel("lead (h)"); ax.set_ylabel(metric.upper() + (f" ({u})" if u else "")); ax.grid(alpha=.3)
+    axs[0][0].legend(fontsize=7)
     fig.tight_layout(); fig.savefig(path, dpi=110)
+    return fig
 
-# %% ../nbs/10_evaluate.ipynb #ce146ebf
-def plot_map(f, o, lat, lon, title: str, path):
-    "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`."
+# %% ../nbs/10_evaluate.ipynb #be2ee674
+def plot_map(f, o, lat, lon, title: str, path,
+             units: str | None = None):  # units of the fields, on each colour bar
+    "Forecast, truth and forecast - truth on the lat-lon grid, saved to `path`; returns the figure."
     fig = _figure(figsize=(13, 3.2)); axs = fig.subplots(1, 3)
     ext, org = [lon[0], lon[-1], min(lat[0], lat[-1]), max(lat[0], lat[-1])], "lower" if lat[0] < lat[-1] else "upper"
     lo, hi = float(min(f.min(), o.min())), float(max(f.max(), o.max()))
@@ -273,9 +403,10 @@ def plot_map(f, o, lat, lon, title: str, path):
     for ax, a, t, kw in ((axs[0], f, "forecast", dict(vmin=lo, vmax=hi)), (axs[1], o, "truth", dict(vmin=lo, vmax=hi)),
                          (axs[2], e, "forecast - truth", dict(vmin=-m, vmax=m, cmap="RdBu_r"))):
         im = ax.imshow(a.numpy(), extent=ext, origin=org, aspect="auto", **kw)
-        ax.set_title(f"{title}: {t}", fontsize=9); ax.set_xlabel("longitude"); fig.colorbar(im, ax=ax)
+        ax.set_title(f"{title}: {t}", fontsize=9); ax.set_xlabel("longitude"); fig.colorbar(im, ax=ax, label=units_label(units))
     axs[0].set_ylabel("latitude")
     fig.tight_layout(); fig.savefig(path, dpi=110)
+    return fig
 
 # %% ../nbs/10_evaluate.ipynb #ede512e8
 DEFAULT_LEADS = 20  # autoregressive steps when none are asked for (5 days at 6 h)
@@ -290,8 +421,9 @@ def data_path(ck: dict, data: str | None = None) -> str:
     return str(default_dataset(grid=(cfg.n_lat, cfg.n_lon), verbose=True))
 
 # %% ../nbs/10_evaluate.ipynb #342ab7ae
-def open_split(path, cfg: MixerConfig, split, leads: int | None = None, ckpt="") -> tuple[Era5Dataset, int]:
-    "The dataset of `split` with room for `leads` steps (None: `DEFAULT_LEADS` or fewer if the split is shorter), and that number."
+def open_split(path, cfg: MixerConfig, split, leads: int | None = None, ckpt="",
+               starts: str = "all") -> tuple[Era5Dataset, int]:  # 'all': samples need room for one lead; 'common': for all
+    "The dataset of `split` (its samples: the candidate initial times of `starts`) and the number of leads (None: `DEFAULT_LEADS` or fewer if the split is shorter)."
     if str(path).startswith("synthetic:"):
         raise EvalError(f"{path}: a synthetic source has no stored truth to verify against; evaluate on a zarr store or "
                         f"netCDF file (--data PATH)")
@@ -307,59 +439,99 @@ def open_split(path, cfg: MixerConfig, split, leads: int | None = None, ckpt="")
                         f"lead(s) of {cfg.dt_hours} h, not {want}; "
                         + (f"pass --leads {most} or " if most >= 1 else "") +
                         f"choose a longer split (--split, or the store attribute split_<name> = [start, stop])")
-    try: return Era5Dataset(path, cfg, split, max_lead=min(want, most or want)), min(want, most or want)
+    steps = min(want, most or want)
+    try: return Era5Dataset(path, cfg, split, max_lead=1 if starts == "all" else steps), steps
     except DataError as e:
         raise EvalError(f"data {path} do not fit the model of checkpoint {ckpt} ({cfg.n_lat}x{cfg.n_lon} grid, "
                         f"variables {list(cfg.variables)[:4]}..., statics {list(cfg.statics)}): {e}") from e
 
 # %% ../nbs/10_evaluate.ipynb #ca1c3562
+def default_group() -> Group:
+    "The MPI world when this process was launched by mpiexec or srun with more than one rank, else a group of one."
+    if launcher() in ("mpiexec", "srun"):
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_size() > 1: return Group(MPI.COMM_WORLD)
+    return Group()
+
+
+def on_rank0_first(g: Group, fn):
+    "`fn()` on rank 0, then on the other ranks (which find what it cached); rank 0's error is raised on every rank."
+    err, out = None, None
+    if g.rank == 0:
+        try: out = fn()
+        except Exception as e: err = e
+    if g.size > 1:
+        msg = g.allgather_obj(None if err is None else f"{type(err).__name__}: {err}")[0]
+        if msg is not None and err is None: raise EvalError(f"rank 0 failed: {msg}")
+    if err is not None: raise err
+    return out if g.rank == 0 else fn()
+
+# %% ../nbs/10_evaluate.ipynb #05370342
 def evaluate(ckpt,  # checkpoint written by `jigsaw-train` (a sharded store folder or a single file)
              out=None,  # output folder (default: `eval/` beside the checkpoint)
              leads: int | None = None,  # autoregressive steps of the checkpoint's `dt_hours` (None: 20, fewer if the split is shorter)
-             samples: int = 0,  # initial times spread evenly over the split (0: all)
+             samples: int = 0,  # initial times spread evenly over the candidates (0: all)
              lat_weights_kind: str = "area",  # 'area' (WB2, or the store's own weights) or 'cos' (released code)
              data=None,  # data path (default: the checkpoint's training data)
              split="test",  # split to forecast; the climatology always comes from 'train'
-             batch: int = 8,  # initial times per forward pass
+             batch: int = 16,  # initial times per forward pass (16 is the fastest on CPUs; more on a GPU)
              latent: bool = False,  # also score the latent rollout model(x0, k)
              map_lead: int = 24,  # lead (h) of the maps (the nearest available)
              device="cpu",  # 'cpu' or 'cuda'
              scorecard_leads=SCORECARD_LEADS,  # lead times (h) of the scorecard's columns
-             verbose=True) -> dict:
+             verbose=True,
+             starts: str = "all",  # 'all': WB2, each lead on every initial time whose truth is in the split; 'common': every lead on the times with room for all
+             group: Group | None = None,  # ranks sharing the initial times (default: the MPI world under mpiexec, else this process)
+             dtype=torch.float32,  # precision of the model (float64: slower, for checks that compare paths exactly)
+            ) -> dict:
     "Evaluate checkpoint `ckpt` on `split`; write scores, plots and the scorecard into `out`; return `{rows, meta, scorecard}`."
     t_start = time.perf_counter()
-    model, ck = load_model(ckpt, device)
+    if starts not in STARTS: raise EvalError(f"starts={starts!r}: choose 'all' (WeatherBench2) or 'common'")
+    g = group or default_group()
+    model, ck = load_model(ckpt, device, dtype)
     cfg = model.cfg
     out = Path(out) if out else Path(ckpt).parent / "eval"
-    path = data_path(ck, data)
-    ds, steps = open_split(path, cfg, split, leads, ckpt)
-    if leads is None and steps < DEFAULT_LEADS and verbose:
+    path = on_rank0_first(g, lambda: data_path(ck, data))
+    ds, steps = on_rank0_first(g, lambda: open_split(path, cfg, split, leads, ckpt, starts))
+    talk = verbose and g.rank == 0
+    if leads is None and steps < DEFAULT_LEADS and talk:
         print(f"jigsaw-eval: split {split!r} allows {steps} leads of {cfg.dt_hours} h, not {DEFAULT_LEADS}")
-    n = len(ds)
-    idx = np.unique(np.linspace(0, n - 1, min(samples, n) if samples > 0 else n).round().astype(int))
+    n = ds.i1 - ds.i0
+    idx = initial_times(n, ds.stride, steps, samples, starts)
     w = ds.area_weights if lat_weights_kind == "area" else lat_weights(ds.lat, lat_weights_kind)
     src = open_store(path)
-    clim = cached_climatology(src, cfg, path, "train", progress=verbose)
-    sc, kept = score_forecasts(model, ds, src, clim, idx, steps, w, batch, latent, device, progress=verbose)
+    clim = cached_climatology(src, cfg, path, "train", progress=talk) if g.rank == 0 else None
+    if g.size > 1: clim = g.allgather_obj(clim)[0]
+    sc, kept = score_forecasts(model, ds, src, clim, np.array_split(idx, g.size)[g.rank], steps, w, batch, latent, device,
+                               progress=talk)
+    if g.size > 1:  # every rank adds every rank's sums, in rank order
+        mine, sc = sc.sums, Scores(cfg.variables, w)
+        for sums in g.allgather_obj(mine): sc.merge(sums)
     rows = sc.rows()
+    counts = sc.counts()
     meta = dict(checkpoint=str(ckpt), data=str(path), split=str(split), samples=len(idx), leads=steps,
-                dt_hours=cfg.dt_hours, lat_weights=lat_weights_kind, climatology="per-pixel time mean of the training split",
+                dt_hours=cfg.dt_hours, starts=starts, initial_times_per_lead={str(l): c for l, c in counts.items()},
+                lat_weights=lat_weights_kind, climatology="per-pixel time mean of the training split",
                 step=ck.get("step"), init_times=[str(ds.times[i]) for i in idx[:3]] + (["..."] if len(idx) > 3 else []),
-                seconds=round(time.perf_counter() - t_start, 2))
-    write_scores(rows, out, meta)
-    heads = [v for h in HEADLINE for v in cfg.variables if canonical(v) == h] or list(cfg.variables[:4])
-    plot_lead(rows, heads, "rmse", out / "rmse_vs_lead.png")
-    plot_lead(rows, heads, "acc", out / "acc_vs_lead.png")
-    mv = next((v for v in cfg.variables if canonical(v) == "z500"), cfg.variables[0])
-    ml = min(kept, key=lambda l: (abs(l - map_lead), l))
-    f, o = kept[ml]; c = cfg.variables.index(mv)
-    plot_map(f[c], o[c], ds.lat, ds.lon, f"{mv} +{ml} h", out / f"map_{mv}_{ml}h.png")
+                ranks=g.size, seconds=round(time.perf_counter() - t_start, 2))
     card = scorecard(rows, list(cfg.variables), scorecard_leads)
-    (out / "scorecard.txt").write_text(card + "\n")
-    if verbose:
-        print(f"jigsaw-eval: {ckpt} (step {ck.get('step')}) on {path} [{split}], {len(idx)} initial times, "
-              f"{steps} leads, {lat_weights_kind} latitude weights, {meta['seconds']} s")
+    if g.rank == 0:
+        write_scores(rows, out, meta)
+        units = {c: a.get("units") for c, a in channel_attrs(src, cfg.variables, path).items()}
+        heads = [v for h in HEADLINE for v in cfg.variables if canonical(v) == h] or list(cfg.variables[:4])
+        plot_lead(rows, heads, "rmse", out / "rmse_vs_lead.png", units)
+        plot_lead(rows, heads, "acc", out / "acc_vs_lead.png")
+        mv = next((v for v in cfg.variables if canonical(v) == "z500"), cfg.variables[0])
+        ml = min(kept, key=lambda l: (abs(l - map_lead), l))
+        f, o = kept[ml]; c = cfg.variables.index(mv)
+        plot_map(f[c], o[c], ds.lat, ds.lon, f"{mv} +{ml} h", out / f"map_{mv}_{ml}h.png", units[mv])
+        (out / "scorecard.txt").write_text(card + "\n")
+    if talk:
+        conv = "WB2: each lead on every initial time with its truth in the split" if starts == "all" else "common initial times"
+        print(f"jigsaw-eval: {ckpt} (step {ck.get('step')}) on {path} [{split}], {len(idx)} initial times ({conv}), "
+              f"{steps} leads, {lat_weights_kind} latitude weights, {g.size} rank(s), {meta['seconds']} s")
         print(card); print(f"wrote {out}/scores.csv, scores.json, scorecard.txt and plots")
+    g.barrier()
     return dict(rows=rows, meta=meta, scorecard=card)
 
 # %% ../nbs/10_evaluate.ipynb #2aa9aa69
@@ -373,31 +545,42 @@ def _hours(s: str) -> tuple:
 # %% ../nbs/10_evaluate.ipynb #4739ee9f
 def main(argv=None) -> int:
     "Entry point of `jigsaw-eval`."
-    ap = argparse.ArgumentParser("jigsaw-eval", description="Score a jigsaw_ref checkpoint (one process) against "
-                                 "persistence and climatology with WeatherBench2 metrics.")
+    ap = argparse.ArgumentParser("jigsaw-eval", description="Score a jigsaw_ref checkpoint against persistence and "
+                                 "climatology with WeatherBench2 metrics. Lead convention: by default (WeatherBench2's) each "
+                                 "lead is scored on every initial time of the split whose verifying state is in the split, "
+                                 "so short leads use more initial times than long ones; the common convention (--common-starts) "
+                                 "scores every lead on the same initial times, those with room for the longest lead. Under mpiexec -n R the "
+                                 "R ranks share the initial times (same scores).")
     ap.add_argument("checkpoint", help="a checkpoint written by jigsaw-train (e.g. runs/latest/final.ckpt)")
     ap.add_argument("--out", default=None, help="output folder (default: eval/ beside the checkpoint)")
     ap.add_argument("--leads", type=int, default=None, help="autoregressive steps, each of the checkpoint's time step "
                     "dt_hours (6 h for the presets, so 20 = 5 days; 12 h data with dt_hours=12: 20 = 10 days); default "
                     f"{DEFAULT_LEADS}, or as many as the split holds; more than the split holds is an error")
-    ap.add_argument("--samples", type=int, default=0, help="initial times, spread evenly over the split (0: all)")
+    ap.add_argument("--samples", type=int, default=0, help="initial times, spread evenly over the candidates (those "
+                    "with room for one lead, or for every lead under the common convention; 0: all)")
+    ap.add_argument("--common-starts", action="store_true", help="score every lead on the same initial times, those with "
+                    "room for the longest lead (default: WeatherBench2's, each lead on every initial time whose verifying "
+                    "state is in the split)")
     ap.add_argument("--lat-weights", choices=("area", "cos"), default="area",
                     help="area: cell areas as WeatherBench2 (or the store's own quadrature weights; default); cos: released code")
     ap.add_argument("--data", default=None, help="data path (default: the checkpoint's training data)")
     ap.add_argument("--split", default="test", help="'test' (default), 'val' or 'train' (a store attribute split_<name>, "
                     "else the last 10%% / next 10%% / first 80%% of the times)")
-    ap.add_argument("--batch", type=int, default=8, help="initial times per forward pass (default 8)")
+    ap.add_argument("--batch", type=int, default=16, help="initial times per forward pass (default 16, the fastest on "
+                    "CPUs, where larger batches fall out of the cache; on a GPU try 256)")
     ap.add_argument("--latent", action="store_true", help="also score the latent rollout model(x0, k)")
     ap.add_argument("--map-lead", type=int, default=24, help="lead (h) of the z500 maps (the nearest available; default 24)")
     ap.add_argument("--scorecard-leads", type=_hours, default=SCORECARD_LEADS, metavar="H,H,...",
                     help=f"lead times (h) of the scorecard's columns (default {','.join(map(str, SCORECARD_LEADS))})")
     ap.add_argument("--device", default="cpu", help="'cpu' (default) or 'cuda'")
+    ap.add_argument("--float64", action="store_true", help="run the model in float64 (slower; to compare runs exactly)")
     a = ap.parse_args(argv)
     if (a.leads is not None and a.leads < 1) or a.samples < 0 or a.batch < 1:
         ap.error("--leads and --batch must be >= 1, --samples >= 0")
     try:
         evaluate(a.checkpoint, a.out, a.leads, a.samples, a.lat_weights, a.data, a.split, a.batch, a.latent, a.map_lead,
-                 a.device, a.scorecard_leads)
+                 a.device, a.scorecard_leads, starts="common" if a.common_starts else "all",
+                 dtype=torch.float64 if a.float64 else torch.float32)
     except (EvalError, CheckpointError, DataError) as e:
         print(f"jigsaw-eval: error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@
 # %% ../nbs/01_mixer.ipynb #a95de48a
 from __future__ import annotations
 import math
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,8 +14,8 @@ from .config import MixerConfig, preset
 
 # %% auto #0
 __all__ = ['token_mix', 'channel_mix', 'param_shapes', 'param_count', 'forward_flops', 'train_step_flops', 'patchify',
-           'unpatchify', 'dropout_key', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'init_block', 'full_params',
-           'init_params']
+           'unpatchify', 'dropout_key', 'drop_index', 'keep_mask', 'dropout', 'site_key', 'WeatherMixer', 'init_block',
+           'full_params', 'init_params']
 
 # %% ../nbs/01_mixer.ipynb #e4c0fe02
 def token_mix(x, w, b=None):
@@ -102,39 +103,105 @@ def dropout_key(seed: int, step: int, site: int = 0) -> int:
     return int(_hash32(_hash32(k) ^ (site & _M32))[0])
 
 # %% ../nbs/01_mixer.ipynb #5f0a1b54
-def keep_mask(shape, p: float, key: int, starts, full, device=None):
+def _h32(x: np.ndarray) -> np.ndarray:
+    "`_hash32` on a numpy uint32 array (in place; products wrap modulo 2^32)."
+    x ^= x >> np.uint32(16); x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15); x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+# %% ../nbs/01_mixer.ipynb #93b45b79
+_GAPS: dict = {}
+
+
+def _gap_table(p: float, longest: int) -> np.ndarray:
+    "int64 thresholds floor((1-p)^k 2^32) for k = 0, 1, ... while not 0 and k <= longest + 1, then one 0."
+    if (p, longest) not in _GAPS:
+        thr, t = [2**32], 1.0
+        for _ in range(longest + 1):
+            t *= 1 - p
+            if int(t * 2**32) == 0: break
+            thr.append(int(t * 2**32))
+        _GAPS[(p, longest)] = np.array(thr + [0], dtype=np.int64)
+    return _GAPS[(p, longest)]
+
+# %% ../nbs/01_mixer.ipynb #81adfc38
+def _gaps(u: np.ndarray, p: float, table: np.ndarray) -> np.ndarray:
+    "g = #{k >= 1 : u < table[k]} for uniforms `u` (int64, in [0, 2^32); table from `_gap_table`)."
+    K = len(table) - 2  # the last k with a threshold
+    g = np.zeros_like(u) if p >= 1 else np.clip(np.floor(np.log((u + 0.5) / 2**32) / math.log1p(-p)), 0, K).astype(np.int64)
+    while True:  # settle the estimate exactly (it is off by one near a threshold, more where thresholds repeat)
+        step = (u < table[g + 1]).astype(np.int64) - ((u >= table[g]) & (g > 0))  # below the next one: up; not below this one: down
+        if not step.any(): return g
+        g += step
+
+# %% ../nbs/01_mixer.ipynb #d50127b3
+def _gaps_per_draw(end: int, p: float) -> int:
+    "Gaps drawn per row at a time: the mean number of drops up to column `end` plus 3 standard deviations and 2."
+    return int(end * p + 3 * math.sqrt(end * p + 1) + 2)
+
+# %% ../nbs/01_mixer.ipynb #673a921c
+def drop_index(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
+    "Flat indices (row-major, into the block `shape` at `starts` of a tensor with extents `full`) of the dropped elements."
+    *lead, n = shape
+    c0, end = starts[-1], starts[-1] + n  # my columns [c0, end); gaps are walked from column 0
+    if n == 0 or math.prod(lead) == 0: return torch.zeros(0, dtype=torch.int64, device=device)
+    R = np.zeros(1, dtype=np.int64)
+    for d, m in enumerate(lead):  # global row numbers of my rows, row-major (ascending)
+        R = (R[:, None] * (full[d] if d else 1) + np.arange(starts[d], starts[d] + m, dtype=np.int64)).ravel()
+    lo = (R & _M32).astype(np.uint32)
+    if R[-1] >> 32: lo ^= _h32((R >> 32).astype(np.uint32))  # rows past 2^32: the high word enters (h(0) = 0)
+    stream = _h32(_h32(lo) ^ np.uint32(key & _M32))  # one stream per row
+    table, M = _gap_table(p, end), _gaps_per_draw(end, p)
+    rows, last, m0, out = np.arange(len(R)), np.full(len(R), -1, dtype=np.int64), 0, []
+    while rows.size:
+        u = _h32(stream[rows, None] ^ np.arange(m0, m0 + M, dtype=np.uint32)).astype(np.int64)  # (rows, M)
+        c = last[rows, None] + np.cumsum(_gaps(u, p, table) + 1, axis=1)  # the drops' columns
+        r_i, m_i = np.nonzero((c >= c0) & (c < end))
+        out.append(rows[r_i] * n + c[r_i, m_i] - c0)
+        last[rows] = c[:, -1]
+        rows, m0 = rows[c[:, -1] < end - 1], m0 + M
+    idx = np.concatenate(out)
+    if len(out) > 1: idx.sort()  # ascending, however many draws the rows took (one draw: already so)
+    return torch.from_numpy(idx).to(device)
+
+# %% ../nbs/01_mixer.ipynb #b6637bd1
+def keep_mask(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
     "Keep-mask (bool) of the block `shape` at `starts` of a full tensor with extents `full`: the same bits on any layout."
-    idx = torch.zeros((), dtype=torch.int64, device=device)
-    for d, n in enumerate(shape):
-        ix = torch.arange(starts[d], starts[d] + n, dtype=torch.int64, device=device)
-        idx = idx * (full[d] if d else 1) + ix.view([n] + [1] * (len(shape) - d - 1))
-    u = _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32))
-    return u >= int(p * 2**32)
+    m = torch.ones(math.prod(shape), dtype=torch.bool, device=device)
+    m[drop_index(shape, p, key, starts, full, device)] = False
+    return m.view(tuple(shape))
 
 # %% ../nbs/01_mixer.ipynb #66c7f223
-class _HashDropout(torch.autograd.Function):
-    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, recomputed (nothing saved)."
+def _scaled(x, p: float) -> torch.Tensor:
+    "`x / (1 - p)` written row-major whatever the strides of `x` (one pass, so the drops' flat indices apply)."
+    return torch.div(x, 1 - p, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+class _Dropout(torch.autograd.Function):
+    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, from the saved dropped positions."
     @staticmethod
     def forward(ctx, x, p, key, starts, full):
-        ctx.args = (p, key, starts, full)
-        return x * keep_mask(x.shape, p, key, starts, full, x.device) / (1 - p)
+        idx = drop_index(x.shape, p, key, starts, full, x.device)
+        ctx.save_for_backward(idx); ctx.p = p
+        return _scaled(x, p).view(-1).index_fill_(0, idx, 0).view(x.shape)
 
     @staticmethod
     def backward(ctx, g):
-        p, key, starts, full = ctx.args
-        return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
+        idx, = ctx.saved_tensors
+        return _scaled(g, ctx.p).view(-1).index_fill_(0, idx, 0).view(g.shape), None, None, None, None
 
 # %% ../nbs/01_mixer.ipynb #c9cf81a5
 def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
     "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
     if not training or p == 0: return x
     starts = tuple(starts) if starts is not None else (0,) * x.dim()
-    return _HashDropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+    return _Dropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
 
 # %% ../nbs/01_mixer.ipynb #5114695c
 def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int:
     "The key of one dropout site of a forward pass whose key is `key`."
-    return int(_hash32(torch.tensor([key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)]))[0])
+    return int(_h32(np.array([(key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)) & _M32], dtype=np.uint32))[0])
 
 # %% ../nbs/01_mixer.ipynb #afeef0e7
 def _ln(x, w, b, eps=1e-5):

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from .config import MixerConfig, shard_range, split_sizes
 from .mixer import dropout, init_block, param_shapes, patchify, site_key, unpatchify
 from .comm import Group, all_gather
-from .pmatmul import (FEATURES, PATCHES, channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa,
-                                gather_contract, layer_norm, matmul_reduce_scatter_out, token_mlp, token_mlp_faithful,
-                                token_mlp_overlap, token_mlp_summa)
+from .pmatmul import (FEATURES, PATCHES, Layout, channel_mlp, channel_mlp_faithful, channel_mlp_overlap,
+                                channel_mlp_summa, gather_contract, layer_norm, matmul_reduce_scatter_out, token_mlp,
+                                token_mlp_faithful, token_mlp_overlap, token_mlp_summa)
 from torch.utils.checkpoint import checkpoint
 from fastcore.basics import patch
 
@@ -145,8 +145,8 @@ class JigsawMixer(nn.Module):
         self.params = nn.ParameterDict({
             n.replace(".", "/"): nn.Parameter(torch.empty([len(ix) for ix in self.spec[n][0]], dtype=dtype, device=device))
             for n in self._names})
-        self.t_sizes, self.h_sizes = token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q)
-        self.s_sizes, self.g_sizes = split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p)
+        self.layout = Layout(tensor, domain, token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q),  # what the MLPs take
+                             split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p))
         self.out_slice = slice(*shard_range(cfg.n_out, self.q, self.j))  # my output channels: e.g. `var_w[model.out_slice]`
         self.mlps = _mlps(schedule, self.bias_after)
         if init:
@@ -214,10 +214,9 @@ def _block(self: JigsawMixer, x, b: int, key: int, sample0: int, rollout: int):
     tok, ch = self.mlps
     def drop(t, which, starts, full):
         return dropout(t, c.dropout, self.training, site_key(key, rollout, b, which, c.blocks), (sample0,) + tuple(starts), (0,) + tuple(full))
-    x = x + tok(self._ln(x, n + "ln1", c.hidden), p[n + "tok1.w"], p[n + "tok1.b"], p[n + "tok2.w"], p[n + "tok2.b"],
-                self.tensor, self.domain, self.t_sizes, self.h_sizes, self.s_sizes, drop)
-    return x + ch(self._ln(x, n + "ln2", c.hidden), p[n + "ch1.w"], p[n + "ch1.b"], p[n + "ch2.w"], p[n + "ch2.b"],
-                  self.tensor, self.domain, self.t_sizes, self.h_sizes, self.g_sizes, drop)
+    w = lambda mlp: [p[n + mlp + k] for k in ("1.w", "1.b", "2.w", "2.b")]  # (w1, b1, w2, b2) of `mlp`
+    x = x + tok(self._ln(x, n + "ln1", c.hidden), *w("tok"), self.layout, drop)
+    return x + ch(self._ln(x, n + "ln2", c.hidden), *w("ch"), self.layout, drop)
 
 # %% ../nbs/06_parallel.ipynb #8c9f0f23
 @patch
@@ -366,7 +365,7 @@ def loss_count(model: JigsawMixer, batch: int, dp: int) -> int:
     "The denominator of this rank's `loss_share` for `batch` samples per model group and `dp` replicas."
     c = model.cfg
     if model.mode == "exact": return batch * dp * c.n_out * c.n_lat * c.n_lon
-    v_j, lon_i = len(model.spec["res.b"][0][0]), model.t_sizes[model.i] // c.n_lat * c.patch  # my block's channels, longitudes
+    v_j, lon_i = len(model.spec["res.b"][0][0]), model.layout.t_sizes[model.i] // c.n_lat * c.patch  # my block's channels, longitudes
     return batch * dp * v_j * c.n_lat * lon_i
 
 # %% ../nbs/06_parallel.ipynb #8d13679b

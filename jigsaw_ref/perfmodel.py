@@ -14,18 +14,19 @@ from .pmatmul import block_bytes
 from .parallel import residual_inputs, shard_spec
 
 # %% auto #0
-__all__ = ['A100_NODE', 'PASSES', 'LAYOUTS', 'C4_MODELS', 'C4_GPUS', 'PAPER', 'CALIBRATION_CELLS', 'Machine', 'Calib',
+__all__ = ['A100_NODE', 'MACHINES', 'PASSES', 'LAYOUTS', 'C4_MODELS', 'C4_GPUS', 'PAPER', 'CALIBRATION_CELLS', 'Machine', 'Calib',
            'gemm_calls', 'tile_efficiency', 'wave_factor', 'summa_products', 'encdec_products', 'imbalance',
            'gemm_time', 'rank_params', 'mem_bytes', 'mem_time', 'summa_block_bytes', 'activations_block_bytes',
            'summa_break_even_batch', 'summa_events', 'activation_events', 'mp_bytes', 'link_bw', 'mp_time', 'dp_time',
            'sample_bytes', 'io_time', 'h2d_time', 'step_time', 'speedup', 'weak_efficiency', 'pflops', 'c3_model',
-           'calibrate', 'comparison', 'format_table', 'gemm_slowdown', 'schedule_verdict', 'predict_local']
+           'calibrate', 'comparison', 'format_table', 'gemm_slowdown', 'schedule_verdict', 'megatron_time', 'fsdp_time',
+           'predict_local']
 
 # %% ../nbs/13_perf_model.ipynb #5e88b6f9
 @dataclass(frozen=True)
 class Machine:
     "Hardware numbers of one node type (defaults: HoreKa-like, 4 x A100 40 GB SXM4)."
-    peak: tuple = (("fp32", 19.5e12), ("tf32", 156e12))  # dense GEMM FLOP/s per GPU and precision
+    peak: tuple = (("fp32", 19.5e12), ("tf32", 156e12), ("bf16", 312e12))  # dense GEMM FLOP/s per GPU and precision
     hbm: float = 1555e9  # device memory bandwidth, bytes/s
     nvlink_pair: float = 100e9  # bytes/s per direction between two GPUs of a node
     net_node: float = 50e9  # bytes/s per direction from one node into the network (2 x HDR-200)
@@ -33,16 +34,28 @@ class Machine:
     itemsize: int = 4  # bytes per tensor element (float32; TF32 changes the GEMM, not the storage)
     pcie: float = 25e9  # host-to-device bytes/s per GPU
     sms: int = 108  # streaming multiprocessors (0: no tile/wave quantization, e.g. a CPU)
-    tiles: tuple = (("fp32", (128, 128)), ("tf32", (256, 128)))  # GEMM output tile per precision
+    tiles: tuple = (("fp32", (128, 128)), ("tf32", (256, 128)), ("bf16", (256, 128)))  # GEMM output tile per precision
     lat: tuple = (8.4e-6, 9.6e-6, 3.4e-6)  # NCCL ring latency: base, per network step, per NVLink step (s)
     msg_lat: float = 3.4e-6  # latency of one point-to-point message inside a node (s)
     bucket: int = 25 * 2**20  # DDP gradient bucket, bytes
+    memory: float = 39.59 * 2**30  # device memory per GPU that torch reports (`torch.cuda.get_device_properties(0).total_memory`)
+    name: str = "A100 40GB SXM4"
 
     def peak_of(self, precision: str) -> float: return dict(self.peak)[precision]
     def tile_of(self, precision: str) -> tuple: return dict(self.tiles).get(precision, (1, 1))
 
 
 A100_NODE = Machine()
+
+# %% ../nbs/13_perf_model.ipynb #41a4406f
+_H100 = dict(peak=(("fp32", 67e12), ("tf32", 494.7e12), ("bf16", 989.4e12)), hbm=3.35e12, nvlink_pair=450e9, net_node=400e9,
+             gpus_per_node=8, sms=132)
+MACHINES = {  # name -> node (see the table above)
+    "a100-40": A100_NODE,
+    "a100-80": replace(A100_NODE, hbm=2039e9, memory=79.15 * 2**30, name="A100 80GB SXM4"),
+    "h100": Machine(**_H100, memory=79.1 * 2**30, name="H100 80GB SXM5"),
+    "h200": Machine(**_H100 | dict(hbm=4.8e12), memory=139.8 * 2**30, name="H200 141GB SXM"),
+}
 
 # %% ../nbs/13_perf_model.ipynb #0a754e09
 @dataclass(frozen=True)
@@ -263,14 +276,15 @@ def h2d_time(c: MixerConfig, p: int, q: int, hw: Machine = A100_NODE) -> float:
 
 # %% ../nbs/13_perf_model.ipynb #35dd5e73
 def step_time(c: MixerConfig, p: int, q: int, n_gpus: int, precision: str = "tf32", loading: bool = True,
-              calib: Calib = Calib(), hw: Machine = A100_NODE, schedule: str = "released", overlap: float = 1.0) -> dict:
-    "Predicted seconds per training step (batch 1 per model instance) and its parts."
-    t = dict(gemm=gemm_time(c, p, q, precision, calib, hw, schedule), mem=mem_time(c, p, q, hw, schedule),
-             mp=mp_time(c, p, q, precision, calib, hw, schedule, overlap))
+              calib: Calib = Calib(), hw: Machine = A100_NODE, schedule: str = "released", overlap: float = 1.0,
+              batch: int = 1) -> dict:  # samples per model instance and step
+    "Predicted seconds per training step (`batch` samples per model instance) and its parts."
+    t = dict(gemm=gemm_time(c, p, q, precision, calib, hw, schedule, batch), mem=mem_time(c, p, q, hw, schedule, batch),
+             mp=mp_time(c, p, q, precision, calib, hw, schedule, overlap, batch))
     comp = sum(t.values())
     t["dp"] = max(0.0, dp_time(c, p, q, n_gpus, hw) - calib.window * comp) if n_gpus > p * q else 0.0
-    t["io_wait"] = max(0.0, io_time(c, p, q, n_gpus, calib, hw) - comp - t["dp"]) if loading else 0.0
-    t["h2d"] = h2d_time(c, p, q, hw) if loading else 0.0
+    t["io_wait"] = max(0.0, batch * io_time(c, p, q, n_gpus, calib, hw) - comp - t["dp"]) if loading else 0.0
+    t["h2d"] = batch * h2d_time(c, p, q, hw) if loading else 0.0
     t["step"] = sum(t.values())
     return t
 
@@ -374,6 +388,37 @@ def schedule_verdict(c: MixerConfig, hw: Machine = A100_NODE, calib: Calib | Non
         a, b = out["activations"]["step"][o], out["summa"]["step"][o]
         out[f"winner_overlap_{o:g}"] = ("activations" if a <= b else "summa", abs(a - b) / max(a, b))
     return out
+
+# %% ../nbs/13_perf_model.ipynb #021b5051
+def megatron_time(c: MixerConfig, n: int, n_gpus: int, precision: str = "tf32", calib: Calib = Calib(),
+                  hw: Machine = A100_NODE, batch: int = 1) -> dict:
+    "Predicted seconds per step of Megatron-style 1D tensor parallelism over `n` GPUs (`n_gpus` in all), and its parts."
+    from jigsaw_ref.mixer import forward_flops
+    T, H, S, G = c.tokens, c.hidden, c.token_hidden, c.channel_hidden
+    blk = 3 * batch * c.blocks * (4 * T * S * H + 4 * T * H * G)  # the split part of the step's FLOPs
+    rest = train_step_flops(c, batch) - blk
+    rate = calib.eta_of(precision) * hw.peak_of(precision)
+    t = dict(gemm=(blk / n + rest) * wave_factor(c, 1, 1, precision, hw, batch=batch) / rate)
+    params = (c.blocks * 2 * (S * T + H * G)) // n + (rank_params(c, 1, 1) - c.blocks * 2 * (S * T + H * G))
+    stream = PASSES["stream"] * T * H + PASSES["hidden"] * (S * H + T * G) / n
+    pix = PASSES["pixels"] * T * c.patch * (c.n_out + c.n_in)
+    t["mem"] = (PASSES["bwd_factor"] * hw.itemsize * batch * (c.blocks * stream + pix) + PASSES["adam_bytes"] * params) / hw.hbm
+    t["mp"] = 0.0 if n == 1 else 4 * c.blocks * (expected_bytes("all_reduce", n, batch * T * H, hw.itemsize) / link_bw(1, n, hw)
+                                                 + 2 * (n - 1) * hw.msg_lat)
+    comp = sum(t.values())
+    t["dp"] = max(0.0, dp_time(c, 1, n, n_gpus, hw) - calib.window * comp) if n_gpus > n else 0.0
+    t["step"] = sum(t.values())
+    return t
+
+# %% ../nbs/13_perf_model.ipynb #d21a3003
+def fsdp_time(c: MixerConfig, n_gpus: int, precision: str = "tf32", calib: Calib = Calib(), hw: Machine = A100_NODE,
+              batch: int = 1) -> dict:
+    "Predicted seconds per step of fully sharded data parallelism over `n_gpus` GPUs (`batch` samples each), and its parts."
+    t = step_time(c, 1, 1, 1, precision, False, calib, hw, "activations", batch=batch)
+    comp = t["gemm"] + t["mem"]
+    t["dp"] = max(0.0, 1.5 * dp_time(c, 1, 1, n_gpus, hw) - comp)
+    t["step"] = comp + t["dp"]
+    return t
 
 # %% ../nbs/13_perf_model.ipynb #86afd970
 def predict_local(c: MixerConfig, gemm_gflops: float, bw_bytes_s: float, latency_s: float, ways: tuple = (1, 2, 4),

@@ -5,6 +5,7 @@
 #| export
 from __future__ import annotations
 import math
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -204,14 +205,12 @@ test_eq(patchify(_img, 4)[0, 5, 1], _img[0, 1, 1, 4:8])  # token 5 = lon patch 1
 #
 # `torch.nn.functional.dropout` draws its mask from the process's random stream, so a model cut over four
 # ranks would drop different elements than the same model in one process, and a run resumed on another
-# layout would continue differently. Here the mask of every element is a pure function of the step's key,
-# the dropout site and the element's **global** index: element $e$ of site $s$ is kept when
-# $h(h(e \oplus k_s) \oplus \lfloor e / 2^{32} \rfloor) \ge p \cdot 2^{32}$, with $h$ a 32-bit integer
-# hash (a lowbias32-style mixer, products split so they fit in int64) and $k_s$ the key mixed with the site
-# number. A rank computes the mask of its block from the block's offsets alone, O(block) work and no
-# communication, and gets exactly the bits the one-process model gets for those elements. The mask is not
-# saved for the backward either: it is recomputed there from the same key, so dropout costs no activation
-# memory.
+# layout would continue differently. Here which elements are dropped is a pure function of the step's key,
+# the dropout site and the element's **global** index, and a rank finds those of its block from the block's
+# offsets alone, with no communication.
+#
+# First, the integer hash the whole construction rests on (it also draws the initial weights, below):
+# $h$ is a 32-bit integer mixer (lowbias32-style; products split so they fit in int64), exact on every device.
 
 # %%
 #| export
@@ -242,42 +241,163 @@ test_eq(dropout_key(0, 3), dropout_key(0, 3))
 assert len({dropout_key(0, s) for s in range(100)} | {dropout_key(1, s) for s in range(100)}) == 200
 
 # %% [markdown]
-# `keep_mask` gives the mask of a block from its offsets: `starts[d]` is where the block begins along dim
-# $d$ of the full tensor and `full[d]` the full extent (dim 0, the batch, needs no extent).
+# **Drops as gaps along each row.** Hashing every element (a dozen integer passes over each hidden tensor, in
+# the forward and again in the backward) cost up to 70% of a training step. At the rates used ($p = 10^{-3}$)
+# almost nothing is dropped, so the drops are drawn *directly*: along each row of the full tensor (all indices
+# but the last fixed; $R$ its global row number) the numbers of kept elements between consecutive drops are
+# independent geometric variables, $P(g \ge k) = (1-p)^k$, which is exactly a sequence of independent
+# Bernoulli($p$) drops. Row $R$ has the stream $s_R = h(h(R \bmod 2^{32} \oplus h(\lfloor R/2^{32} \rfloor)) \oplus k_s)$
+# (the key mixed in after $R$ is hashed, so sites whose keys differ in a few bits do not share rows' streams), and
+# gap $m$ of the row comes from the uniform 32-bit integer $u_{R,m} = h(s_R \oplus m)$ by an exact integer
+# comparison with the thresholds $\lfloor (1-p)^k\, 2^{32} \rfloor$ (computed by repeated multiplication in
+# Python floats: the same bits on every machine):
+# $$g_{R,m} = \#\{k \ge 1 : u_{R,m} < \lfloor (1-p)^k 2^{32} \rfloor\}, \qquad c_{R,m} = c_{R,m-1} + g_{R,m} + 1,\ c_{R,0} = -1,$$
+# and the drops of row $R$ are its columns $c_{R,1}, c_{R,2}, \dots$. A rank holding columns $[c_0, c_0+n)$ of a
+# row walks the row's gaps from column 0 (about $p\,(c_0+n)$ of them, a few per row) and keeps the drops that
+# land in its columns. So the work is $O(p \cdot \text{row length})$ per row, not $O(1)$ per element, and the
+# drops of a block are exactly the full tensor's drops there on every layout.
+#
+# These few numbers per row are computed with numpy in unsigned 32-bit arithmetic (`_h32`, the same mixer as
+# `_hash32`: numpy's uint32 products wrap modulo $2^{32}$ by definition), where a small array costs a
+# microsecond per operation instead of torch's several; on a GPU only the resulting indices are copied to the
+# device, so drawing the mask never waits for the GPU.
 
 # %%
 #| export
-def keep_mask(shape, p: float, key: int, starts, full, device=None):
+def _h32(x: np.ndarray) -> np.ndarray:
+    "`_hash32` on a numpy uint32 array (in place; products wrap modulo 2^32)."
+    x ^= x >> np.uint32(16); x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15); x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+# %%
+_v = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(1))
+test_eq(torch.from_numpy(_h32(_v.numpy().astype(np.uint32)).astype(np.int64)), _hash32(_v))  # the same mixer, bit for bit
+
+# %% [markdown]
+# `_gap_table` holds the thresholds, descending, with $2^{32}$ at $k = 0$ and a 0 after the last (gaps past the
+# row's end need no entry). `_gaps` finds $g$ for many $u$ at once: a floating-point estimate
+# $\lfloor \ln(u / 2^{32}) / \ln(1-p) \rfloor$, then corrected by exact integer comparisons with the thresholds
+# on both sides, so the result is the integer definition above on any machine (a binary search over the
+# table gives the same numbers several times slower).
+
+# %%
+#| export
+_GAPS: dict = {}
+
+
+def _gap_table(p: float, longest: int) -> np.ndarray:
+    "int64 thresholds floor((1-p)^k 2^32) for k = 0, 1, ... while not 0 and k <= longest + 1, then one 0."
+    if (p, longest) not in _GAPS:
+        thr, t = [2**32], 1.0
+        for _ in range(longest + 1):
+            t *= 1 - p
+            if int(t * 2**32) == 0: break
+            thr.append(int(t * 2**32))
+        _GAPS[(p, longest)] = np.array(thr + [0], dtype=np.int64)
+    return _GAPS[(p, longest)]
+
+# %%
+#| export
+def _gaps(u: np.ndarray, p: float, table: np.ndarray) -> np.ndarray:
+    "g = #{k >= 1 : u < table[k]} for uniforms `u` (int64, in [0, 2^32); table from `_gap_table`)."
+    K = len(table) - 2  # the last k with a threshold
+    g = np.zeros_like(u) if p >= 1 else np.clip(np.floor(np.log((u + 0.5) / 2**32) / math.log1p(-p)), 0, K).astype(np.int64)
+    while True:  # settle the estimate exactly (it is off by one near a threshold, more where thresholds repeat)
+        step = (u < table[g + 1]).astype(np.int64) - ((u >= table[g]) & (g > 0))  # below the next one: up; not below this one: down
+        if not step.any(): return g
+        g += step
+
+# %%
+_t = _gap_table(0.3, 50)
+_u = np.random.default_rng(0).integers(0, 2**32, 10000)
+test_eq(_gaps(_u, 0.3, _t), (_u[:, None] < _t[None, 1:]).sum(1))  # the count, by brute force
+test_eq(_gaps(_t[1:-1].copy(), 0.3, _t), np.arange(len(_t) - 2))  # exactly at a threshold: not below it
+_t = _gap_table(1e-3, 30000)  # the tail, where consecutive thresholds repeat (u of a few units)
+_u = np.concatenate([np.arange(0, 3000, 7), _u[:1000]])
+test_eq(_gaps(_u, 1e-3, _t), (_u[:, None] < _t[None, 1:]).sum(1))
+
+# %% [markdown]
+# `drop_index` gives the dropped elements of a block from its offsets: `starts[d]` is where the block begins
+# along dim $d$ of the full tensor and `full[d]` the full extent (dim 0, the batch, needs no extent). Each row
+# draws its gaps `M` at a time (enough for all of them with high probability); a row that has not yet passed
+# its last column draws `M` more.
+
+# %%
+#| export
+def _gaps_per_draw(end: int, p: float) -> int:
+    "Gaps drawn per row at a time: the mean number of drops up to column `end` plus 3 standard deviations and 2."
+    return int(end * p + 3 * math.sqrt(end * p + 1) + 2)
+
+# %%
+#| export
+def drop_index(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
+    "Flat indices (row-major, into the block `shape` at `starts` of a tensor with extents `full`) of the dropped elements."
+    *lead, n = shape
+    c0, end = starts[-1], starts[-1] + n  # my columns [c0, end); gaps are walked from column 0
+    if n == 0 or math.prod(lead) == 0: return torch.zeros(0, dtype=torch.int64, device=device)
+    R = np.zeros(1, dtype=np.int64)
+    for d, m in enumerate(lead):  # global row numbers of my rows, row-major (ascending)
+        R = (R[:, None] * (full[d] if d else 1) + np.arange(starts[d], starts[d] + m, dtype=np.int64)).ravel()
+    lo = (R & _M32).astype(np.uint32)
+    if R[-1] >> 32: lo ^= _h32((R >> 32).astype(np.uint32))  # rows past 2^32: the high word enters (h(0) = 0)
+    stream = _h32(_h32(lo) ^ np.uint32(key & _M32))  # one stream per row
+    table, M = _gap_table(p, end), _gaps_per_draw(end, p)
+    rows, last, m0, out = np.arange(len(R)), np.full(len(R), -1, dtype=np.int64), 0, []
+    while rows.size:
+        u = _h32(stream[rows, None] ^ np.arange(m0, m0 + M, dtype=np.uint32)).astype(np.int64)  # (rows, M)
+        c = last[rows, None] + np.cumsum(_gaps(u, p, table) + 1, axis=1)  # the drops' columns
+        r_i, m_i = np.nonzero((c >= c0) & (c < end))
+        out.append(rows[r_i] * n + c[r_i, m_i] - c0)
+        last[rows] = c[:, -1]
+        rows, m0 = rows[c[:, -1] < end - 1], m0 + M
+    idx = np.concatenate(out)
+    if len(out) > 1: idx.sort()  # ascending, however many draws the rows took (one draw: already so)
+    return torch.from_numpy(idx).to(device)
+
+# %%
+#| export
+def keep_mask(shape, p: float, key: int, starts, full, device=None) -> torch.Tensor:
     "Keep-mask (bool) of the block `shape` at `starts` of a full tensor with extents `full`: the same bits on any layout."
-    idx = torch.zeros((), dtype=torch.int64, device=device)
-    for d, n in enumerate(shape):
-        ix = torch.arange(starts[d], starts[d] + n, dtype=torch.int64, device=device)
-        idx = idx * (full[d] if d else 1) + ix.view([n] + [1] * (len(shape) - d - 1))
-    u = _hash32(_hash32((idx & _M32) ^ key) ^ (idx >> 32))
-    return u >= int(p * 2**32)
+    m = torch.ones(math.prod(shape), dtype=torch.bool, device=device)
+    m[drop_index(shape, p, key, starts, full, device)] = False
+    return m.view(tuple(shape))
 
 # %%
 _full = keep_mask((3, 6, 5), 0.3, 7, (0, 0, 0), (3, 6, 5))
 test_eq(keep_mask((2, 4, 2), 0.3, 7, (1, 2, 3), (3, 6, 5)), _full[1:3, 2:6, 3:5])  # a block has the full mask's bits
 test_close(keep_mask((64, 64, 64), 0.3, 7, (0, 0, 0), (64, 64, 64)).double().mean(), 0.7, eps=0.01)
+_big = ~keep_mask((8, 256, 512), 0.01, 9, (0, 0, 0), (8, 256, 512))  # 1M elements, about 10,000 drops
+test_close(_big.double().mean(), 0.01, eps=4 * math.sqrt(0.01 / _big.numel()))  # the rate, within 4 sigma
+test_close((_big[..., 1:] & _big[..., :-1]).double().mean(), 1e-4, eps=4e-5)  # neighbours dropped together: p^2
+test_close((_big[:, 1:] & _big[:, :-1]).double().mean(), 1e-4, eps=4e-5)  # across rows too
 
 # %% [markdown]
-# The autograd function: forward $y = x \odot m / (1-p)$, backward $\partial x = \partial y \odot m / (1-p)$
-# with $m$ recomputed, so nothing is saved.
+# The autograd function: forward $y = x \odot m / (1-p)$, backward $\partial x = \partial y \odot m / (1-p)$. The
+# dropped positions (about $p$ of the elements, as int64) are saved for the backward instead of being drawn
+# again: at $p = 10^{-3}$ that is 0.8% of the bytes of the tensor they mask. Both directions are one division
+# pass and a scatter of zeros, the cost of `torch.nn.functional.dropout`'s own multiply.
 
 # %%
 #| export
-class _HashDropout(torch.autograd.Function):
-    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, recomputed (nothing saved)."
+def _scaled(x, p: float) -> torch.Tensor:
+    "`x / (1 - p)` written row-major whatever the strides of `x` (one pass, so the drops' flat indices apply)."
+    return torch.div(x, 1 - p, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+class _Dropout(torch.autograd.Function):
+    "Forward: `x * mask / (1 - p)` with the layout-independent mask; backward: the same mask, from the saved dropped positions."
     @staticmethod
     def forward(ctx, x, p, key, starts, full):
-        ctx.args = (p, key, starts, full)
-        return x * keep_mask(x.shape, p, key, starts, full, x.device) / (1 - p)
+        idx = drop_index(x.shape, p, key, starts, full, x.device)
+        ctx.save_for_backward(idx); ctx.p = p
+        return _scaled(x, p).view(-1).index_fill_(0, idx, 0).view(x.shape)
 
     @staticmethod
     def backward(ctx, g):
-        p, key, starts, full = ctx.args
-        return g * keep_mask(g.shape, p, key, starts, full, g.device) / (1 - p), None, None, None, None
+        idx, = ctx.saved_tensors
+        return _scaled(g, ctx.p).view(-1).index_fill_(0, idx, 0).view(g.shape), None, None, None, None
 
 # %%
 #| export
@@ -285,7 +405,7 @@ def dropout(x, p: float, training: bool, key: int, starts=None, full=None):
     "Dropout with a mask that depends only on (`key`, the element's global index): `starts`/`full` place `x` in its full tensor."
     if not training or p == 0: return x
     starts = tuple(starts) if starts is not None else (0,) * x.dim()
-    return _HashDropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
+    return _Dropout.apply(x, p, key, starts, tuple(full) if full is not None else tuple(x.shape))
 
 # %%
 _x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
@@ -293,8 +413,10 @@ _y = dropout(_x, 0.5, True, key=11)
 _y.sum().backward()
 test_eq((_y == 0), (_x.grad == 0))  # dropped in the forward, zero gradient in the backward
 test_close(_y[_y != 0], 2 * _x[_y != 0])
+test_eq(_y.detach(), _x.detach() * keep_mask(_x.shape, 0.5, 11, (0, 0, 0), _x.shape) / 0.5)  # x * m / (1 - p), bit for bit
 assert dropout(_x, 0.5, False, key=11) is _x  # evaluation: the identity
 test_eq(dropout(_x[:, 2:4].detach(), 0.5, True, key=11, starts=(0, 2, 0), full=(2, 6, 5)), _y[:, 2:4].detach())  # a block, alone
+test_eq(dropout(_x.detach().transpose(1, 2), 0.5, True, key=11), _x.detach().transpose(1, 2) * keep_mask((2, 5, 6), 0.5, 11, (0, 0, 0), (2, 5, 6)) / 0.5)  # any strides
 
 # %% [markdown]
 # Sites: every dropout of a forward pass has its own number, `site = ((rollout step * blocks + block) * 4 + which)`,
@@ -307,7 +429,10 @@ test_eq(dropout(_x[:, 2:4].detach(), 0.5, True, key=11, starts=(0, 2, 0), full=(
 #| export
 def site_key(key: int, rollout: int, block: int, which: int, blocks: int) -> int:
     "The key of one dropout site of a forward pass whose key is `key`."
-    return int(_hash32(torch.tensor([key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)]))[0])
+    return int(_h32(np.array([(key ^ (((rollout * blocks + block) * 4 + which) * 0x9E3779B1 & _M32)) & _M32], dtype=np.uint32))[0])
+
+# %%
+test_eq(site_key(12345, 1, 2, 3, 3), int(_hash32(torch.tensor([12345 ^ ((1 * 3 + 2) * 4 + 3) * 0x9E3779B1 & _M32]))[0]))
 
 # %%
 #| export

@@ -4,12 +4,15 @@
 # %%
 #| export
 from __future__ import annotations
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
-import math
+import functools, math
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from jigsaw_ref.comm import Group, all_gather, all_reduce, expected_bytes, reduce_scatter
 from jigsaw_ref.config import shard_range, split_sizes
+from jigsaw_ref.probe import saved_bytes  # re-exported for callers that import it from here (bench); new code: jigsaw_ref.probe
 
 # %%
 #| hide
@@ -18,12 +21,14 @@ import jigsaw_ref.pmatmul as _pm  # the exported module: its source for the tag 
 from fastcore.test import test_eq, test_close, test_fail
 from jigsaw_ref.comm import make_groups
 from jigsaw_ref.grid import Grid
+from jigsaw_ref.probe import message_table, plot_messages, traced
 from jigsaw_ref.ranks import run_ranks
+
 
 # %% [markdown]
 # # Partitioned linear algebra
 #
-# > Token mixing, channel mixing and LayerNorm on a p × q grid of ranks: the serial MLP, the 2-way sums, the 2x2 table and its picture, the backward, the general form, then the overlapped and faithful variants, all run here on thread ranks.
+# > Token mixing, channel mixing and LayerNorm on a p × q grid of ranks: the serial MLP, the 2-way sums, the general form, the 2x2 exchanges traced, the backward, then the overlapped and faithful variants, all run here on thread ranks.
 
 # %% [markdown]
 # ## The layout
@@ -37,9 +42,64 @@ from jigsaw_ref.ranks import run_ranks
 # the channel index is. So each MLP is a one-dimensional tensor-parallel MLP over one axis of the grid,
 # with its batch axis gathered over the other axis.
 #
-# Every check in this notebook runs the exported functions on **thread ranks** (`ranks.run_ranks`): each
-# rank is a thread with its own `comm.Group`s, exchanging real messages through the same code that runs over
-# MPI, and the results are compared in float64 with the one-process MLP.
+# A `Layout` is that arrangement as one rank sees it: its two groups, the $q$ ranks that share its tokens
+# (`tensor`, a row of the grid, where it is rank $j$) and the $p$ ranks that share its channels (`domain`, a
+# column, where it is rank $i$), and the block sizes of every extent the MLPs cut: tokens $T$ and hidden
+# channels $G$ over the domain axis, channels $H$ and hidden tokens $S$ over the tensor axis. The parallel model
+# builds it once; every MLP of this module takes it.
+
+# %%
+#| export
+def _off(sizes, k): return sum(sizes[:k])  # where block k of `sizes` starts
+
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Layout:
+    "The groups and block sizes of one model group as rank (i, j) sees them: what every MLP of this module takes."
+    tensor: Group  # the q ranks that share my tokens (a row of the grid); I am its rank j
+    domain: Group  # the p ranks that share my channels (a column); I am its rank i
+    t_sizes: tuple[int, ...]  # tokens T, one block per domain rank
+    h_sizes: tuple[int, ...]  # channels H, one block per tensor rank
+    s_sizes: tuple[int, ...]  # hidden tokens S of the token MLP, one block per tensor rank
+    g_sizes: tuple[int, ...]  # hidden channels G of the channel MLP, one block per domain rank
+    p: int = field(init=False)  # the rest is derived: p token blocks (domain ranks), q channel blocks (tensor ranks),
+    q: int = field(init=False)
+    i: int = field(init=False)  # my token block and my channel block
+    j: int = field(init=False)
+    full: tuple[int, int] = field(init=False)  # (T, H): the whole activation
+    starts: tuple[int, int] = field(init=False)  # where my block X[T_i, H_j] starts in it
+
+    def __post_init__(self):
+        for f, g in (("t_sizes", self.domain), ("h_sizes", self.tensor), ("s_sizes", self.tensor), ("g_sizes", self.domain)):
+            sizes = tuple(int(n) for n in getattr(self, f))
+            if len(sizes) != g.size: raise ValueError(f"Layout: {f}={sizes} is not one block per rank of a group of {g.size}")
+            object.__setattr__(self, f, sizes)
+        p, q, i, j = self.domain.size, self.tensor.size, self.domain.rank, self.tensor.rank
+        derived = dict(p=p, q=q, i=i, j=j, full=(sum(self.t_sizes), sum(self.h_sizes)),
+                       starts=(_off(self.t_sizes, i), _off(self.h_sizes, j)))
+        for k, v in derived.items(): object.__setattr__(self, k, v)
+
+    @classmethod
+    def split(cls, tensor: Group, domain: Group, T: int, H: int, S: int, G: int) -> Layout:
+        "Every extent cut as evenly as it goes (`split_sizes`): T and G over the domain ranks, H and S over the tensor ranks."
+        p, q = domain.size, tensor.size
+        return cls(tensor, domain, split_sizes(T, p), split_sizes(H, q), split_sizes(S, q), split_sizes(G, p))
+
+
+# %% [markdown]
+# On one process every group has one rank; on a 2x3 grid rank (1, 2) holds the second token block and the third
+# channel block (faked groups of the right size and rank here; thread ranks below):
+
+# %%
+_G2 = lambda size, rank: type("G", (), {"size": size, "rank": rank})()
+_lay = Layout.split(_G2(3, 2), _G2(2, 1), T=10, H=7, S=5, G=9)
+test_eq((_lay.p, _lay.q, _lay.i, _lay.j, _lay.t_sizes, _lay.h_sizes, _lay.s_sizes, _lay.g_sizes),
+        (2, 3, 1, 2, (5, 5), (3, 2, 2), (2, 2, 1), (5, 4)))
+test_eq((_lay.starts, _lay.full, sum(_lay.s_sizes), sum(_lay.g_sizes)), ((5, 5), (10, 7), 5, 9))
+test_fail(lambda: Layout(_G2(2, 0), _G2(1, 0), [10], [7], [5], [9]), contains="one block per rank")
+
 
 # %% [markdown]
 # ## The serial MLP
@@ -83,6 +143,7 @@ _w2 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
 (RIGHT.fwd(_w2, _a.detach()[:, :5]) * torch.ones(2, 5, 3)).sum().backward()
 test_close(RIGHT.dw(torch.ones(2, 5, 3, dtype=torch.float64), _a.detach()[:, :5]), _w2.grad)
 
+
 # %% [markdown]
 # ## Biases on partial sums
 #
@@ -99,6 +160,7 @@ def bias_full(b, n: int, group: Group):
     a, e = shard_range(n, group.size, group.rank)
     return torch.cat([b.new_zeros(a), b, b.new_zeros(n - e)])
 
+
 # %%
 #| export
 def add_bias_shard(
@@ -110,6 +172,7 @@ def add_bias_shard(
     shape = [1] * y.dim(); shape[dim] = y.shape[dim]
     return y + bias_full(b, y.shape[dim], group).view(shape)
 
+
 # %%
 _p = [torch.randn(2, 5, 3) for _ in range(3)]  # three ranks' partial products
 _b = torch.randn(5)
@@ -117,59 +180,23 @@ _sum = sum(add_bias_shard(_p[r], _b[slice(*shard_range(5, 3, r))], 1, type("G", 
 test_close(_sum, sum(_p) + _b[:, None])
 
 # %% [markdown]
-# ## Token mixing, plain: the equation line by line
+# ## The harness: thread ranks
 #
-# With $W_1$ cut into blocks $W_1[\mathcal S_j, \mathcal T_i]$ (hidden tokens over the $q$ axis, input tokens over
-# the $p$ axis) and $W_2[\mathcal T_i, \mathcal S_j]$:
-#
-# $$A[\mathcal S_j, :] = \sigma\Big(\sum_{i'} W_1[\mathcal S_j, \mathcal T_{i'}]\; X[\mathcal T_{i'}, :] + b_1[\mathcal S_j]\Big),
-# \qquad
-# Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{j'} W_2[\mathcal T_i, \mathcal S_{j'}]\, A[\mathcal S_{j'}, :]\Big]_{:, \mathcal H_j} + b_2[\mathcal T_i].$$
-#
-# Rank $(i,j)$ all-gathers $X[\mathcal T_i, :]$ from its tensor partners (all channels of its tokens), forms the
-# partial product $W_1[\mathcal S_j,\mathcal T_i] X[\mathcal T_i,:]$ and sums it over its domain partners
-# (all-reduce over $i$); then its partial product $W_2[\mathcal T_i, \mathcal S_j] A[\mathcal S_j, :]$ is summed over
-# the tensor partners and cut along channels (reduce-scatter over $j$). Each line below is one factor of the
-# equation. `drop(t, which, starts, full)` applies the model's dropout to a block at `starts` of a full tensor
-# of extents `full` (identity when not given); `t_sizes`, `h_sizes`, `s_sizes` are the block sizes of tokens
-# over the domain axis, and of channels and hidden tokens over the tensor axis.
+# Every check in this notebook runs the exported functions on **thread ranks** (`ranks.run_ranks`): each rank is a
+# thread with its own `comm.Group`s, exchanging real messages through the same code that runs over MPI, and the
+# results are compared in float64 with the one-process MLP. `on_grid(p, q, fn)` runs `fn(layout)` on the $pq$
+# thread ranks of a $p \times q$ model group, with the uneven sizes below, and returns the results in rank order
+# $r = iq + j$; `cut` takes rank $(i,j)$'s block of a full tensor, `close` compares to a relative tolerance, and
+# `serial_token_mlp` is the one-process MLP.
 
 # %%
-#| export
-def _off(sizes, k): return sum(sizes[:k])
+_B, _T, _H, _S, _G = 2, 10, 7, 5, 9  # uneven everywhere: batch 2, T = 10 tokens, H = 7 channels, S = 5 and G = 9 hidden
 
-# %%
-#| export
-def _nodrop(t, which, starts, full): return t
 
-# %%
-#| export
-def token_mlp(
-    x,  # (B, T_i, H_j): this rank's activation block
-    w1, b1,  # W1[S_j, T_i] (S_j, T_i); b1: shard i (of p) of b1[S_j]
-    w2, b2,  # W2[T_i, S_j] (T_i, S_j); b2: shard j (of q) of b2[T_i]
-    tensor: Group, domain: Group,  # the q ranks sharing my tokens; the p ranks sharing my channels
-    t_sizes: list[int], h_sizes: list[int], s_sizes: list[int],  # T over p, H over q, S over q
-    drop=_nodrop,
-):
-    "Token-mixing MLP on a p x q grid, the plain path: (B, T_i, H_j) -> (B, T_i, H_j)."
-    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
-    xg = all_gather(x, tensor, 2, h_sizes)  # X[T_i, :]  (B, T_i, H)
-    a = all_reduce(add_bias_shard(LEFT.fwd(w1, xg), b1, 1, domain), domain)  # sum_i W1[S_j,T_i] X[T_i,:] + b1  (B, S_j, H)
-    a = drop(F.gelu(a), 0, (_off(s_sizes, j), 0), (S, H))
-    y = reduce_scatter(add_bias_shard(LEFT.fwd(w2, a), b2, 1, tensor), tensor, 2, h_sizes)  # sum_j W2[T_i,S_j] A[S_j,H_j] + b2
-    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))  # (B, T_i, H_j)
-
-# %% [markdown]
-# A small harness for the checks: `on_grid(p, q, fn)` runs `fn(tensor, domain)` on the $pq$ thread ranks of a
-# $p \times q$ model group and returns the results in rank order $r = iq + j$; `cut` takes rank $(i,j)$'s block of a
-# full tensor, `close` compares to a relative tolerance, and `serial_token_mlp` is the one-process MLP.
-
-# %%
-def on_grid(p, q, fn, *args):
+def on_grid(p, q, fn, *args, sizes=(_T, _H, _S, _G)):
     def rank(comm):
         g = make_groups(Grid(1, p, q), comm=comm)
-        return fn(g["tensor"], g["domain"], *args)
+        return fn(Layout.split(g["tensor"], g["domain"], *sizes), *args)
     return run_ranks(p * q, rank)
 
 
@@ -187,17 +214,15 @@ def close(a, b, eps=1e-12):
 
 def serial_token_mlp(x, w1, b1, w2, b2): return LEFT.fwd(w2, F.gelu(LEFT.fwd(w1, x) + b1[:, None])) + b2[:, None]
 
-# %% [markdown]
-# Uneven sizes everywhere: $T = 10$ tokens, $H = 7$ channels, $S = 5$ hidden tokens, batch 2.
 
 # %%
-_B, _T, _H, _S, _G = 2, 10, 7, 5, 9
 _gen = torch.Generator().manual_seed(0)
 _r = lambda *s: torch.randn(*s, generator=_gen, dtype=torch.float64)
 _X, _W1, _b1, _W2, _b2 = _r(_B, _T, _H), _r(_S, _T), _r(_S), _r(_T, _S), _r(_T)
 _dY = _r(_B, _T, _H)  # the upstream gradient
 _full = [t.clone().requires_grad_(True) for t in (_X, _W1, _b1, _W2, _b2)]
 _Y = serial_token_mlp(*_full); (_Y * _dY).sum().backward()
+
 
 # %% [markdown]
 # ## The 2-way case: two terms
@@ -219,25 +244,97 @@ _Y = serial_token_mlp(*_full); (_Y * _dY).sum().backward()
 #    $$Y[:, \mathcal H_0] = P_0[:, \mathcal H_0] + P_1[:, \mathcal H_0], \qquad Y[:, \mathcal H_1] = P_0[:, \mathcal H_1] + P_1[:, \mathcal H_1],$$
 #
 #    so rank $j$ **sends its partner the half it owns**, $P_j[:, \mathcal H_{1-j}]$, receives $P_{1-j}[:, \mathcal H_j]$
-#    and adds (a reduce-scatter in two messages).
+#    and adds (a reduce-scatter in two messages). The output bias $b_2$ is added once: each rank adds its half of
+#    it (`add_bias_shard`) to its term before the exchange.
 #
 # The channel MLP is the mirror image: $X W_a = X_0\, W_a[\mathcal H_0, :] + X_1\, W_a[\mathcal H_1, :]$, two terms
 # whose sum every rank needs (the pair swaps them: an all-reduce), then rank $j$ multiplies by its column half
-# $W_b[:, \mathcal H_j]$ and is done. On two thread ranks, with the uneven sizes above:
+# $W_b[:, \mathcal H_j]$ and is done.
+#
+# The two messages, written out with the pair's `start` and `wait` (forward only), on two thread ranks:
 
 # %%
-def _run_token(tensor, domain, fn=token_mlp):
-    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+def two_way_token_mlp(x, w1, b1, w2, b2, lay):
+    "The token MLP on a pair (p = 1, q = 2) as its two messages: X_j (B, T, H_j), W1[S_j, :], b1[S_j], W2[:, S_j], b2's half j."
+    pair, j, k = lay.tensor, lay.j, 1 - lay.j
+    theirs = x.new_empty(x.shape[0], x.shape[1], lay.h_sizes[k])
+    pair.wait(pair.start(sends=[(x, k)], recvs=[(theirs, k)]))  # 1. swap the halves
+    X = torch.cat([x, theirs] if j == 0 else [theirs, x], dim=2)  # all of X, (B, T, H)
+    A_j = F.gelu(LEFT.fwd(w1, X) + b1[:, None])  # my hidden rows, complete
+    P_j = add_bias_shard(LEFT.fwd(w2, A_j), b2, 1, pair).split(lay.h_sizes, dim=2)  # 2. my term, cut at the halves
+    got = P_j[j].new_empty(P_j[j].shape)  # (a new tensor: `empty_like` of a view may keep its strides)
+    pair.wait(pair.start(sends=[(P_j[k].contiguous(), k)], recvs=[(got, k)]))  # the half my partner owns, for its half of mine
+    return P_j[j] + got
+
+
+def _two_way(lay):
+    j = lay.j
+    return two_way_token_mlp(cut(_X, (2, 2, j)), cut(_W1, (0, 2, j)), cut(_b1, (0, 2, j)), cut(_W2, (1, 2, j)),
+                             cut(_b2, (0, 2, j)), lay).detach()
+
+for _j, _y in enumerate(on_grid(1, 2, _two_way)): close(_y, cut(_Y, (2, 2, _j)))
+
+
+# %% [markdown]
+# ## Token mixing on a $p \times q$ grid: the equation line by line
+#
+# Nothing in the 2-way sums needed $p = 1$ or $q = 2$. On any grid, with $W_1$ cut into blocks
+# $W_1[\mathcal S_j, \mathcal T_i]$ (hidden tokens over the $q$ axis, input tokens over the $p$ axis) and
+# $W_2[\mathcal T_i, \mathcal S_j]$:
+#
+# $$A[\mathcal S_j, :] = \sigma\Big(\sum_{i'} W_1[\mathcal S_j, \mathcal T_{i'}]\; X[\mathcal T_{i'}, :] + b_1[\mathcal S_j]\Big),
+# \qquad
+# Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{j'} W_2[\mathcal T_i, \mathcal S_{j'}]\, A[\mathcal S_{j'}, :]\Big]_{:, \mathcal H_j} + b_2[\mathcal T_i].$$
+#
+# Rank $(i,j)$ all-gathers $X[\mathcal T_i, :]$ from its tensor partners (all channels of its tokens: step 1 of the
+# 2-way case, now for its own token block), forms the partial product $W_1[\mathcal S_j,\mathcal T_i] X[\mathcal T_i,:]$
+# and sums it over its domain partners (all-reduce over $i$: with $p > 1$ the tokens are split, so the sum over
+# tokens needs the column); then its term $W_2[\mathcal T_i, \mathcal S_j] A[\mathcal S_j, :]$ is summed over the tensor
+# partners and cut along channels (reduce-scatter over $j$: step 2). Each line below is one factor of the
+# equation. `drop(t, which, starts, full)` applies the model's dropout to a block at `starts` of a full tensor
+# of extents `full` (identity when not given).
+
+# %%
+#| export
+def _nodrop(t, which, starts, full): return t
+
+
+# %%
+#| export
+def token_mlp(
+    x,  # (B, T_i, H_j): this rank's activation block
+    w1, b1,  # W1[S_j, T_i] (S_j, T_i); b1: shard i (of p) of b1[S_j]
+    w2, b2,  # W2[T_i, S_j] (T_i, S_j); b2: shard j (of q) of b2[T_i]
+    lay: Layout,  # my groups and the block sizes
+    drop=_nodrop,  # drop(t, which, starts, full): the model's dropout of a block
+):
+    "Token-mixing MLP on a p x q grid, the plain path: (B, T_i, H_j) -> (B, T_i, H_j)."
+    tensor, domain, (T, H), S = lay.tensor, lay.domain, lay.full, sum(lay.s_sizes)
+    xg = all_gather(x, tensor, 2, lay.h_sizes)  # X[T_i, :]  (B, T_i, H)
+    a = all_reduce(add_bias_shard(LEFT.fwd(w1, xg), b1, 1, domain), domain)  # sum_i W1[S_j,T_i] X[T_i,:] + b1  (B, S_j, H)
+    a = drop(F.gelu(a), 0, (_off(lay.s_sizes, lay.j), 0), (S, H))
+    y = reduce_scatter(add_bias_shard(LEFT.fwd(w2, a), b2, 1, tensor), tensor, 2, lay.h_sizes)  # sum_j W2[T_i,S_j] A[S_j,H_j] + b2
+    return drop(y, 1, lay.starts, lay.full)  # (B, T_i, H_j)
+
+
+# %% [markdown]
+# On the pair it is the two-message version above; then on 2x2, 3x2 and 2x3 grids with the uneven sizes (for
+# 2x2: tokens 5 + 5, channels 4 + 3, hidden tokens 3 + 2), the forward, the input gradient, both weights and both
+# biases:
+
+# %%
+def _run_token(lay, fn=token_mlp):
+    p, q, i, j = lay.p, lay.q, lay.i, lay.j
     x = cut(_X, (1, p, i), (2, q, j))
     w1, b1 = cut(_W1, (0, q, j), (1, p, i)), cut(_b1, (0, q, j), (0, p, i))  # bias shards: see above
     w2, b2 = cut(_W2, (0, p, i), (1, q, j)), cut(_b2, (0, p, i), (0, q, j))
-    y = fn(x, w1, b1, w2, b2, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_S, q))
+    y = fn(x, w1, b1, w2, b2, lay)
     (y * cut(_dY, (1, p, i), (2, q, j))).sum().backward()
-    return y.detach(), x.grad, w1.grad, b1.grad, w2.grad, b2.grad, tensor.sent + domain.sent
+    return y.detach(), x.grad, w1.grad, b1.grad, w2.grad, b2.grad
 
 
 def _check_token(p, q, fn=token_mlp):
-    for r, (y, dx, dw1, db1, dw2, db2, _) in enumerate(on_grid(p, q, _run_token, fn)):
+    for r, (y, dx, dw1, db1, dw2, db2) in enumerate(on_grid(p, q, _run_token, fn)):
         i, j = divmod(r, q)
         test_close(y, _Y.detach()[:, slice(*shard_range(_T, p, i)), slice(*shard_range(_H, q, j))], eps=1e-12)
         test_close(dx, cut(_full[0].grad, (1, p, i), (2, q, j)), eps=1e-12)
@@ -246,85 +343,137 @@ def _check_token(p, q, fn=token_mlp):
         test_close(db1, cut(_full[2].grad, (0, q, j), (0, p, i)), eps=1e-12)
         test_close(db2, cut(_full[4].grad, (0, p, i), (0, q, j)), eps=1e-12)
 
-_check_token(1, 2)  # 2-way: forward, input gradient, both weights and both biases, on two thread ranks
+for _y, _z in zip(on_grid(1, 2, _two_way), on_grid(1, 2, _run_token)): close(_z[0], _y)
+for _pq in ((1, 2), (2, 2), (3, 2), (2, 3)): _check_token(*_pq)
+
 
 # %% [markdown]
-# ## The 2x2 case: a table and a picture
+# ## Channel mixing: $Y = \sigma(X W_a + b_a) W_b + b_b$
+#
+# The mirror image: $W_a[\mathcal H_j, \mathcal G_i]$ and $W_b[\mathcal G_i, \mathcal H_j]$, with the hidden channels
+# over the $p$ axis. Rank $(i,j)$ all-gathers its channel block over all tokens from its domain partners,
+#
+# $$A[:, \mathcal G_i] = \sigma\Big(\sum_{j'} X[:, \mathcal H_{j'}]\, W_a[\mathcal H_{j'}, \mathcal G_i] + b_a[\mathcal G_i]\Big) \quad\text{(all-reduce over } j'),$$
+#
+# $$Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{i'} A[:, \mathcal G_{i'}]\, W_b[\mathcal G_{i'}, \mathcal H_j]\Big]_{\mathcal T_i, :} + b_b[\mathcal H_j] \quad\text{(reduce-scatter over } i' \text{ along tokens)}.$$
+
+# %%
+#| export
+def channel_mlp(
+    x,  # (B, T_i, H_j)
+    wa, ba,  # Wa[H_j, G_i] (H_j, G_i); ba: shard j (of q) of ba[G_i]
+    wb, bb,  # Wb[G_i, H_j] (G_i, H_j); bb: shard i (of p) of bb[H_j]
+    lay: Layout,  # my groups and the block sizes
+    drop=_nodrop,  # drop(t, which, starts, full): the model's dropout of a block
+):
+    "Channel-mixing MLP on a p x q grid, the plain path: (B, T_i, H_j) -> (B, T_i, H_j)."
+    tensor, domain, T, G = lay.tensor, lay.domain, lay.full[0], sum(lay.g_sizes)
+    xg = all_gather(x, domain, 1, lay.t_sizes)  # X[:, H_j]  (B, T, H_j)
+    a = all_reduce(add_bias_shard(RIGHT.fwd(wa, xg), ba, 2, tensor), tensor)  # sum_j X[:,H_j] Wa[H_j,G_i] + ba  (B, T, G_i)
+    a = drop(F.gelu(a), 2, (0, _off(lay.g_sizes, lay.i)), (T, G))
+    y = reduce_scatter(add_bias_shard(RIGHT.fwd(wb, a), bb, 2, domain), domain, 1, lay.t_sizes)  # sum_i A[T_i,G_i] Wb[G_i,H_j] + bb
+    return drop(y, 3, lay.starts, lay.full)  # (B, T_i, H_j)
+
+
+# %% [markdown]
+# Checked like the token MLP, on 1x2, 2x1, 2x2 and 3x2 thread grids (hidden channels $G = 9$: 5 + 4 over $p = 2$):
+
+# %%
+_Wa, _ba, _Wb, _bb = _r(_H, _G), _r(_G), _r(_G, _H), _r(_H)
+_cfull = [t.clone().requires_grad_(True) for t in (_X, _Wa, _ba, _Wb, _bb)]
+_Yc = RIGHT.fwd(_cfull[3], F.gelu(RIGHT.fwd(_cfull[1], _cfull[0]) + _cfull[2])) + _cfull[4]
+(_Yc * _dY).sum().backward()
+
+
+def _run_channel(lay, fn=channel_mlp):
+    p, q, i, j = lay.p, lay.q, lay.i, lay.j
+    x = cut(_X, (1, p, i), (2, q, j))
+    wa, ba = cut(_Wa, (0, q, j), (1, p, i)), cut(_ba, (0, p, i), (0, q, j))
+    wb, bb = cut(_Wb, (0, p, i), (1, q, j)), cut(_bb, (0, q, j), (0, p, i))
+    y = fn(x, wa, ba, wb, bb, lay)
+    (y * cut(_dY, (1, p, i), (2, q, j))).sum().backward()
+    return y.detach(), x.grad, wa.grad, ba.grad, wb.grad, bb.grad
+
+
+def _check_channel(p, q, fn=channel_mlp):
+    for r, (y, dx, dwa, dba, dwb, dbb) in enumerate(on_grid(p, q, _run_channel, fn)):
+        i, j = divmod(r, q)
+        test_close(y, _Yc.detach()[:, slice(*shard_range(_T, p, i)), slice(*shard_range(_H, q, j))], eps=1e-12)
+        test_close(dx, cut(_cfull[0].grad, (1, p, i), (2, q, j)), eps=1e-12)
+        test_close(dwa, cut(_cfull[1].grad, (0, q, j), (1, p, i)), eps=1e-12)
+        test_close(dwb, cut(_cfull[3].grad, (0, p, i), (1, q, j)), eps=1e-12)
+        test_close(dba, cut(_cfull[2].grad, (0, p, i), (0, q, j)), eps=1e-12)
+        test_close(dbb, cut(_cfull[4].grad, (0, q, j), (0, p, i)), eps=1e-12)
+
+for _pq in ((1, 2), (2, 1), (2, 2), (3, 2)): _check_channel(*_pq)
+
+# %% [markdown]
+# So each MLP, on any grid, is
+#
+# $$\text{gather the batch axis} \;\to\; \text{partial product} \;\to\; \textstyle\sum \text{over the contracted axis} \;\to\; \sigma \;\to\; \text{partial product} \;\to\; \text{reduce-scatter back},$$
+#
+# with the token MLP gathering over the tensor axis and summing over the domain axis, the channel MLP the other
+# way round. Every GEMM is cut $pq$ ways with no redundant FLOP.
+
+# %% [markdown]
+# ## The 2x2 case, traced
 #
 # The paper's 4-way layout is $p = q = 2$: rank $r$ holds token half $r \div 2$ and channel half $r \bmod 2$.
-# `mlp_steps` lists, for every step of both MLPs, what rank $(i, j)$ holds, what it computes, which group it
-# sums or gathers over and whom it sends to; `print_steps` prints it for a layout.
+# Here are its messages as the code sends them: both MLPs run on four thread ranks, forward and backward, while
+# a `probe.Trace` records every message the tensor and domain groups post (sender, receiver, shape, bytes, tag).
+# Even sizes this time, so that every message of an exchange has one shape: batch 2, $T = 8$, $H = 4$, $S = 4$,
+# $G = 8$. The point-to-point collectives of `comm` post tags 11 (all-gather), 12 (reduce-scatter) and 13 (the
+# pair's all-reduce, a swap).
 
 # %%
-#| export
-def mlp_steps(p: int, q: int, i: int, j: int) -> list[dict]:
-    "The steps of the token and channel MLPs on rank (i, j) of a p x q group: holds, computes, exchange, partners."
-    t, d = [(i, k) for k in range(q) if k != j], [(k, j) for k in range(p) if k != i]
-    return [
-        dict(mlp="token", holds=f"X[T{i},H{j}]", computes=f"gather X[T{i},:]", exchange="all-gather over tensor", partners=t),
-        dict(mlp="token", holds=f"W1[S{j},T{i}]", computes=f"W1[S{j},T{i}] X[T{i},:] (partial over i)", exchange="all-reduce over domain", partners=d),
-        dict(mlp="token", holds=f"W2[T{i},S{j}]", computes=f"W2[T{i},S{j}] A[S{j},:] (partial over j)", exchange="reduce-scatter over tensor", partners=t),
-        dict(mlp="channel", holds=f"X[T{i},H{j}]", computes=f"gather X[:,H{j}]", exchange="all-gather over domain", partners=d),
-        dict(mlp="channel", holds=f"Wa[H{j},G{i}]", computes=f"X[:,H{j}] Wa[H{j},G{i}] (partial over j)", exchange="all-reduce over tensor", partners=t),
-        dict(mlp="channel", holds=f"Wb[G{i},H{j}]", computes=f"A[:,G{i}] Wb[G{i},H{j}] (partial over i)", exchange="reduce-scatter over domain", partners=d),
-    ]
+_EVEN = (8, 4, 4, 8)  # T, H, S, G
+_TAGS = {11: "all-gather", 12: "reduce-scatter", 13: "all-reduce (a swap)"}
 
-# %%
-#| export
-def print_steps(p: int, q: int):
-    "Print `mlp_steps` for every rank of a p x q group."
-    print(f"{'rank':>4} {'(i,j)':>6}  {'MLP':<8}{'holds':<14}{'computes':<40}{'exchange':<28}partners")
-    for r in range(p * q):
-        i, j = divmod(r, q)
-        for s in mlp_steps(p, q, i, j):
-            print(f"{r:>4} {str((i, j)):>6}  {s['mlp']:<8}{s['holds']:<14}{s['computes']:<40}{s['exchange']:<28}"
-                  + ", ".join(f"rank {a * q + b}" for a, b in s["partners"]))
 
-# %%
-print_steps(2, 2)
+def _traced_mlps(comm, mlps):
+    "One rank of a 2x2 group: the token and the channel MLP (`mlps`), forward and backward, with every message recorded."
+    grid = Grid(1, 2, 2)
+    g = make_groups(grid, comm=comm)
+    trace, lay = traced(g, grid, comm.Get_rank()), Layout.split(g["tensor"], g["domain"], *_EVEN)
+    gen = torch.Generator().manual_seed(comm.Get_rank())
+    R = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+    Ti, Hj, Sj, Gi = lay.t_sizes[lay.i], lay.h_sizes[lay.j], lay.s_sizes[lay.j], lay.g_sizes[lay.i]
+    x = R(2, Ti, Hj)
+    weights = {"token": (R(Sj, Ti), R(Sj // 2), R(Ti, Sj), R(Ti // 2)), "channel": (R(Hj, Gi), R(Gi // 2), R(Gi, Hj), R(Hj // 2))}
+    for name, mlp in zip(weights, mlps):
+        trace.label = f"{name} fwd"; y = mlp(x, *weights[name], lay)
+        trace.label = f"{name} bwd"; y.square().sum().backward()
+    return trace.messages, lay.tensor.sent + lay.domain.sent
+
+_plain = run_ranks(4, _traced_mlps, (token_mlp, channel_mlp))
+_plain_msgs = [m for ms, _ in _plain for m in ms]
+print(message_table(_plain_msgs, _TAGS))
 
 # %% [markdown]
-# The same steps drawn: one panel per step, each rank's block coloured by its owner, an arrow for every
-# message. Rows are token blocks $i$, columns channel blocks $j$. The token MLP talks along rows (tensor
-# partners) for its gather and output, and down columns (domain partners) for its hidden sum; the channel MLP
-# the other way round.
+# Each rank sent exactly the bytes its groups counted, and every exchange of the forward moves what the
+# equation says: each message is one rank's share of the collective over a pair (`comm.expected_bytes` of the full
+# extent, in float64): the token MLP's gather and output carry $X[\mathcal T_i, :]$ (2 x 4 x 4 elements), its hidden
+# sum $A[\mathcal S_j, :]$ (2 x 2 x 4); the channel MLP's gather and output $X[:, \mathcal H_j]$ (2 x 8 x 2), its hidden
+# sum $A[:, \mathcal G_i]$ (2 x 8 x 4). (The shapes in the table are those on the wire: `comm`'s collectives send a
+# block with the dimension they cut first, so a block (2, 4, 2) of $X$ cut along channels travels as (2, 2, 4).)
 
 # %%
-#| export
-def plot_exchanges(p: int = 2, q: int = 2, ax_size: float = 2.6):
-    "A figure of the MLP steps on a p x q group: blocks coloured by owner, an arrow per message (matplotlib)."
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(3 * ax_size * max(1, q / 2), 2.1 * ax_size * max(1, p / 2)))
-    colours = plt.cm.tab10.colors
-    centre = lambda i, j: (j + 0.46, p - 0.54 - i)
-    for k, ax in enumerate(axes.flat):
-        for i in range(p):
-            for j in range(q):
-                s = mlp_steps(p, q, i, j)[k]
-                ax.add_patch(plt.Rectangle((j, p - 1 - i), 0.92, 0.92, color=colours[(i * q + j) % 10], alpha=0.5))
-                ax.text(*centre(i, j), f"rank {i * q + j}\n{s['holds']}", ha="center", va="center", fontsize=7)
-                for a, b in s["partners"]:  # one arrow per message, curved so the two directions stay apart
-                    ax.annotate("", xy=centre(a, b), xytext=centre(i, j), arrowprops=dict(
-                        arrowstyle="-|>", lw=1.3, color=colours[(i * q + j) % 10], shrinkA=14, shrinkB=14,
-                        connectionstyle="arc3,rad=0.25"))
-        s = mlp_steps(p, q, 0, 0)[k]
-        ax.set_xlim(-0.1, q); ax.set_ylim(-0.1, p); ax.set_aspect("equal"); ax.axis("off")
-        ax.set_title(f"{s['mlp']} MLP, step {k % 3 + 1}\n{s['exchange']}", fontsize=8)
-    fig.suptitle(f"The messages of one mixer block on a {p}x{q} model group\n(rows: token blocks i; columns: channel blocks j; "
-                 f"an arrow's colour is its sender)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-# %%
-#| fig-alt: The 2x2 layout: six panels, one per exchange of the token and channel MLPs, ranks as coloured blocks, arrows for messages.
-plot_exchanges(2, 2);
+test_eq([sum(m.nbytes for m in ms) for ms, _ in _plain], [sent for _, sent in _plain])
+_want = [("all_gather", 32), ("all_reduce", 16), ("reduce_scatter", 32), ("all_gather", 32), ("all_reduce", 64), ("reduce_scatter", 32)]
+_fwd = [m for m in _plain_msgs if m.label.endswith("fwd")]
+for _s in range(4):
+    test_eq([m.nbytes for m in _fwd if m.sender == _s], [expected_bytes(k, 2, n, 8) for k, n in _want])
 
 # %% [markdown]
-# And the exported function on four thread ranks, with the uneven sizes above (tokens 5+5, channels 4+3,
-# hidden tokens 3+2):
+# The forward drawn from the same trace: one panel per exchange, the ranks at their place in the grid (rows:
+# token blocks $i$, columns: channel blocks $j$), an arrow per message in its sender's colour. The token MLP
+# talks along rows (tensor partners) for its gather and output, and down columns (domain partners) for its hidden
+# sum; the channel MLP the other way round.
 
 # %%
-_check_token(2, 2)
+#| fig-alt: The plain 2x2 forward traced: six panels, one per exchange of the token and channel MLPs, ranks as coloured blocks, an arrow per recorded message.
+plot_messages(_fwd, 2, 2, _TAGS, title="The plain schedule on a 2x2 model group, forward: every message the groups sent", cols=3);
+
 
 # %% [markdown]
 # ## The backward, derived
@@ -357,66 +506,6 @@ _check_token(2, 2)
 # Every weight gradient is complete where it is computed: the backward's exchanges already summed over
 # every rank that uses the weight, which is why Jigsaw needs no all-reduce of tensor-parallel weights. The
 # checks above compared exactly these gradients with the one-process model.
-
-# %% [markdown]
-# ## Channel mixing: $Y = \sigma(X W_a + b_a) W_b + b_b$
-#
-# The mirror image: $W_a[\mathcal H_j, \mathcal G_i]$ and $W_b[\mathcal G_i, \mathcal H_j]$, with the hidden channels
-# over the $p$ axis. Rank $(i,j)$ all-gathers its channel block over all tokens from its domain partners,
-#
-# $$A[:, \mathcal G_i] = \sigma\Big(\sum_{j'} X[:, \mathcal H_{j'}]\, W_a[\mathcal H_{j'}, \mathcal G_i] + b_a[\mathcal G_i]\Big) \quad\text{(all-reduce over } j'),$$
-#
-# $$Y[\mathcal T_i, \mathcal H_j] = \Big[\sum_{i'} A[:, \mathcal G_{i'}]\, W_b[\mathcal G_{i'}, \mathcal H_j]\Big]_{\mathcal T_i, :} + b_b[\mathcal H_j] \quad\text{(reduce-scatter over } i' \text{ along tokens)}.$$
-
-# %%
-#| export
-def channel_mlp(
-    x,  # (B, T_i, H_j)
-    wa, ba,  # Wa[H_j, G_i] (H_j, G_i); ba: shard j (of q) of ba[G_i]
-    wb, bb,  # Wb[G_i, H_j] (G_i, H_j); bb: shard i (of p) of bb[H_j]
-    tensor: Group, domain: Group,
-    t_sizes: list[int], h_sizes: list[int], g_sizes: list[int],  # T over p, H over q, G over p
-    drop=_nodrop,
-):
-    "Channel-mixing MLP on a p x q grid, the plain path: (B, T_i, H_j) -> (B, T_i, H_j)."
-    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
-    xg = all_gather(x, domain, 1, t_sizes)  # X[:, H_j]  (B, T, H_j)
-    a = all_reduce(add_bias_shard(RIGHT.fwd(wa, xg), ba, 2, tensor), tensor)  # sum_j X[:,H_j] Wa[H_j,G_i] + ba  (B, T, G_i)
-    a = drop(F.gelu(a), 2, (0, _off(g_sizes, i)), (T, G))
-    y = reduce_scatter(add_bias_shard(RIGHT.fwd(wb, a), bb, 2, domain), domain, 1, t_sizes)  # sum_i A[T_i,G_i] Wb[G_i,H_j] + bb
-    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))  # (B, T_i, H_j)
-
-# %% [markdown]
-# Checked like the token MLP, on 1x2, 2x1 and 2x2 thread grids (hidden channels $G = 9$: 5 + 4 over $p = 2$):
-
-# %%
-_Wa, _ba, _Wb, _bb = _r(_H, _G), _r(_G), _r(_G, _H), _r(_H)
-_cfull = [t.clone().requires_grad_(True) for t in (_X, _Wa, _ba, _Wb, _bb)]
-_Yc = RIGHT.fwd(_cfull[3], F.gelu(RIGHT.fwd(_cfull[1], _cfull[0]) + _cfull[2])) + _cfull[4]
-(_Yc * _dY).sum().backward()
-
-
-def _run_channel(tensor, domain, fn=channel_mlp):
-    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
-    x = cut(_X, (1, p, i), (2, q, j))
-    wa, ba = cut(_Wa, (0, q, j), (1, p, i)), cut(_ba, (0, p, i), (0, q, j))
-    wb, bb = cut(_Wb, (0, p, i), (1, q, j)), cut(_bb, (0, q, j), (0, p, i))
-    y = fn(x, wa, ba, wb, bb, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_G, p))
-    (y * cut(_dY, (1, p, i), (2, q, j))).sum().backward()
-    return y.detach(), x.grad, wa.grad, ba.grad, wb.grad, bb.grad, tensor.sent + domain.sent
-
-
-def _check_channel(p, q, fn=channel_mlp):
-    for r, (y, dx, dwa, dba, dwb, dbb, _) in enumerate(on_grid(p, q, _run_channel, fn)):
-        i, j = divmod(r, q)
-        test_close(y, _Yc.detach()[:, slice(*shard_range(_T, p, i)), slice(*shard_range(_H, q, j))], eps=1e-12)
-        test_close(dx, cut(_cfull[0].grad, (1, p, i), (2, q, j)), eps=1e-12)
-        test_close(dwa, cut(_cfull[1].grad, (0, q, j), (1, p, i)), eps=1e-12)
-        test_close(dwb, cut(_cfull[3].grad, (0, p, i), (1, q, j)), eps=1e-12)
-        test_close(dba, cut(_cfull[2].grad, (0, p, i), (0, q, j)), eps=1e-12)
-        test_close(dbb, cut(_cfull[4].grad, (0, q, j), (0, p, i)), eps=1e-12)
-
-for _pq in ((1, 2), (2, 1), (2, 2)): _check_channel(*_pq)
 
 # %% [markdown]
 # ## LayerNorm over sharded channels
@@ -471,6 +560,7 @@ class _LayerNorm(torch.autograd.Function):
         red = tuple(range(dy.dim() - 1))
         return dx, (dy * xhat).sum(red), dy.sum(red), None, None, None, None
 
+
 # %%
 #| export
 def layer_norm(
@@ -487,6 +577,7 @@ def layer_norm(
         return F.layer_norm(x, (x.shape[-1],), w, b, eps)
     return _LayerNorm.apply(x, w, b, tensor, n_features, eps, list(sizes or split_sizes(n_features, tensor.size)))
 
+
 # %% [markdown]
 # On three thread ranks holding 3 + 2 + 2 of 7 features, with the gradients of the input, the weight and the bias;
 # in faithful mode a different function:
@@ -498,10 +589,10 @@ _lwr, _lbr = _lw.clone().requires_grad_(True), _lb.clone().requires_grad_(True)
 _yl = F.layer_norm(_xl, (_H,), _lwr, _lbr); (_yl * _dY).sum().backward()
 
 
-def _ln3(tensor, domain, exact):
-    k = tensor.rank
+def _ln3(lay, exact):
+    k = lay.j
     x, w, b = cut(_X, (2, 3, k)), cut(_lw, (0, 3, k)), cut(_lb, (0, 3, k))
-    y = layer_norm(x, w, b, tensor, _H, exact)
+    y = layer_norm(x, w, b, lay.tensor, _H, exact)
     (y * cut(_dY, (2, 3, k))).sum().backward()
     return y.detach(), x.grad, w.grad, b.grad
 
@@ -510,19 +601,9 @@ for _k, (_y, _dx, _dw, _db) in enumerate(on_grid(1, 3, _ln3, True)):
     close(_dw, cut(_lwr.grad, (0, 3, _k))); close(_db, cut(_lbr.grad, (0, 3, _k)))
 assert (on_grid(1, 3, _ln3, False)[0][0] - cut(_yl, (2, 3, 0))).abs().max() > 1e-3  # local statistics: another function
 
-# %% [markdown]
-# ## The general $p \times q$ form
-#
-# Nothing above used $p, q \le 2$. On any grid, rank $(i, j)$ holds $W_1[\mathcal S_j, \mathcal T_i]$,
-# $W_2[\mathcal T_i, \mathcal S_j]$, $W_a[\mathcal H_j, \mathcal G_i]$, $W_b[\mathcal G_i, \mathcal H_j]$, and each MLP is
-#
-# $$\text{gather the batch axis} \;\to\; \text{partial product} \;\to\; \textstyle\sum \text{over the contracted axis} \;\to\; \sigma \;\to\; \text{partial product} \;\to\; \text{reduce-scatter back},$$
-#
-# with the token MLP gathering over the tensor axis and summing over the domain axis, the channel MLP the
-# other way round. Every GEMM is cut $pq$ ways with no redundant FLOP. Three ranks by two, uneven everywhere:
 
-# %%
-_check_token(3, 2); _check_channel(3, 2); _check_token(2, 3)
+# %% [markdown]
+#
 
 # %% [markdown]
 # ## Refinement 1: overlap every exchange with its GEMM, and keep only 1/n of the activations
@@ -546,16 +627,24 @@ _check_token(3, 2); _check_channel(3, 2); _check_token(2, 3)
 #   all-gathers the upstream gradient blocks while it computes the contributions of its own.
 #
 # The hidden sums become a reduce-scatter (along the batch-like axis) followed by a gather: the same bytes as
-# the all-reduce, and the hidden block is stored once, cut $pq$ ways. The messages go in rounds: in round $d$
-# rank $r$ sends to $r + d$ and receives from $r - d$ (mod $n$), so every pair's messages match in the same round
-# on every backend, NCCL's grouped point-to-point included. A group that cannot post non-blocking messages
-# (`algo="coll"`) runs the same functions with the library's collectives: the same memory, no overlap.
+# the all-reduce, and the hidden block is stored once, cut $pq$ ways. A group that cannot post non-blocking
+# messages (`algo="coll"`) runs the same functions with the library's collectives: the same memory, no overlap.
+
+# %% [markdown]
+# ### One primitive: the ring
+#
+# Every overlapped exchange of this module, forward and backward, is the same four moves: **post** a message to
+# every partner and a receive from each, **compute** my own block while they fly, **wait** for each partner's
+# block, and **fold** it in, in a fixed order. `Ring` makes those moves once. Its messages go in rounds: in round
+# $d$ rank $r$ sends to $r + d$ and receives from $r - d$ (mod $n$), so every pair's messages match in the same
+# round on every backend, NCCL's grouped point-to-point included.
 
 # %%
 #| export
 def _rounds(n: int, r: int):
     "Round d = 1..n-1: (partner I send to, partner I receive from)."
     return [((r + d) % n, (r - d) % n) for d in range(1, n)]
+
 
 # %%
 #| export
@@ -564,9 +653,118 @@ def _with(t, dim: int, n: int):
     s = list(t.shape); s[dim] = n
     return s
 
+
+# %% [markdown]
+# `send(to)` is computed when its round is posted, so a ring of partial products computes and sends each
+# partner's block before it computes the next (the messages of a reduce-scatter, `Ring.scatter`); a ring that
+# sends one tensor to everyone carries the messages of an all-gather (`Ring.gather`).
+
 # %%
 #| export
-def _cuts(sizes): return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+class Ring:
+    "Point-to-point messages over `group`, one per partner in rounds, all posted at once; their blocks folded in a fixed order."
+    def __init__(self, group: Group,
+                 send: Callable,  # send(to): the block for partner `to`, computed when its round is posted
+                 recv: Callable,  # recv(fr, sent): a new buffer for partner `fr`'s block (`sent`: what this round sends)
+                 tag: int):  # names the exchange (`EXCHANGES`) and keeps it apart from the others in flight
+        self.group, self.sent, self.got, self.reqs = group, [], {}, {}
+        for to, fr in _rounds(group.size, group.rank):
+            s = send(to).contiguous()
+            self.sent.append(s)  # a block must live until its send completes: the ring keeps it
+            self.got[fr] = recv(fr, s)
+            self.reqs[fr] = group.start(sends=[(s, to)], recvs=[(self.got[fr], fr)], tag=tag)
+
+    @classmethod
+    def gather(cls, group: Group, x, dim: int, sizes, tag: int):
+        "An all-gather's messages: my `x` to every partner; partner k's block has extent `sizes[k]` along `dim`."
+        return cls(group, lambda to: x, lambda fr, s: s.new_empty(_with(s, dim, sizes[fr])), tag)
+
+    @classmethod
+    def scatter(cls, group: Group, block: Callable, dim: int, n: int, tag: int):
+        "A reduce-scatter's messages: `block(to)` for each partner, computed as it is posted; the blocks received have extent `n` along `dim`."
+        return cls(group, block, lambda fr, s: s.new_empty(_with(s, dim, n)), tag)
+
+
+# %% [markdown]
+# While it computes, a rank may `poke` the ring's messages along (an MPI without a progress thread moves a large
+# message only inside MPI calls); `take(k)` waits for partner $k$'s block alone, when a computation needs that one
+# next; iterating waits for the others in the rounds' order, and `fold` adds them up in that order, whichever
+# message arrived first, so every result is the same bits on every run.
+
+# %%
+#| export
+@patch(as_prop=True)
+def requests(self: Ring) -> list:
+    "The requests of the messages still in flight."
+    return [q for rq in self.reqs.values() for q in rq]
+
+
+@patch
+def poke(self: Ring): self.group.poke(self.requests)
+
+
+@patch
+def take(self: Ring, k: int):
+    "Partner `k`'s block, once it is there."
+    if k in self.reqs: self.group.wait(self.reqs.pop(k))
+    return self.got[k]
+
+
+@patch
+def __iter__(self: Ring):
+    "(partner, block) of every partner, in the rounds' order, each waited for."
+    for fr in list(self.got): yield fr, self.take(fr)
+
+
+@patch
+def fold(self: Ring, acc, f: Callable = lambda fr, b: b):
+    "`acc` plus `f(partner, block)` of every partner's block, added in the rounds' order."
+    for fr, b in self: acc = acc + f(fr, b)
+    return acc
+
+
+# %% [markdown]
+# A ring against the group's own collectives, on 2, 3 and 4 thread ranks with uneven blocks (3 + 2 + 2 rows of 7 for
+# three ranks): gathered, the blocks are the all-gather; folded from each partner's block of its summand, they are
+# the reduce-scatter; the blocks arrive in the rounds' order; and the bytes are those of the collectives.
+
+# %%
+def _ring_check(comm):
+    g = Group(comm); n, r = g.size, g.rank
+    sizes, x = split_sizes(7, n), torch.arange(21.).view(7, 3) * (r + 1)  # rank r's summand
+    ring = Ring.gather(g, x.split(sizes)[r], 0, sizes, tag=1)
+    order = [fr for fr, _ in ring]
+    gathered = torch.cat([x.split(sizes)[r] if k == r else ring.got[k] for k in range(n)])
+    summed = Ring.scatter(g, lambda to: x.split(sizes)[to], 0, sizes[r], tag=2).fold(x.split(sizes)[r])
+    return order, gathered, summed, g.sent, g.all_gather(x.split(sizes)[r], 0, sizes), g.reduce_scatter(x, 0, sizes), g.sent
+
+for _n in (2, 3, 4):
+    for _k, (_order, _ga, _su, _sent, _ag, _rs, _both) in enumerate(run_ranks(_n, _ring_check)):
+        test_eq(_order, [(_k - d) % _n for d in range(1, _n)])
+        test_eq(_ga, _ag); test_eq(_su, _rs); test_eq(_sent, _both - _sent)
+
+
+# %% [markdown]
+# Every overlapped function below keeps the autocast state of its forward (torch runs a custom backward without
+# it) and re-enters it in the backward, where `_with_saved` hands the backward what its forward kept (`ctx.args`,
+# then the saved tensors) as arguments; `chunked` computes a rank's own block in pieces with a `poke` between them
+# (`group.progress_chunks`, see `comm.Group.poke`); `_blk` is block $k$ of a tensor along a dimension.
+
+# %%
+#| export
+def _amp(t) -> tuple:
+    "The autocast state of `t`'s device; torch runs a custom backward without autocast, so the backward re-enters it."
+    dev = t.device.type
+    return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
+
+
+def _with_saved(backward):
+    "A custom backward called as `backward(ctx, grad, *ctx.args, *ctx.saved_tensors)`, in the autocast state its forward recorded."
+    @functools.wraps(backward)
+    def run(ctx, g):
+        with torch.autocast(*ctx.amp): return backward(ctx, g, *ctx.args, *ctx.saved_tensors)
+    return run
+
 
 # %%
 #| export
@@ -581,63 +779,61 @@ def chunked(prod, w, a, group, reqs):
     return torch.cat(parts, dim=prod.bias_dim)
 
 
-def _amp(t) -> tuple:
-    "The autocast state of `t`'s device; torch runs a custom backward without autocast, so the backward re-enters it."
-    dev = t.device.type
-    return dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev)
+# %%
+#| export
+def _blk(t, dim: int, sizes, k: int):
+    "Block `k` of `t` along `dim`, cut by `sizes`."
+    return t.narrow(dim, _off(sizes, k), sizes[k])
+
+
+def _sum_but(t, dim: int):
+    "`t` summed over every dimension but `dim` (a bias's gradient)."
+    return t.sum([k for k in range(t.dim()) if k != dim % t.dim()])
+
+
+def _along(c, ndim: int, dim: int):
+    "The vector `c` as a tensor of `ndim` dimensions that runs along `dim`."
+    shape = [1] * ndim; shape[dim] = -1
+    return c.view(shape)
+
+
+def _whole(mine, ring: Ring, dim: int, sizes, f: Callable = lambda b: b):
+    "The whole tensor along `dim`: `mine` as my block, then `f(block)` of each partner's, placed as it arrives."
+    out = mine.new_empty(_with(mine, dim, sum(sizes)))
+    _blk(out, dim, sizes, ring.group.rank).copy_(mine)
+    for fr, b in ring: _blk(out, dim, sizes, fr).copy_(f(b))
+    return out
+
 
 # %% [markdown]
-# `gather_matmul`: forward and backward, as one autograd function.
+# `gather_matmul`: forward and backward, as one autograd function. Each is its algebra: the forward is one ring of
+# the input blocks; the backward two rings, the input blocks again and the input gradient's blocks.
 
 # %%
 #| export
 class _GatherMatmul(torch.autograd.Function):
-    """Forward: `prod.fwd(w, AG(x))` over `group` along `prod.dim`, each partner's block multiplied as it arrives.
-    Backward: the input blocks are gathered again (only `x` was saved); `dx = RS(prod.da(w, dy))` with each
-    partner's block sent as soon as it is computed; `dw` accumulated block by block."""
+    """Forward: `prod.fwd(w, AG(x))` over `group` along `prod.dim`, each partner's block multiplied as it arrives. Backward: the
+    input blocks gathered again (only `x` was saved); `dx = RS(prod.da(w, dy))`, each partner's block sent once computed."""
     @staticmethod
     def forward(ctx, w, x, prod, group, sizes):
-        ctx.save_for_backward(w, x); ctx.prod, ctx.group, ctx.sizes, ctx.amp = prod, group, sizes, _amp(x)
-        n, r, d, c = group.size, group.rank, prod.dim, _cuts(sizes)
-        if not group.can_overlap: return prod.fwd(w, group.all_gather(x, d, sizes))
-        xs = x.contiguous()
-        bufs = {k: x.new_empty(_with(x, d, sizes[k])) for k in range(n) if k != r}
-        reqs = [group.start(sends=[(xs, to)], recvs=[(bufs[fr], fr)], tag=31) for to, fr in _rounds(n, r)]
-        y_r = chunked(prod, w, xs, group, [q for rq in reqs for q in rq])  # my own block while the partners' arrive
-        out = y_r.new_empty(_with(y_r, d, c[-1]))
-        out.narrow(d, c[r], sizes[r]).copy_(y_r)
-        for (to, fr), rq in zip(_rounds(n, r), reqs):
-            group.wait(rq)
-            out.narrow(d, c[fr], sizes[fr]).copy_(prod.fwd(w, bufs[fr]))
-        return out
+        ctx.save_for_backward(w, x); ctx.args, ctx.amp = (prod, group, sizes), _amp(x)
+        if not group.can_overlap: return prod.fwd(w, group.all_gather(x, prod.dim, sizes))
+        xs = x.contiguous(); ring = Ring.gather(group, xs, prod.dim, sizes, tag=31)
+        mine = chunked(prod, w, xs, group, ring.requests)  # my own block while the partners' arrive
+        return _whole(mine, ring, prod.dim, sizes, lambda b: prod.fwd(w, b))
 
     @staticmethod
-    def backward(ctx, g):
-        with torch.autocast(*ctx.amp): return _GatherMatmul._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
-        w, x = ctx.saved_tensors
-        prod, group, sizes = ctx.prod, ctx.group, ctx.sizes
-        n, r, d, c = group.size, group.rank, prod.dim, _cuts(sizes)
-        blk = lambda t, k: t.narrow(d, c[k], sizes[k])
+    @_with_saved
+    def backward(ctx, g, prod, group, sizes, w, x):
+        d, r, xs, gk = prod.dim, group.rank, x.contiguous(), lambda k: _blk(g, prod.dim, sizes, k)
         if not group.can_overlap:
-            xg = group.all_gather(x, d, sizes)
-            return prod.dw(g, xg), group.reduce_scatter(prod.da(w, g), d, sizes), None, None, None
-        xs = x.contiguous()
-        xb = {k: x.new_empty(_with(x, d, sizes[k])) for k in range(n) if k != r}
-        gather = [group.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=32) for to, fr in _rounds(n, r)]
-        dxb = {k: x.new_empty(_with(x, d, sizes[r])) for k in range(n) if k != r}
-        scatter = [group.start(sends=[(prod.da(w, blk(g, to)).to(x.dtype).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=33)
-                   for to, fr in _rounds(n, r)]  # each partner's input gradient, sent as soon as it exists
-        dx = prod.da(w, blk(g, r))  # mine, and my weight-gradient block, while the messages fly
-        group.poke([q for rq in gather + scatter for q in rq])
-        dw = prod.dw(blk(g, r), xs)
-        for (to, fr), rq in zip(_rounds(n, r), gather):
-            group.wait(rq); dw = dw + prod.dw(blk(g, fr), xb[fr])
-        for (to, fr), rq in zip(_rounds(n, r), scatter):
-            group.wait(rq); dx = dx + dxb[fr]  # a fixed order of summation: the rounds
-        return dw, dx, None, None, None
+            return prod.dw(g, group.all_gather(x, d, sizes)), group.reduce_scatter(prod.da(w, g), d, sizes), None, None, None
+        xring = Ring.gather(group, xs, d, sizes, tag=32)  # the input blocks, again
+        dxring = Ring.scatter(group, lambda to: prod.da(w, gk(to)).to(x.dtype), d, sizes[r], tag=33)  # theirs, as computed
+        dx = prod.da(w, gk(r)); group.poke(xring.requests + dxring.requests)  # mine while the messages fly
+        dw = xring.fold(prod.dw(gk(r), xs), lambda fr, b: prod.dw(gk(fr), b))
+        return dw, dxring.fold(dx), None, None, None
+
 
 # %%
 #| export
@@ -645,57 +841,39 @@ def gather_matmul(prod: Product, w, x, group: Group, sizes: list[int]):
     "`prod.fwd(w, all_gather(x, group, prod.dim, sizes))`, overlapped, saving only `x`."
     return prod.fwd(w, x) if group.size == 1 else _GatherMatmul.apply(w, x, prod, group, list(sizes))
 
+
 # %% [markdown]
-# `matmul_reduce_scatter`, its mirror:
+# `matmul_reduce_scatter`, its mirror: the forward is one ring of partial products, the backward one ring of the
+# upstream gradient's blocks.
 
 # %%
 #| export
 class _MatmulReduceScatter(torch.autograd.Function):
-    """Forward: `RS(prod.fwd(w, a) + c)` over `group` along `prod.dim`, each partner's block computed and sent
-    (non-blocking) before the next, mine last. Backward: the upstream gradient blocks are all-gathered with
-    non-blocking messages overlapped with the GEMMs of `da` and `dw` of my own block."""
+    """Forward: `RS(prod.fwd(w, a) + c)` over `group` along `prod.dim`, each partner's block computed and sent before the next,
+    mine last. Backward: the upstream gradient's blocks all-gathered while my own block's `da` and `dw` are computed."""
     @staticmethod
     def forward(ctx, w, a, c, prod, group, sizes):
-        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes, ctx.amp = prod, group, sizes, _amp(a)
-        n, r, d, cu = group.size, group.rank, prod.dim, _cuts(sizes)
-        shape = [1] * a.dim(); shape[prod.bias_dim] = -1
-        blk = lambda k: prod.fwd(w, a.narrow(d, cu[k], sizes[k])) + c.view(shape)
-        if not group.can_overlap: return group.reduce_scatter(prod.fwd(w, a) + c.view(shape), d, sizes)
-        bufs, reqs = {}, []
-        for to, fr in _rounds(n, r):  # each sent block stays referenced by its request until `wait`
-            y_to = blk(to).contiguous()
-            bufs[fr] = y_to.new_empty(_with(y_to, d, sizes[r]))
-            reqs += group.start(sends=[(y_to, to)], recvs=[(bufs[fr], fr)], tag=21)
-        out = chunked(prod, w, a.narrow(d, cu[r], sizes[r]), group, reqs) + c.view(shape)  # mine while the messages fly
-        group.wait(reqs)
-        for to, fr in _rounds(n, r): out = out + bufs[fr]  # a fixed order of summation
-        return out
+        ctx.save_for_backward(w, a); ctx.args, ctx.amp = (prod, group, sizes), _amp(a)
+        d, r, cv = prod.dim, group.rank, _along(c, a.dim(), prod.bias_dim)
+        if not group.can_overlap: return group.reduce_scatter(prod.fwd(w, a) + cv, d, sizes)
+        ring = Ring.scatter(group, lambda to: prod.fwd(w, _blk(a, d, sizes, to)) + cv, d, sizes[r], tag=21)
+        return ring.fold(chunked(prod, w, _blk(a, d, sizes, r), group, ring.requests) + cv)  # mine while they fly
 
     @staticmethod
-    def backward(ctx, g):
-        with torch.autocast(*ctx.amp): return _MatmulReduceScatter._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
-        w, a = ctx.saved_tensors
-        prod, group, sizes = ctx.prod, ctx.group, ctx.sizes
-        n, r, d, cu = group.size, group.rank, prod.dim, _cuts(sizes)
-        other = [k for k in range(g.dim()) if k != prod.bias_dim]
+    @_with_saved
+    def backward(ctx, g, prod, group, sizes, w, a):
+        d, bd, da = prod.dim, prod.bias_dim, torch.empty_like(a)
         if not group.can_overlap:
             gg = group.all_gather(g, d, sizes)
-            return prod.dw(gg, a), prod.da(w, gg), gg.sum(other), None, None, None
-        g = g.contiguous()
-        bufs = {fr: g.new_empty(_with(g, d, sizes[fr])) for _, fr in _rounds(n, r)}
-        reqs = [group.start(sends=[(g, to)], recvs=[(bufs[fr], fr)], tag=22) for to, fr in _rounds(n, r)]
-        da = torch.empty_like(a)
-        def use(k, gk):  # the contributions of block k
-            da.narrow(d, cu[k], sizes[k]).copy_(prod.da(w, gk))  # (in a's dtype, whatever autocast computed it in)
-            return prod.dw(gk, a.narrow(d, cu[k], sizes[k])), gk.sum(other)
-        dw, dc = use(r, g)  # my own block while the partners' arrive
-        group.poke([q for rq in reqs for q in rq])
-        for (to, fr), rq in zip(_rounds(n, r), reqs):
-            group.wait(rq); gw, gc = use(fr, bufs[fr]); dw = dw + gw; dc = dc + gc
+            return prod.dw(gg, a), prod.da(w, gg), _sum_but(gg, bd), None, None, None
+        ring = Ring.gather(group, g.contiguous(), d, sizes, tag=22)
+        def use(k, gk):  # block k's contributions: da's block k (in a's dtype), and its shares of dw and dc
+            _blk(da, d, sizes, k).copy_(prod.da(w, gk))
+            return prod.dw(gk, _blk(a, d, sizes, k)), _sum_but(gk, bd)
+        dw, dc = use(group.rank, g); ring.poke()  # my own block while the partners' arrive
+        for fr, gk in ring: gw, gc = use(fr, gk); dw, dc = dw + gw, dc + gc
         return dw, da, dc, None, None, None
+
 
 # %%
 #| export
@@ -703,17 +881,18 @@ def matmul_reduce_scatter(prod: Product, w, a, c, group: Group, sizes: list[int]
     "`reduce_scatter(prod.fwd(w, a) + c, group, prod.dim, sizes)` (`c` along `prod.bias_dim`), overlapped."
     return _MatmulReduceScatter.apply(w, a, c, prod, group, list(sizes))
 
+
 # %% [markdown]
-# Both against their plain compositions, on three thread ranks with uneven blocks (4 + 3 + 3 channels), forward
+# Both against their plain compositions, on three thread ranks with uneven blocks (3 + 2 + 2 channels, 4 + 3 + 3 tokens), forward
 # and backward:
 
 # %%
 def _leaf(t): return t.detach().clone().requires_grad_(True)
 
 
-def _fused(tensor, domain, prod, w_full, a_full, c_full):
+def _fused(lay, prod, w_full, a_full, c_full):
     "Outputs and gradients of (gather_matmul, its plain form, matmul_reduce_scatter, its plain form) on this rank."
-    k, n = tensor.rank, tensor.size
+    tensor, k, n = lay.tensor, lay.j, lay.q
     sz = split_sizes(a_full.shape[prod.dim], n)
     shape = [1] * a_full.dim(); shape[prod.bias_dim] = -1
     runs = {"gather_matmul": lambda w, a, c: gather_matmul(prod, w, a, tensor, sz),
@@ -735,6 +914,7 @@ for _prod, _wf, _af, _cf in ((LEFT, _W1, _X, _b1), (RIGHT, _Wa, _X, _ba)):
         for _u, _v in zip(_res["matmul_reduce_scatter"], _res["plain scatter"]): close(_u, _v)
         assert all(t is not None for t in _res["gather_matmul"][1:3] + _res["matmul_reduce_scatter"][1:])
 
+
 # %% [markdown]
 # When a stage both gathers (over one group) and reduce-scatters (over the other) along the same dimension, as
 # every stage of a 2x2 grid does, `gather_matmul_reduce_scatter` overlaps both: the output is computed block by
@@ -750,72 +930,57 @@ def _ranges_needed(c_from, c_to, m):
     a, e = c_to[m], c_to[m + 1]
     return [k for k in range(len(c_from) - 1) if c_from[k] < e and c_from[k + 1] > a]
 
+
+def _cuts(sizes): return [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+
+
+@patch
+def span(self: Ring, mine, dim: int, sizes, start: int, n: int):
+    "Extent `n` from `start` along `dim` of the gathered tensor (blocks `sizes`, mine `mine`): from the blocks it overlaps, each waited for."
+    ks = _ranges_needed(_cuts(sizes), [start, start + n], 0)
+    if not ks: return mine.narrow(dim, 0, 0)
+    parts = [mine if k == self.group.rank else self.take(k) for k in ks]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim)).narrow(dim, start - _off(sizes, ks[0]), n)
+
+
+# %% [markdown]
+# Its forward is two rings: the gathered input's, and the scatter's, whose block for partner $m$ waits only for the
+# gathered blocks that block spans (`Ring.span`, which `take`s each).
+
 # %%
 #| export
 class _GatherMatmulReduceScatter(torch.autograd.Function):
-    """Forward: `RS_scatter(prod.fwd(w, AG_gather(x)) + c)` along `prod.dim`, every scatter block computed as soon as
-    its gathered inputs are there (partners' blocks first) and sent at once. Backward: the upstream gradient and the
-    input are gathered again; each gather partner's input gradient is sent as soon as it is computed."""
+    """Forward: `RS_scatter(prod.fwd(w, AG_gather(x)) + c)` along `prod.dim`, each scatter partner's block computed once the
+    gathered blocks it spans are in, and sent. Backward: gradient and input gathered again; input gradients sent once computed."""
     @staticmethod
     def forward(ctx, w, x, c, prod, gather, g_sizes, scatter, s_sizes):
         ctx.save_for_backward(w, x); ctx.args, ctx.amp = (prod, gather, g_sizes, scatter, s_sizes), _amp(x)
-        d, gc, sc, gr, sr = prod.dim, _cuts(g_sizes), _cuts(s_sizes), gather.rank, scatter.rank
-        xs = x.contiguous()
-        xb = {fr: x.new_empty(_with(x, d, g_sizes[fr])) for _, fr in _rounds(gather.size, gr)}
-        gq = {fr: gather.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=51) for to, fr in _rounds(gather.size, gr)}
-        have = {gr: xs}
-        xg = x.new_empty(_with(x, d, gc[-1])); xg.narrow(d, gc[gr], g_sizes[gr]).copy_(xs)
-        shape = [1] * x.dim(); shape[prod.bias_dim] = -1
-        blk = lambda m: prod.fwd(w, xg.narrow(d, sc[m], s_sizes[m])) + c.view(shape)
-        todo = [to for to, _ in _rounds(scatter.size, sr)] + [sr]  # scatter blocks: partners' first, mine last
-        sendto = {to: fr for to, fr in _rounds(scatter.size, sr)}
-        bufs, reqs, mine, pending = {}, [], None, [fr for _, fr in _rounds(gather.size, gr)]
-        while todo:
-            ready = [m for m in todo if all(k in have for k in _ranges_needed(gc, sc, m))]
-            if not ready:  # wait for the next gathered block, in a fixed order
-                k = pending.pop(0); gather.wait(gq[k]); have[k] = xb[k]; xg.narrow(d, gc[k], g_sizes[k]).copy_(xb[k]); continue
-            m = ready[0]; todo.remove(m)
-            if m == sr: mine = blk(m); continue
-            y = blk(m).contiguous()  # each sent block stays referenced by its request until `wait`
-            fr = sendto[m]; bufs[fr] = y.new_empty(_with(y, d, s_sizes[sr]))
-            reqs += scatter.start(sends=[(y, m)], recvs=[(bufs[fr], fr)], tag=52)
-        for k in pending: gather.wait(gq[k])  # our own sends to the gather partners must complete too
-        scatter.wait(reqs)
-        for _, fr in _rounds(scatter.size, sr): mine = mine + bufs[fr]  # a fixed order of summation
-        return mine
+        d, xs, cv = prod.dim, x.contiguous(), _along(c, x.dim(), prod.bias_dim)
+        xring = Ring.gather(gather, xs, d, g_sizes, tag=51)
+        blk = lambda m: prod.fwd(w, xring.span(xs, d, g_sizes, _off(s_sizes, m), s_sizes[m])) + cv  # scatter block m
+        yring = Ring.scatter(scatter, blk, d, s_sizes[scatter.rank], tag=52)  # the partners' blocks first
+        mine = blk(scatter.rank); list(xring)  # mine; my own sends to the gather partners complete too
+        return yring.fold(mine)
 
     @staticmethod
-    def backward(ctx, g):
-        with torch.autocast(*ctx.amp): return _GatherMatmulReduceScatter._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
-        w, x = ctx.saved_tensors
-        prod, gather, g_sizes, scatter, s_sizes = ctx.args
-        d, gc, sc, gr, sr = prod.dim, _cuts(g_sizes), _cuts(s_sizes), gather.rank, scatter.rank
-        g, xs = g.contiguous(), x.contiguous()
-        gb = {fr: g.new_empty(_with(g, d, s_sizes[fr])) for _, fr in _rounds(scatter.size, sr)}
-        sq = [scatter.start(sends=[(g, to)], recvs=[(gb[fr], fr)], tag=53) for to, fr in _rounds(scatter.size, sr)]
-        xb = {fr: x.new_empty(_with(x, d, g_sizes[fr])) for _, fr in _rounds(gather.size, gr)}
-        gq = [gather.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=54) for to, fr in _rounds(gather.size, gr)]
-        gfull = g.new_empty(_with(g, d, sc[-1])); gfull.narrow(d, sc[sr], s_sizes[sr]).copy_(g)
-        for (_, fr), rq in zip(_rounds(scatter.size, sr), sq):  # the whole upstream gradient (a fixed order)
-            scatter.wait(rq); gfull.narrow(d, sc[fr], s_sizes[fr]).copy_(gb[fr])
-        gk = lambda k: gfull.narrow(d, gc[k], g_sizes[k])
-        dxb = {fr: x.new_empty(x.shape) for _, fr in _rounds(gather.size, gr)}
-        dq = [gather.start(sends=[(prod.da(w, gk(to)).to(x.dtype).contiguous(), to)], recvs=[(dxb[fr], fr)], tag=55)
-              for to, fr in _rounds(gather.size, gr)]  # each partner's input gradient, as soon as it exists
-        dx, dw = prod.da(w, gk(gr)), prod.dw(gk(gr), xs)  # mine while the messages fly
-        for (_, fr), rq in zip(_rounds(gather.size, gr), gq): gather.wait(rq); dw = dw + prod.dw(gk(fr), xb[fr])
-        gather.wait([r for q in dq for r in q])
-        for _, fr in _rounds(gather.size, gr): dx = dx + dxb[fr]
-        other = [k for k in range(g.dim()) if k != prod.bias_dim]
-        return dw, dx, gfull.sum(other), None, None, None, None, None
+    @_with_saved
+    def backward(ctx, g, prod, gather, g_sizes, scatter, s_sizes, w, x):
+        d, r, g, xs = prod.dim, gather.rank, g.contiguous(), x.contiguous()
+        gring, xring = Ring.gather(scatter, g, d, s_sizes, tag=53), Ring.gather(gather, xs, d, g_sizes, tag=54)
+        gfull = _whole(g, gring, d, s_sizes)  # the whole upstream gradient, placed in the rounds' order
+        gk = lambda k: _blk(gfull, d, g_sizes, k)
+        dxring = Ring.scatter(gather, lambda to: prod.da(w, gk(to)).to(x.dtype), d, g_sizes[r], tag=55)  # theirs, as computed
+        dx = prod.da(w, gk(r))  # mine while the messages fly
+        dw = xring.fold(prod.dw(gk(r), xs), lambda fr, b: prod.dw(gk(fr), b))
+        return dw, dxring.fold(dx), _sum_but(gfull, prod.bias_dim), None, None, None, None, None
 
 
+# %%
+#| export
 def gather_matmul_reduce_scatter(prod: Product, w, x, c, gather: Group, g_sizes, scatter: Group, s_sizes):
     "`reduce_scatter(prod.fwd(w, all_gather(x, gather, prod.dim, g_sizes)) + c, scatter, prod.dim, s_sizes)`, overlapped."
     return _GatherMatmulReduceScatter.apply(w, x, c, prod, gather, list(g_sizes), scatter, list(s_sizes))
+
 
 # %% [markdown]
 # Each MLP is then two *stages*, $Y = \mathrm{RS}_{\text{scatter}}\big(f(w, \mathrm{AG}_{\text{gather}}(x)) + b\big)$, one per
@@ -837,6 +1002,7 @@ def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter:
     if b is not None: y = add_bias_shard(y, b, prod.bias_dim, scatter)
     return reduce_scatter(y, scatter, prod.dim, s_sizes)
 
+
 # %% [markdown]
 # The overlapped token MLP: the hidden block $A[\mathcal S_j, \mathcal H'_i]$ is cut along channels over the domain
 # axis ($\mathcal H'_i$: block $i$ of $p$ of all channels), and gathered again by the second stage:
@@ -846,34 +1012,36 @@ def mm_stage(prod: Product, w, x, b, gather: Group, g_sizes: list[int], scatter:
 
 # %%
 #| export
-def token_mlp_overlap(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop,
+def token_mlp_overlap(x, w1, b1, w2, b2, lay: Layout, drop=_nodrop,
                       faithful: bool = False):  # True: b1, b2 are the released code's per-rank copies, added to my blocks
     "The token MLP with every exchange overlapped and 1/n of its activations saved (arguments as `token_mlp`)."
-    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
-    hd = split_sizes(H, domain.size)  # the hidden block's channels, cut over the domain axis
-    a = mm_stage(LEFT, w1, x, None if faithful else b1, tensor, h_sizes, domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
+    H, S = lay.full[1], sum(lay.s_sizes)
+    hd = split_sizes(H, lay.p)  # the hidden block's channels, cut over the domain axis
+    a = mm_stage(LEFT, w1, x, None if faithful else b1, lay.tensor, lay.h_sizes, lay.domain, hd)  # A[S_j, H'_i]  (B, S_j, H'_i)
     if faithful: a = a + b1[:, None]
-    a = drop(F.gelu(a), 0, (_off(s_sizes, j), _off(hd, i)), (S, H))
-    y = mm_stage(LEFT, w2, a, None if faithful else b2, domain, hd, tensor, h_sizes)  # Y[T_i, H_j]
+    a = drop(F.gelu(a), 0, (_off(lay.s_sizes, lay.j), _off(hd, lay.i)), (S, H))
+    y = mm_stage(LEFT, w2, a, None if faithful else b2, lay.domain, hd, lay.tensor, lay.h_sizes)  # Y[T_i, H_j]
     if faithful: y = y + b2[:, None]
-    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+    return drop(y, 1, lay.starts, lay.full)
+
 
 # %% [markdown]
 # The overlapped channel MLP, its hidden block $A[\mathcal T'_j, \mathcal G_i]$ cut along tokens over the tensor axis:
 
 # %%
 #| export
-def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop,
+def channel_mlp_overlap(x, wa, ba, wb, bb, lay: Layout, drop=_nodrop,
                         faithful: bool = False):  # True: ba, bb are the released code's per-rank copies, added to my blocks
     "The channel MLP with every exchange overlapped and 1/n of its activations saved (arguments as `channel_mlp`)."
-    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
-    tt = split_sizes(T, tensor.size)  # the hidden block's tokens, cut over the tensor axis
-    a = mm_stage(RIGHT, wa, x, None if faithful else ba, domain, t_sizes, tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
+    T, G = lay.full[0], sum(lay.g_sizes)
+    tt = split_sizes(T, lay.q)  # the hidden block's tokens, cut over the tensor axis
+    a = mm_stage(RIGHT, wa, x, None if faithful else ba, lay.domain, lay.t_sizes, lay.tensor, tt)  # A[T'_j, G_i]  (B, T'_j, G_i)
     if faithful: a = a + ba
-    a = drop(F.gelu(a), 2, (_off(tt, j), _off(g_sizes, i)), (T, G))
-    y = mm_stage(RIGHT, wb, a, None if faithful else bb, tensor, tt, domain, t_sizes)  # Y[T_i, H_j]
+    a = drop(F.gelu(a), 2, (_off(tt, lay.j), _off(lay.g_sizes, lay.i)), (T, G))
+    y = mm_stage(RIGHT, wb, a, None if faithful else bb, lay.tensor, tt, lay.domain, lay.t_sizes)  # Y[T_i, H_j]
     if faithful: y = y + bb
-    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+    return drop(y, 3, lay.starts, lay.full)
+
 
 # %% [markdown]
 # The same checks as the plain path, on 1x2, 2x1, 2x2 and 3x2 thread grids with uneven sizes:
@@ -881,6 +1049,7 @@ def channel_mlp_overlap(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes
 # %%
 for _pq in ((1, 2), (2, 1), (2, 2), (3, 2)):
     _check_token(*_pq, fn=token_mlp_overlap); _check_channel(*_pq, fn=channel_mlp_overlap)
+
 
 # %% [markdown]
 # ### The encoder's and the decoder's exchanges
@@ -916,49 +1085,34 @@ test_eq(FEATURES.dw(torch.ones(4, 7, 2, 5), torch.ones(4, 7, 3)).shape, (3, 2, 5
 _a, _w = torch.randn(4, 7, 3, 2, dtype=torch.float64), torch.randn(3, 2, 5, dtype=torch.float64)
 test_close(PATCHES.fwd(_w, _a), torch.einsum("btcp,cph->bth", _a, _w), eps=1e-12)
 
+
 # %%
 #| export
 class _GatherContract(torch.autograd.Function):
-    """Forward: `prod.fwd(w, AG(x))` over `group`, the gathered dimension `xd` of `x` contracted with dimension `wd`
-    of `w`: `sum_k prod.fwd(w_k, x_k)` (`w_k` the slice of `w` that meets block k), mine first while the partners'
-    arrive, theirs added in the rounds' order. Backward: `dw_k = prod.dw(g, x_k)` from the kept blocks; if `x`
-    needs a gradient, `dx = RS(da)`: partner k's `prod.da(w_k, g)` sent as soon as it is computed."""
+    """Forward: `prod.fwd(w, AG(x))` over `group`, dimension `xd` of `x` contracted with `wd` of `w`: `sum_k prod.fwd(w_k, x_k)`,
+    mine first while the partners' blocks arrive. Backward: `dw_k = prod.dw(g, x_k)` from the kept blocks; if `x` needs a
+    gradient, `dx = RS(da)`, partner k's `prod.da(w_k, g)` sent as soon as it is computed."""
     @staticmethod
     def forward(ctx, w, x, prod, group, sizes, xd, wd):
-        n, r, c = group.size, group.rank, _cuts(sizes)
-        xs = x.contiguous()
-        xb = {k: x.new_empty(_with(x, xd, sizes[k])) for k in range(n) if k != r}
-        reqs = [group.start(sends=[(xs, to)], recvs=[(xb[fr], fr)], tag=61) for to, fr in _rounds(n, r)]
-        y = prod.fwd(w.narrow(wd, c[r], sizes[r]), xs)  # my block while the partners' arrive
-        group.poke([q for rq in reqs for q in rq])
-        for (to, fr), rq in zip(_rounds(n, r), reqs):
-            group.wait(rq); y = y + prod.fwd(w.narrow(wd, c[fr], sizes[fr]), xb[fr])
-        xb[r] = xs
-        ctx.save_for_backward(w, *[xb[k] for k in range(n)])
-        ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.amp = prod, group, sizes, wd, _amp(x)
+        wk, xs = lambda k: _blk(w, wd, sizes, k), x.contiguous()
+        ring = Ring.gather(group, xs, xd, sizes, tag=61)
+        y = prod.fwd(wk(group.rank), xs); ring.poke()  # my block while the partners' arrive
+        y = ring.fold(y, lambda fr, b: prod.fwd(wk(fr), b))
+        blocks = {**ring.got, group.rank: xs}
+        ctx.save_for_backward(w, *[blocks[k] for k in range(group.size)])
+        ctx.args, ctx.amp = (prod, group, sizes, xd, wd), _amp(x)
         return y
 
     @staticmethod
-    def backward(ctx, g):
-        with torch.autocast(*ctx.amp): return _GatherContract._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
-        w, *xb = ctx.saved_tensors
-        prod, group, sizes, wd = ctx.prod, ctx.group, ctx.sizes, ctx.wd
-        n, r, c = group.size, group.rank, _cuts(sizes)
-        wk = lambda k: w.narrow(wd, c[k], sizes[k])
-        dx, reqs = None, []
+    @_with_saved
+    def backward(ctx, g, prod, group, sizes, xd, wd, w, *xb):
+        r, wk, ring = group.rank, lambda k: _blk(w, wd, sizes, k), None
         if ctx.needs_input_grad[1]:  # every rank agrees: the same graph on every rank
-            got = {fr: torch.empty_like(xb[r]) for _, fr in _rounds(n, r)}
-            reqs = [group.start(sends=[(prod.da(wk(to), g).to(xb[r].dtype).contiguous(), to)], recvs=[(got[fr], fr)],
-                                tag=62) for to, fr in _rounds(n, r)]
-            dx = prod.da(wk(r), g)
-            group.poke([q for rq in reqs for q in rq])
-        dw = torch.cat([prod.dw(g, xb[k]) for k in range(n)], dim=wd)  # while the messages fly
-        for (to, fr), rq in zip(_rounds(n, r), reqs):
-            group.wait(rq); dx = dx + got[fr]
-        return dw, dx, None, None, None, None, None
+            ring = Ring.scatter(group, lambda to: prod.da(wk(to), g).to(xb[r].dtype), xd, sizes[r], tag=62)
+            dx = prod.da(wk(r), g); ring.poke()
+        dw = torch.cat([prod.dw(g, b) for b in xb], dim=wd)  # while the messages fly
+        return dw, None if ring is None else ring.fold(dx), None, None, None, None, None
+
 
 # %%
 #| export
@@ -967,6 +1121,7 @@ def gather_contract(prod: Product, w, x, group: Group, sizes: list[int], xd: int
     if group.size == 1: return prod.fwd(w, x)
     if not (overlap and group.can_overlap): return prod.fwd(w, all_gather(x, group, xd, sizes))
     return _GatherContract.apply(w, x, prod, group, list(sizes), xd, wd)
+
 
 # %%
 #| export
@@ -977,36 +1132,20 @@ class _MatmulReduceScatterOut(torch.autograd.Function):
     and `dw` are computed; `da = sum_k prod.da(w_k, g_k)`, `dw_k = prod.dw(g_k, a)`."""
     @staticmethod
     def forward(ctx, w, a, prod, group, sizes, wd, od):
-        ctx.save_for_backward(w, a); ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.od, ctx.amp = prod, group, sizes, wd, od, _amp(a)
-        n, r, c = group.size, group.rank, _cuts(sizes)
-        bufs, reqs = {}, []
-        for to, fr in _rounds(n, r):  # each sent block stays referenced by its request until `wait`
-            y_to = prod.fwd(w.narrow(wd, c[to], sizes[to]), a).contiguous()
-            bufs[fr] = y_to.new_empty(_with(y_to, od, sizes[r]))
-            reqs += group.start(sends=[(y_to, to)], recvs=[(bufs[fr], fr)], tag=63)
-        out = prod.fwd(w.narrow(wd, c[r], sizes[r]), a)  # mine while the messages fly
-        group.wait(reqs)
-        for to, fr in _rounds(n, r): out = out + bufs[fr]
-        return out
+        ctx.save_for_backward(w, a); ctx.args, ctx.amp = (prod, group, sizes, wd, od), _amp(a)
+        wk = lambda k: _blk(w, wd, sizes, k)
+        ring = Ring.scatter(group, lambda to: prod.fwd(wk(to), a), od, sizes[group.rank], tag=63)
+        return ring.fold(prod.fwd(wk(group.rank), a))  # mine while the messages fly
 
     @staticmethod
-    def backward(ctx, g):
-        with torch.autocast(*ctx.amp): return _MatmulReduceScatterOut._backward(ctx, g)
+    @_with_saved
+    def backward(ctx, g, prod, group, sizes, wd, od, w, a):
+        r, wk, g = group.rank, lambda k: _blk(w, wd, sizes, k), g.contiguous()
+        ring = Ring.gather(group, g, od, sizes, tag=64)
+        da, dw = prod.da(wk(r), g), {r: prod.dw(g, a)}; ring.poke()  # my own block while the partners' arrive
+        for fr, gb in ring: da = da + prod.da(wk(fr), gb); dw[fr] = prod.dw(gb, a)
+        return torch.cat([dw[k] for k in range(group.size)], dim=wd), da.to(a.dtype), None, None, None, None, None
 
-    @staticmethod
-    def _backward(ctx, g):
-        w, a = ctx.saved_tensors
-        prod, group, sizes, wd, od = ctx.prod, ctx.group, ctx.sizes, ctx.wd, ctx.od
-        n, r, c = group.size, group.rank, _cuts(sizes)
-        wk = lambda k: w.narrow(wd, c[k], sizes[k])
-        g = g.contiguous()
-        gb = {fr: g.new_empty(_with(g, od, sizes[fr])) for _, fr in _rounds(n, r)}
-        reqs = [group.start(sends=[(g, to)], recvs=[(gb[fr], fr)], tag=64) for to, fr in _rounds(n, r)]
-        da, dw = prod.da(wk(r), g), {r: prod.dw(g, a)}  # my own block while the partners' arrive
-        group.poke([q for rq in reqs for q in rq])
-        for (to, fr), rq in zip(_rounds(n, r), reqs):
-            group.wait(rq); da = da + prod.da(wk(fr), gb[fr]); dw[fr] = prod.dw(gb[fr], a)
-        return torch.cat([dw[k] for k in range(n)], dim=wd), da.to(a.dtype), None, None, None, None, None
 
 # %%
 #| export
@@ -1016,15 +1155,16 @@ def matmul_reduce_scatter_out(prod: Product, w, a, group: Group, sizes: list[int
     if not (overlap and group.can_overlap): return reduce_scatter(prod.fwd(w, a), group, od, sizes)
     return _MatmulReduceScatterOut.apply(w, a, prod, group, list(sizes), wd, od)
 
+
 # %% [markdown]
 # Both against their plain compositions on three thread ranks with uneven channel blocks (3 + 2 + 2), forward and
 # both gradients, in float64: the encoder's shape (patches (B, T, C, P) contracted with $W$ (C, P, H), `x` needing a
 # gradient or not) and the decoder's (features (B, T, G) times $W$ (G, V, P), the output's `V` reduce-scattered):
 
 # %%
-def _ends(tensor, domain, xg, we, ud, wdec):
+def _ends(lay, xg, we, ud, wdec):
     "Outputs and gradients of the overlapped and the plain encoder/decoder exchanges on this rank."
-    k, n, out = tensor.rank, tensor.size, {}
+    tensor, k, n, out = lay.tensor, lay.j, lay.q, {}
     sz = split_sizes(xg.shape[2], n)
     for ov in (True, False):
         for x_grad in (True, False):
@@ -1047,44 +1187,29 @@ for _res in on_grid(1, 3, _ends, _xe, _we, _ud, _wd):
     assert _res["enc", True, False][2] is None
     for _u, _v in zip(_res["dec", True], _res["dec", False]): close(_u, _v)
 
+
 # %% [markdown]
-# And the memory: `saved_bytes` counts the distinct storages autograd keeps for the backward. Per rank, the
+# And the memory: `probe.saved_bytes` counts the distinct storages autograd keeps for the backward. Per rank, the
 # plain path keeps the gathered blocks; the overlapped one stays at $1/n$ of the one-process MLP (plus the
 # weights, which are $1/n$ too):
 
 # %%
-#| export
-class saved_bytes:
-    "Context manager: `.bytes` of the distinct storages autograd saves for the backward inside it."
-    def __enter__(self):
-        self.seen, self.bytes = set(), 0
-        def pack(t):
-            try: key = t.untyped_storage().data_ptr()
-            except RuntimeError: key = id(t)
-            if key not in self.seen: self.seen.add(key); self.bytes += t.untyped_storage().nbytes()
-            return t
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__(); return self
-
-    def __exit__(self, *a): self._ctx.__exit__(*a)
-
-# %%
-def _memory(tensor, domain, fn, B=2, T=24, H=16, S=12):
-    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
-    x = torch.randn(B, split_sizes(T, p)[i], split_sizes(H, q)[j], dtype=torch.float64, requires_grad=True)
-    w1 = torch.randn(split_sizes(S, q)[j], split_sizes(T, p)[i], dtype=torch.float64, requires_grad=True)
-    w2 = torch.randn(split_sizes(T, p)[i], split_sizes(S, q)[j], dtype=torch.float64, requires_grad=True)
-    b1 = torch.zeros(split_sizes(split_sizes(S, q)[j], p)[i], dtype=torch.float64, requires_grad=True)  # shard i of b1[S_j]
-    b2 = torch.zeros(split_sizes(split_sizes(T, p)[i], q)[j], dtype=torch.float64, requires_grad=True)  # shard j of b2[T_i]
-    with saved_bytes() as m:
-        fn(x, w1, b1, w2, b2, tensor, domain, split_sizes(T, p), split_sizes(H, q), split_sizes(S, q))
+def _memory(lay, fn, B=2):
+    (T, H), S, i, j = lay.full, sum(lay.s_sizes), lay.i, lay.j
+    R = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+    x, w1, w2 = R(B, lay.t_sizes[i], lay.h_sizes[j]), R(lay.s_sizes[j], lay.t_sizes[i]), R(lay.t_sizes[i], lay.s_sizes[j])
+    b1 = R(split_sizes(lay.s_sizes[j], lay.p)[i])  # shard i of b1[S_j]
+    b2 = R(split_sizes(lay.t_sizes[i], lay.q)[j])  # shard j of b2[T_i]
+    with saved_bytes() as m: fn(x, w1, b1, w2, b2, lay)
     return m.bytes
 
-_one = _memory(Group(), Group(), token_mlp)  # the one-process MLP's saved bytes
+_sizes = dict(sizes=(24, 16, 12, 12))  # T, H, S, G
+_one = _memory(Layout.split(Group(), Group(), *_sizes["sizes"]), token_mlp)  # the one-process MLP's saved bytes
 for _pq in ((1, 2), (2, 2)):
-    _plain, _lean = max(on_grid(*_pq, _memory, token_mlp)), max(on_grid(*_pq, _memory, token_mlp_overlap))
-    print(f"{_pq}: plain {_plain / (_one / (_pq[0] * _pq[1])):.2f} x 1/n of one process, overlapped {_lean / (_one / (_pq[0] * _pq[1])):.2f} x")
-    assert _lean <= 1.15 * _one / (_pq[0] * _pq[1]) < _plain
+    _plain_b, _lean = max(on_grid(*_pq, _memory, token_mlp, **_sizes)), max(on_grid(*_pq, _memory, token_mlp_overlap, **_sizes))
+    print(f"{_pq}: plain {_plain_b / (_one / (_pq[0] * _pq[1])):.2f} x 1/n of one process, overlapped {_lean / (_one / (_pq[0] * _pq[1])):.2f} x")
+    assert _lean <= 1.15 * _one / (_pq[0] * _pq[1]) < _plain_b
+
 
 # %% [markdown]
 # ## Communication volume
@@ -1124,13 +1249,15 @@ def block_bytes(T: int, H: int, S: int, G: int, p: int, q: int, itemsize: int = 
                 + e("all_gather", q, T * Gi, b)) if schedule == "overlap" else 0
     return batch * (fwd + ln + ((fwd + regather + ln_bwd) if backward else 0))
 
+
 # %% [markdown]
 # Checked against the bytes the groups count, on thread ranks with even sizes, for both paths, forward and
 # forward + backward (a token MLP, a channel MLP and two exact LayerNorms make a block):
 
 # %%
-def _block_sent(tensor, domain, schedule, backward, B=2, T=8, H=4, S=4, G=8):
-    p, q, i, j = domain.size, tensor.size, domain.rank, tensor.rank
+def _block_sent(lay, schedule, backward, B=2, T=8, H=4, S=4, G=8):
+    p, q, tensor, domain = lay.p, lay.q, lay.tensor, lay.domain
+    lay = Layout(tensor, domain, [T // p] * p, [H // q] * q, [S // q] * q, [G // p] * p)
     tok, ch = {"plain": (token_mlp, channel_mlp), "overlap": (token_mlp_overlap, channel_mlp_overlap)}.get(
         schedule, (token_mlp_summa, channel_mlp_summa) if schedule == "summa" else None)
     R = lambda *s: torch.randn(*s, dtype=torch.float64, requires_grad=True)
@@ -1138,10 +1265,8 @@ def _block_sent(tensor, domain, schedule, backward, B=2, T=8, H=4, S=4, G=8):
     b1, b2 = (R(S // p), R(T // p)) if whole else (R(S // q // p), R(T // p // q))
     ba, bb = (R(G // q), R(H // q)) if whole else (R(G // p // q), R(H // q // p))
     x = R(B, T // p, H // q)
-    y = x + tok(layer_norm(x, R(H // q), R(H // q), tensor, H), R(S // q, T // p), b1, R(T // p, S // q), b2,
-                tensor, domain, [T // p] * p, [H // q] * q, [S // q] * q)
-    y = y + ch(layer_norm(y, R(H // q), R(H // q), tensor, H), R(H // q, G // p), ba, R(G // p, H // q), bb,
-               tensor, domain, [T // p] * p, [H // q] * q, [G // p] * p)
+    y = x + tok(layer_norm(x, R(H // q), R(H // q), tensor, H), R(S // q, T // p), b1, R(T // p, S // q), b2, lay)
+    y = y + ch(layer_norm(y, R(H // q), R(H // q), tensor, H), R(H // q, G // p), ba, R(G // p, H // q), bb, lay)
     if backward: y.sum().backward()
     return tensor.sent + domain.sent
 
@@ -1151,6 +1276,71 @@ for _pq in ((1, 2), (2, 2)):
             test_eq(set(on_grid(*_pq, _block_sent, _sched, _bw)), {block_bytes(8, 4, 4, 8, *_pq, itemsize=8, batch=2, schedule=_sched, backward=_bw)})
 test_eq(block_bytes(8, 4, 4, 4, 1, 1), 0)  # one rank sends nothing
 test_eq(block_bytes(8, 4, 4, 4, 1, 2), 4 * (8 * 2) * 4 + 2 * (2 * 2 * 8) * 4 // 2)  # 2-way: 4 half-blocks of 8 x 2, 2 LN stats
+
+# %% [markdown]
+# ## Which exchange is which
+#
+# Every posted exchange carries a tag, and `group.waited` adds up the seconds a rank waited for each one
+# (`jigsaw-bench` prints them per step). The names, by tag:
+
+# %%
+#| export
+EXCHANGES = {
+    "tag 21": "MLP output reduce-scatter (forward)", "tag 22": "MLP output gradient all-gather (backward)",
+    "tag 31": "MLP input all-gather (forward)", "tag 32": "MLP input re-gather (backward)",
+    "tag 33": "MLP input-gradient reduce-scatter (backward)",
+    "tag 41": "SUMMA A blocks (forward)", "tag 42": "SUMMA B blocks (forward)", "tag 43": "SUMMA B blocks (backward)",
+    "tag 44": "SUMMA A blocks (backward)", "tag 45": "SUMMA dA partials (backward)", "tag 46": "SUMMA dB partials (backward)",
+    "tag 51": "2x2 stage input all-gather (forward)", "tag 52": "2x2 stage output reduce-scatter (forward)",
+    "tag 53": "2x2 stage gradient all-gather (backward)", "tag 54": "2x2 stage input re-gather (backward)",
+    "tag 55": "2x2 stage input-gradient reduce-scatter (backward)",
+    "tag 61": "encoder input all-gather (forward)", "tag 62": "encoder input-gradient reduce-scatter (backward)",
+    "tag 63": "decoder/residual reduce-scatter (forward)", "tag 64": "decoder/residual gradient all-gather (backward)",
+    "all_gather": "collective all-gather", "reduce_scatter": "collective reduce-scatter", "all_reduce": "collective all-reduce"}
+
+# %% [markdown]
+# Every tag this module posts has its name (read from this module's own source):
+
+# %%
+test_eq({f"tag {t}" for t in re.findall(r"tag=(\d+)", inspect.getsource(_pm))}, {k for k in EXCHANGES if k.startswith("tag")})
+
+# %% [markdown]
+# ## The overlapped 2x2, traced
+#
+# The same four thread ranks as the plain trace above, running the overlapped MLPs, which the model uses by
+# default. Every stage of a 2x2 grid both gathers over one group and reduce-scatters over the other, so each
+# stage is two rings (`gather_matmul_reduce_scatter`): the forward has two exchanges per linear where the plain
+# path has an all-reduce between two; the backward gathers again the blocks the forward did not keep.
+
+# %%
+_NAMES = _TAGS | {int(k[4:]): v.split(" (")[0].replace("2x2 stage", "stage") for k, v in EXCHANGES.items() if k.startswith("tag")}
+_over = run_ranks(4, _traced_mlps, (token_mlp_overlap, channel_mlp_overlap))
+_over_msgs = [m for ms, _ in _over for m in ms]
+print(message_table(_over_msgs, _NAMES))
+
+# %% [markdown]
+# Both traces against `block_bytes` (without the LayerNorms: `exact=False`), per rank, forward and forward +
+# backward: the plain schedule's all-reduces become a reduce-scatter and a gather of the same bytes, and the
+# overlapped backward's re-gathers are the price of keeping $1/n$ of the activations:
+
+# %%
+for _sched, _res in (("plain", _plain), ("overlap", _over)):
+    _fb = [sum(m.nbytes for m in ms) for ms, _ in _res]
+    _f = [sum(m.nbytes for m in ms if m.label.endswith("fwd")) for ms, _ in _res]
+    test_eq(_fb, [sent for _, sent in _res])
+    _want_b = lambda bw: block_bytes(*_EVEN, 2, 2, itemsize=8, batch=2, exact=False, schedule=_sched, backward=bw)
+    test_eq(set(_f), {_want_b(False)}); test_eq(set(_fb), {_want_b(True)})
+    print(f"{_sched:<8} per rank: forward {_f[0]:,} B, forward + backward {_fb[0]:,} B  (block_bytes: {_want_b(False):,}, {_want_b(True):,})")
+
+# %% [markdown]
+# The overlapped forward, drawn from its trace: in each stage the gather partners swap their input blocks (one
+# panel) and the scatter partners swap the blocks of each other's output (the next).
+
+# %%
+#| fig-alt: The overlapped 2x2 forward traced: eight panels, a gather and a reduce-scatter for each of the four linears, an arrow per recorded message.
+plot_messages([m for m in _over_msgs if m.label.endswith("fwd")], 2, 2, _NAMES,
+              title="The overlapped schedule on a 2x2 model group, forward: every message the groups sent");
+
 
 # %% [markdown]
 # ## Faithful mode: the released code's biases, as a diff from exact
@@ -1185,27 +1375,30 @@ def _on_block(y, b, dim: int, bdim: int, sizes, k):
     mshape = [1] * y.dim(); mshape[dim] = -1
     return y + b.view(shape) * mask.view(mshape)
 
-# %%
-#| export
-def token_mlp_faithful(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop):
-    "The released code's token MLP: per-rank bias copies `b1` (S_j,) on hidden block (S_j, H'_i), `b2` (T_i,) on Y_ij."
-    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
-    xg = all_gather(x, tensor, 2, h_sizes)
-    a = all_reduce(_on_block(LEFT.fwd(w1, xg), b1, 2, 1, split_sizes(H, domain.size), i), domain)  # exact: add_bias_shard
-    a = drop(F.gelu(a), 0, (_off(s_sizes, j), 0), (S, H))
-    y = reduce_scatter(LEFT.fwd(w2, a), tensor, 2, h_sizes) + b2[:, None]  # exact: add_bias_shard before the sum
-    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
 
 # %%
 #| export
-def channel_mlp_faithful(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop):
+def token_mlp_faithful(x, w1, b1, w2, b2, lay: Layout, drop=_nodrop):
+    "The released code's token MLP: per-rank bias copies `b1` (S_j,) on hidden block (S_j, H'_i), `b2` (T_i,) on Y_ij."
+    tensor, domain, (T, H), S = lay.tensor, lay.domain, lay.full, sum(lay.s_sizes)
+    xg = all_gather(x, tensor, 2, lay.h_sizes)
+    a = all_reduce(_on_block(LEFT.fwd(w1, xg), b1, 2, 1, split_sizes(H, lay.p), lay.i), domain)  # exact: add_bias_shard
+    a = drop(F.gelu(a), 0, (_off(lay.s_sizes, lay.j), 0), (S, H))
+    y = reduce_scatter(LEFT.fwd(w2, a), tensor, 2, lay.h_sizes) + b2[:, None]  # exact: add_bias_shard before the sum
+    return drop(y, 1, lay.starts, lay.full)
+
+
+# %%
+#| export
+def channel_mlp_faithful(x, wa, ba, wb, bb, lay: Layout, drop=_nodrop):
     "The released code's channel MLP: per-rank bias copies `ba` (G_i,) on hidden block (T'_j, G_i), `bb` (H_j,) on Y_ij."
-    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
-    xg = all_gather(x, domain, 1, t_sizes)
-    a = all_reduce(_on_block(RIGHT.fwd(wa, xg), ba, 1, 2, split_sizes(T, tensor.size), j), tensor)  # exact: add_bias_shard
-    a = drop(F.gelu(a), 2, (0, _off(g_sizes, i)), (T, G))
-    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, t_sizes) + bb  # exact: add_bias_shard before the sum
-    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+    tensor, domain, T, G = lay.tensor, lay.domain, lay.full[0], sum(lay.g_sizes)
+    xg = all_gather(x, domain, 1, lay.t_sizes)
+    a = all_reduce(_on_block(RIGHT.fwd(wa, xg), ba, 1, 2, split_sizes(T, lay.q), lay.j), tensor)  # exact: add_bias_shard
+    a = drop(F.gelu(a), 2, (0, _off(lay.g_sizes, lay.i)), (T, G))
+    y = reduce_scatter(RIGHT.fwd(wb, a), domain, 1, lay.t_sizes) + bb  # exact: add_bias_shard before the sum
+    return drop(y, 3, lay.starts, lay.full)
+
 
 # %% [markdown]
 # The overlapped MLPs take the same copies with `faithful=True`: each stage runs without a bias (`b=None`), and
@@ -1214,17 +1407,18 @@ def channel_mlp_faithful(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_size
 # %%
 def _faithful_check(p, q, overlap):
     "Faithful MLPs with every copy equal to the one-process bias are the exact ones (tied copies)."
-    def run(tensor, domain):
-        i, j = domain.rank, tensor.rank
+    def run(lay):
+        i, j = lay.i, lay.j
         x = cut(_X, (1, p, i), (2, q, j))
         w1, w2 = cut(_W1, (0, q, j), (1, p, i)), cut(_W2, (0, p, i), (1, q, j))
         b1, b2 = cut(_b1, (0, q, j)), cut(_b2, (0, p, i))  # whole blocks: every copy the one-process bias
         f = (lambda *a: token_mlp_overlap(*a, faithful=True)) if overlap else token_mlp_faithful
-        return f(x, w1, b1, w2, b2, tensor, domain, split_sizes(_T, p), split_sizes(_H, q), split_sizes(_S, q)).detach()
+        return f(x, w1, b1, w2, b2, lay).detach()
     for r, y in enumerate(on_grid(p, q, run)):
         close(y, _Y.detach()[:, slice(*shard_range(_T, p, r // q)), slice(*shard_range(_H, q, r % q))])
 
 for _ov in (False, True): _faithful_check(2, 2, _ov); _faithful_check(3, 2, _ov)
+
 
 # %% [markdown]
 # ## Refinement 2: the paper's schedule, SUMMA on a square grid
@@ -1265,6 +1459,7 @@ def _mm_grad(x, like):
     "`x` summed over the leading batch dimensions it has and `like` lacks (a weight's gradient from batched products)."
     return x.sum(tuple(range(x.dim() - like.dim()))) if x.dim() > like.dim() else x
 
+
 # %%
 #| export
 class _Summa(torch.autograd.Function):
@@ -1273,49 +1468,25 @@ class _Summa(torch.autograd.Function):
     the blocks are gathered again; the partials of dA are reduce-scattered along the row, those of dB down the column."""
     @staticmethod
     def forward(ctx, a, b, row, col, ks):
-        ctx.save_for_backward(a, b); ctx.row, ctx.col, ctx.ks, ctx.amp = row, col, ks, _amp(a)
-        n, i, j = row.size, col.rank, row.rank
-        a, b = a.contiguous(), b.contiguous()
-        abuf = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # A[i, fr]
-        bbuf = {fr: b.new_empty(_with(b, b.dim() - 2, ks[fr])) for _, fr in _rounds(n, i)}  # B[fr, j]
-        ra = {fr: row.start(sends=[(a, to)], recvs=[(abuf[fr], fr)], tag=41) for to, fr in _rounds(n, j)}
-        rb = {fr: col.start(sends=[(b, to)], recvs=[(bbuf[fr], fr)], tag=42) for to, fr in _rounds(n, i)}
-        c = None
-        for k in [i] + [(i + d) % n for d in range(1, n)]:  # a fixed order: the diagonal term first
-            if k != j: row.wait(ra[k])
-            if k != i: col.wait(rb[k])
-            t = (a if k == j else abuf[k]) @ (b if k == i else bbuf[k])
-            c = t if c is None else c + t
-        return c
+        ctx.save_for_backward(a, b); ctx.args, ctx.amp = (row, col, ks), _amp(a)
+        n, i, j, a, b = row.size, col.rank, row.rank, a.contiguous(), b.contiguous()
+        ar, br = Ring.gather(row, a, -1, ks, tag=41), Ring.gather(col, b, -2, ks, tag=42)  # A[i, k] and B[k, j]
+        A, B = lambda k: a if k == j else ar.take(k), lambda k: b if k == i else br.take(k)
+        order = [(i + d) % n for d in range(n)]  # a fixed order: the diagonal term first
+        return sum((A(k) @ B(k) for k in order[1:]), A(i) @ B(i))
 
     @staticmethod
-    def backward(ctx, dc):
-        with torch.autocast(*ctx.amp): return _Summa._backward(ctx, dc)
-
-    @staticmethod
-    def _backward(ctx, dc):
-        a, b = ctx.saved_tensors
-        row, col, ks = ctx.row, ctx.col, ctx.ks
-        n, i, j = row.size, col.rank, row.rank
-        dc, a, b = dc.contiguous(), a.contiguous(), b.contiguous()
-        bcol = {fr: b.new_empty(_with(b, b.dim() - 2, ks[fr])) for _, fr in _rounds(n, i)}  # my column of B, again
-        arow = {fr: a.new_empty(_with(a, a.dim() - 1, ks[fr])) for _, fr in _rounds(n, j)}  # my row of A, again
-        rb = {fr: col.start(sends=[(b, to)], recvs=[(bcol[fr], fr)], tag=43) for to, fr in _rounds(n, i)}
-        ra = {fr: row.start(sends=[(a, to)], recvs=[(arow[fr], fr)], tag=44) for to, fr in _rounds(n, j)}
-        B_ = lambda k: b if k == i else (col.wait(rb[k]), bcol[k])[1]
-        A_ = lambda k: a if k == j else (row.wait(ra[k]), arow[k])[1]
-        pa = lambda t: _mm_grad(dc @ B_(t).mT, a).to(a.dtype).contiguous()  # my partial of dA[i, t], in A's dtype
-        pb = lambda t: _mm_grad(A_(t).mT @ dc, b).to(b.dtype).contiguous()  # my partial of dB[t, j]
-        da_in = {fr: a.new_empty(a.shape) for _, fr in _rounds(n, j)}
-        db_in = {fr: b.new_empty(b.shape) for _, fr in _rounds(n, i)}
-        reqs = [row.start(sends=[(pa(to), to)], recvs=[(da_in[fr], fr)], tag=45) for to, fr in _rounds(n, j)]
-        reqs += [col.start(sends=[(pb(to), to)], recvs=[(db_in[fr], fr)], tag=46) for to, fr in _rounds(n, i)]
+    @_with_saved
+    def backward(ctx, dc, row, col, ks, a, b):
+        i, j, dc, a, b = col.rank, row.rank, dc.contiguous(), a.contiguous(), b.contiguous()
+        br, ar = Ring.gather(col, b, -2, ks, tag=43), Ring.gather(row, a, -1, ks, tag=44)  # my column of B, my row of A, again
+        B, A = lambda k: b if k == i else br.take(k), lambda k: a if k == j else ar.take(k)
+        pa = lambda t: _mm_grad(dc @ B(t).mT, a).to(a.dtype)  # my partial of dA[i, t], in A's dtype
+        pb = lambda t: _mm_grad(A(t).mT @ dc, b).to(b.dtype)  # my partial of dB[t, j]
+        dar, dbr = Ring.scatter(row, pa, -1, ks[j], tag=45), Ring.scatter(col, pb, -2, ks[i], tag=46)  # each sent when ready
         da, db = pa(j), pb(i)  # my own partials while the partners' arrive
-        for r in reqs[: n - 1]: row.wait(r)
-        for r in reqs[n - 1:]: col.wait(r)
-        for _, fr in _rounds(n, j): da = da + da_in[fr]  # a fixed order of summation
-        for _, fr in _rounds(n, i): db = db + db_in[fr]
-        return da, db, None, None, None
+        return dar.fold(da), dbr.fold(db), None, None, None
+
 
 # %%
 #| export
@@ -1323,6 +1494,7 @@ def summa(a, b, row: Group, col: Group, ks: list[int]):
     "`C[i,j] = sum_k A[i,k] @ B[k,j]` on a square grid (`row`: my tensor partners, `col`: my domain partners); `ks`: the contraction blocks."
     if row.size != col.size: raise ValueError(f"SUMMA needs a square grid, not {col.size} x {row.size}: use p == q")
     return a @ b if row.size == 1 else _Summa.apply(a, b, row, col, list(ks))
+
 
 # %% [markdown]
 # `summa` against the one-process product on 2x2 and 3x3 thread grids with uneven blocks, a weight on the left and
@@ -1336,10 +1508,10 @@ def _summa_check(n, left):
     Af, Bf = A.clone().requires_grad_(True), Bm.clone().requires_grad_(True)
     ((Af @ Bf) * dC).sum().backward()
     ad, bd = A.dim(), Bm.dim()
-    def run(tensor, domain):
-        i, j = domain.rank, tensor.rank
+    def run(lay):
+        i, j = lay.i, lay.j
         a, b = cut(A, (ad - 2, n, i), (ad - 1, n, j)), cut(Bm, (bd - 2, n, i), (bd - 1, n, j))
-        c = summa(a, b, tensor, domain, split_sizes(K, n))
+        c = summa(a, b, lay.tensor, lay.domain, split_sizes(K, n))
         (c * cut(dC, (1, n, i), (2, n, j))).sum().backward()
         return c.detach(), a.grad, b.grad
     for r, (c, da, db) in enumerate(on_grid(n, n, run)):
@@ -1351,6 +1523,7 @@ for _n in (2, 3):
     for _left in (True, False): _summa_check(_n, _left)
 test_fail(lambda: summa(_W1, _X, type("G", (), {"size": 2})(), type("G", (), {"size": 1})(), [5, 5]), contains="square grid")
 
+
 # %% [markdown]
 # The two MLPs with SUMMA products. The weights $W_1[\mathcal S_i, \mathcal T_j]$ and $W_a[\mathcal H_i, \mathcal G_j]$ are
 # cut as the table says; $W_2$, $W_b$ as before; the biases are whole blocks: $b_1[\mathcal S_i]$, $b_2[\mathcal T_i]$ (kept
@@ -1358,23 +1531,25 @@ test_fail(lambda: summa(_W1, _X, type("G", (), {"size": 2})(), type("G", (), {"s
 
 # %%
 #| export
-def token_mlp_summa(x, w1, b1, w2, b2, tensor: Group, domain: Group, t_sizes, h_sizes, s_sizes, drop=_nodrop, faithful=False):
+def token_mlp_summa(x, w1, b1, w2, b2, lay: Layout, drop=_nodrop, faithful=False):
     "The token MLP as two SUMMA products: W1[S_i, T_j] (S_i, T_j), b1 (S_i,), W2[T_i, S_j], b2 (T_i,); square grids."
-    i, j, T, H, S = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(s_sizes)
-    a = summa(w1, x, tensor, domain, t_sizes) + b1[:, None]  # A[S_i, H_j] = sum_k W1[S_i, T_k] X[T_k, H_j] + b1
-    a = drop(F.gelu(a), 0, (_off(s_sizes, i), _off(h_sizes, j)), (S, H))
-    y = summa(w2, a, tensor, domain, s_sizes) + b2[:, None]  # Y[T_i, H_j] = sum_k W2[T_i, S_k] A[S_k, H_j] + b2
-    return drop(y, 1, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+    row, col, H, S = lay.tensor, lay.domain, lay.full[1], sum(lay.s_sizes)
+    a = summa(w1, x, row, col, lay.t_sizes) + b1[:, None]  # A[S_i, H_j] = sum_k W1[S_i, T_k] X[T_k, H_j] + b1
+    a = drop(F.gelu(a), 0, (_off(lay.s_sizes, lay.i), lay.starts[1]), (S, H))
+    y = summa(w2, a, row, col, lay.s_sizes) + b2[:, None]  # Y[T_i, H_j] = sum_k W2[T_i, S_k] A[S_k, H_j] + b2
+    return drop(y, 1, lay.starts, lay.full)
+
 
 # %%
 #| export
-def channel_mlp_summa(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, h_sizes, g_sizes, drop=_nodrop, faithful=False):
+def channel_mlp_summa(x, wa, ba, wb, bb, lay: Layout, drop=_nodrop, faithful=False):
     "The channel MLP as two SUMMA products: Wa[H_i, G_j] (H_i, G_j), ba (G_j,), Wb[G_i, H_j], bb (H_j,); square grids."
-    i, j, T, H, G = domain.rank, tensor.rank, sum(t_sizes), sum(h_sizes), sum(g_sizes)
-    a = summa(x, wa, tensor, domain, h_sizes) + ba  # A[T_i, G_j] = sum_k X[T_i, H_k] Wa[H_k, G_j] + ba
-    a = drop(F.gelu(a), 2, (_off(t_sizes, i), _off(g_sizes, j)), (T, G))
-    y = summa(a, wb, tensor, domain, g_sizes) + bb  # Y[T_i, H_j] = sum_k A[T_i, G_k] Wb[G_k, H_j] + bb
-    return drop(y, 3, (_off(t_sizes, i), _off(h_sizes, j)), (T, H))
+    row, col, T, G = lay.tensor, lay.domain, lay.full[0], sum(lay.g_sizes)
+    a = summa(x, wa, row, col, lay.h_sizes) + ba  # A[T_i, G_j] = sum_k X[T_i, H_k] Wa[H_k, G_j] + ba
+    a = drop(F.gelu(a), 2, (lay.starts[0], _off(lay.g_sizes, lay.j)), (T, G))
+    y = summa(a, wb, row, col, lay.g_sizes) + bb  # Y[T_i, H_j] = sum_k A[T_i, G_k] Wb[G_k, H_j] + bb
+    return drop(y, 3, lay.starts, lay.full)
+
 
 # %% [markdown]
 # On 2x2 and 3x3 thread grids with uneven sizes, with the weights and biases cut as the table says, against the
@@ -1382,14 +1557,13 @@ def channel_mlp_summa(x, wa, ba, wb, bb, tensor: Group, domain: Group, t_sizes, 
 # their own):
 
 # %%
-def _summa_mlps(tensor, domain):
-    n, i, j = tensor.size, domain.rank, tensor.rank
+def _summa_mlps(lay):
+    n, i, j = lay.q, lay.i, lay.j
     x = cut(_X, (1, n, i), (2, n, j))
     w1, b1, w2, b2 = cut(_W1, (0, n, i), (1, n, j)), cut(_b1, (0, n, i)), cut(_W2, (0, n, i), (1, n, j)), cut(_b2, (0, n, i))
     wa, ba, wb, bb = cut(_Wa, (0, n, i), (1, n, j)), cut(_ba, (0, n, j)), cut(_Wb, (0, n, i), (1, n, j)), cut(_bb, (0, n, j))
-    sz = lambda N: split_sizes(N, n)
-    yt = token_mlp_summa(x, w1, b1, w2, b2, tensor, domain, sz(_T), sz(_H), sz(_S))
-    yc = channel_mlp_summa(x, wa, ba, wb, bb, tensor, domain, sz(_T), sz(_H), sz(_G))
+    yt = token_mlp_summa(x, w1, b1, w2, b2, lay)
+    yc = channel_mlp_summa(x, wa, ba, wb, bb, lay)
     ((yt + yc) * cut(_dY, (1, n, i), (2, n, j))).sum().backward()
     return yt.detach(), yc.detach(), x.grad, w1.grad, w2.grad, wa.grad, wb.grad, b1.grad, ba.grad
 
@@ -1417,30 +1591,3 @@ for _n in (2, 3):
     for _bw in (False, True):
         _got = on_grid(_n, _n, _block_sent, "summa", _bw, 2, 6 * _n, 2 * _n, 3 * _n, 4 * _n)
         test_eq(set(_got), {block_bytes(6 * _n, 2 * _n, 3 * _n, 4 * _n, _n, _n, itemsize=8, batch=2, schedule="summa", backward=_bw)})
-
-# %% [markdown]
-# ## Which exchange is which
-#
-# Every posted exchange carries a tag, and `group.waited` adds up the seconds a rank waited for each one
-# (`jigsaw-bench` prints them per step). The names, by tag:
-
-# %%
-#| export
-EXCHANGES = {
-    "tag 21": "MLP output reduce-scatter (forward)", "tag 22": "MLP output gradient all-gather (backward)",
-    "tag 31": "MLP input all-gather (forward)", "tag 32": "MLP input re-gather (backward)",
-    "tag 33": "MLP input-gradient reduce-scatter (backward)",
-    "tag 41": "SUMMA A blocks (forward)", "tag 42": "SUMMA B blocks (forward)", "tag 43": "SUMMA B blocks (backward)",
-    "tag 44": "SUMMA A blocks (backward)", "tag 45": "SUMMA dA partials (backward)", "tag 46": "SUMMA dB partials (backward)",
-    "tag 51": "2x2 stage input all-gather (forward)", "tag 52": "2x2 stage output reduce-scatter (forward)",
-    "tag 53": "2x2 stage gradient all-gather (backward)", "tag 54": "2x2 stage input re-gather (backward)",
-    "tag 55": "2x2 stage input-gradient reduce-scatter (backward)",
-    "tag 61": "encoder input all-gather (forward)", "tag 62": "encoder input-gradient reduce-scatter (backward)",
-    "tag 63": "decoder/residual reduce-scatter (forward)", "tag 64": "decoder/residual gradient all-gather (backward)",
-    "all_gather": "collective all-gather", "reduce_scatter": "collective reduce-scatter", "all_reduce": "collective all-reduce"}
-
-# %% [markdown]
-# Every tag this module posts has its name (read from this module's own source):
-
-# %%
-test_eq({f"tag {t}" for t in re.findall(r"tag=(\d+)", inspect.getsource(_pm))}, {k for k in EXCHANGES if k.startswith("tag")})

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from jigsaw_ref.config import MixerConfig, shard_range, split_sizes
 from jigsaw_ref.mixer import dropout, init_block, param_shapes, patchify, site_key, unpatchify
 from jigsaw_ref.comm import Group, all_gather
-from jigsaw_ref.pmatmul import (FEATURES, PATCHES, channel_mlp, channel_mlp_faithful, channel_mlp_overlap, channel_mlp_summa,
-                                gather_contract, layer_norm, matmul_reduce_scatter_out, token_mlp, token_mlp_faithful,
-                                token_mlp_overlap, token_mlp_summa)
+from jigsaw_ref.pmatmul import (FEATURES, PATCHES, Layout, channel_mlp, channel_mlp_faithful, channel_mlp_overlap,
+                                channel_mlp_summa, gather_contract, layer_norm, matmul_reduce_scatter_out, token_mlp,
+                                token_mlp_faithful, token_mlp_overlap, token_mlp_summa)
 from torch.utils.checkpoint import checkpoint
 from fastcore.basics import patch
 
@@ -26,7 +26,8 @@ from nbdev.showdoc import show_doc
 from jigsaw_ref.ranks import run_ranks
 from jigsaw_ref.comm import make_groups
 from jigsaw_ref.grid import Grid
-from jigsaw_ref.pmatmul import saved_bytes
+from jigsaw_ref.probe import saved_bytes
+
 
 # %% [markdown]
 # # The parallel WeatherMixer
@@ -60,11 +61,13 @@ def _r(n, parts, k):
     a, b = shard_range(n, parts, k)
     return list(range(a, b))
 
+
 # %%
 #| export
 def token_sizes(c: MixerConfig, p: int) -> list[int]:
     "Tokens per domain block: longitude patches are split over `p`, each with all latitude rows."
     return [s * c.n_lat for s in split_sizes(c.n_lon_patches, p)]
+
 
 # %%
 #| export
@@ -72,12 +75,14 @@ def residual_inputs(c: MixerConfig, q: int, j: int) -> list[int]:
     "Indices (into the input channels) of the residual's input channels that tensor rank `j` holds."
     return [k for k in _r(c.n_in, q, j) if k < c.n_res_in]
 
+
 # %%
 #| export
 def _sub(ix: list, parts: int, k: int) -> list:
     "Shard `k` of `parts` of an index list (a bias shard within a block)."
     a, b = shard_range(len(ix), parts, k)
     return ix[a:b]
+
 
 # %%
 #| export
@@ -117,11 +122,13 @@ def shard_spec(c: MixerConfig, p: int, q: int, i: int, j: int, mode: str = "exac
              "res.w": ([rows, _r(Vo, p, i)], None, 1), "res.b": ([Vj], "domain", None)}
     return spec
 
+
 # %%
 #| export
 def bias_copies(mode: str, p: int) -> bool:
     "Whether the MLP biases are per-rank copies of each output block (faithful mode with domain shards)."
     return mode == "faithful" and p > 1
+
 
 # %%
 #| export
@@ -129,6 +136,7 @@ def take(t, idx):
     "The block of `t` at index lists `idx` (one per dim)."
     for d, ix in enumerate(idx): t = t.index_select(d, torch.tensor(ix, dtype=torch.long))
     return t
+
 
 # %% [markdown]
 # `shard_table` prints it: for every rank of a layout, the index ranges of each parameter it holds (one range
@@ -146,6 +154,7 @@ def _ranges(ix: list) -> str:
         out.append(f"{ix[k]}:{ix[e] + 1}"); k = e + 1
     return "+".join(out) or "-"
 
+
 # %%
 #| export
 def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None, schedule: str = "overlap") -> str:
@@ -161,6 +170,7 @@ def shard_table(c: MixerConfig, p: int, q: int, mode: str = "exact", names=None,
                 cells.append(f"{'[' + ', '.join(_ranges(ix) for ix in idx) + ']' + ('*' if rep else ''):<26}")
         rows.append(f"{n:<18}{str(tuple(shapes[n])):<16}" + "".join(cells))
     return "\n".join(rows) + "\n(* replicated over the " + "domain or tensor partners, summed in exact mode)"
+
 
 # %% [markdown]
 # The paper's 4-way layout of the `tiny` preset (16 x 32 grid, 128 tokens, $H = 32$):
@@ -194,6 +204,7 @@ for p, q in ((1, 2), (2, 2), (3, 2), (2, 3)):
         assert cover.min() >= 1, (name, p, q)
         if shard_spec(_c, p, q, 0, 0)[name][1] is None: assert cover.max() == 1, (name, p, q)
 
+
 # %% [markdown]
 # Storage over all ranks of a layout, without allocating anything: what each rank holds, summed. For the
 # paper's 2-way layout nothing is replicated, so this equals the one-process count; with the released 2-way
@@ -206,6 +217,7 @@ def layout_param_count(c: MixerConfig, p: int, q: int, mode: str = "exact", sche
     "Parameters stored over all ranks of a p x q model group (replicas counted on every rank that holds one)."
     return sum(math.prod(len(ix) for ix in idx) for i in range(p) for j in range(q)
                for idx, _, _ in shard_spec(c, p, q, i, j, mode, schedule).values())
+
 
 # %%
 _rel = dict(out_pad=3, res_inputs="all", dec_bias="pixel")
@@ -264,13 +276,14 @@ class JigsawMixer(nn.Module):
         self.params = nn.ParameterDict({
             n.replace(".", "/"): nn.Parameter(torch.empty([len(ix) for ix in self.spec[n][0]], dtype=dtype, device=device))
             for n in self._names})
-        self.t_sizes, self.h_sizes = token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q)
-        self.s_sizes, self.g_sizes = split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p)
+        self.layout = Layout(tensor, domain, token_sizes(cfg, self.p), split_sizes(cfg.hidden, self.q),  # what the MLPs take
+                             split_sizes(cfg.token_hidden, self.q), split_sizes(cfg.channel_hidden, self.p))
         self.out_slice = slice(*shard_range(cfg.n_out, self.q, self.j))  # my output channels: e.g. `var_w[model.out_slice]`
         self.mlps = _mlps(schedule, self.bias_after)
         if init:
             with torch.no_grad():  # my blocks of the one-process initial weights, computed for my blocks only
                 for name in self._names: self.state()[name].copy_(init_block(cfg, name, self.spec[name][0], seed))
+
 
 # %% [markdown]
 # The MLPs a schedule runs; with the released code's per-rank bias copies (faithful mode, $p > 1$) the same
@@ -284,6 +297,7 @@ def _mlps(schedule: str, copies: bool):
     if schedule == "plain": return token_mlp_faithful, channel_mlp_faithful
     tok, ch = SCHEDULES[schedule]
     return functools.partial(tok, faithful=True), functools.partial(ch, faithful=True)
+
 
 # %% [markdown]
 # The layout is checked before anything is allocated, with a message that names the fix:
@@ -305,9 +319,11 @@ def _check_layout(cfg, tensor, domain, mode, schedule):
                     (cfg.token_hidden, "token hidden")):
         if n < tensor.size: raise ValueError(f"{n} {what} cannot be split over {tensor.size} tensor ranks")
 
+
 # %%
 test_fail(lambda: JigsawMixer(preset("tiny"), Group(), Group(), mode="fast"), contains="choose 'exact'")
 test_fail(lambda: JigsawMixer(preset("tiny"), Group(), Group(), schedule="ring"), contains="schedule='ring'")
+
 
 # %% [markdown]
 # Its parameters by full name, and the helpers that the layers use: a weight gathered over the domain
@@ -321,6 +337,7 @@ def state(self: JigsawMixer) -> dict[str, torch.Tensor]:
     "This rank's blocks by full parameter name."
     return {n: self.params[n.replace(".", "/")] for n in self._names}
 
+
 # %%
 #| export
 @patch
@@ -328,6 +345,7 @@ def _gathered(self: JigsawMixer, name):
     "A weight all-gathered over the domain partners along its gather dim (gradient: reduce-scattered back)."
     full_n = param_shapes(self.cfg)[name][self.spec[name][2]]
     return all_gather(self.state()[name], self.domain, self.spec[name][2], split_sizes(full_n, self.p))
+
 
 # %%
 #| export
@@ -337,6 +355,7 @@ def _ln(self: JigsawMixer, x, name, n_features):
     if name == "res.ln2":  # each rank's residual features: its prediction block and its residual inputs
         sizes = [len(_r(self.cfg.n_out, self.q, k)) + len(residual_inputs(self.cfg, self.q, k)) for k in range(self.q)]
     return layer_norm(x, p[name + ".w"], p[name + ".b"], self.tensor, n_features, self.mode == "exact", sizes=sizes)
+
 
 # %% [markdown]
 # **Encoder.** The raw input is small (a few dozen channels), so the tensor partners gather its channels and
@@ -353,6 +372,7 @@ def encode(self: JigsawMixer, x):
                         overlap=self.schedule != "plain")  # all C_in channels contracted
     return z + self.state()["enc.b"]
 
+
 # %% [markdown]
 # **Mixer block.** The two MLPs of `pmatmul` (the schedule's, or the faithful ones), each behind its LayerNorm.
 # Dropout masks come from `mixer.dropout` at this rank's offsets, so they are the one-process model's bits
@@ -368,10 +388,10 @@ def _block(self: JigsawMixer, x, b: int, key: int, sample0: int, rollout: int):
     tok, ch = self.mlps
     def drop(t, which, starts, full):
         return dropout(t, c.dropout, self.training, site_key(key, rollout, b, which, c.blocks), (sample0,) + tuple(starts), (0,) + tuple(full))
-    x = x + tok(self._ln(x, n + "ln1", c.hidden), p[n + "tok1.w"], p[n + "tok1.b"], p[n + "tok2.w"], p[n + "tok2.b"],
-                self.tensor, self.domain, self.t_sizes, self.h_sizes, self.s_sizes, drop)
-    return x + ch(self._ln(x, n + "ln2", c.hidden), p[n + "ch1.w"], p[n + "ch1.b"], p[n + "ch2.w"], p[n + "ch2.b"],
-                  self.tensor, self.domain, self.t_sizes, self.h_sizes, self.g_sizes, drop)
+    w = lambda mlp: [p[n + mlp + k] for k in ("1.w", "1.b", "2.w", "2.b")]  # (w1, b1, w2, b2) of `mlp`
+    x = x + tok(self._ln(x, n + "ln1", c.hidden), *w("tok"), self.layout, drop)
+    return x + ch(self._ln(x, n + "ln2", c.hidden), *w("ch"), self.layout, drop)
+
 
 # %%
 #| export
@@ -381,6 +401,7 @@ def block(self: JigsawMixer, x, b: int, key: int = 0, sample0: int = 0, rollout:
     if self.recompute and torch.is_grad_enabled():
         return checkpoint(self._block, x, b, key, sample0, rollout, use_reentrant=False)
     return self._block(x, b, key, sample0, rollout)
+
 
 # %% [markdown]
 # **Decoder and residual.** Each rank decodes its tokens into every output channel (a partial sum over its
@@ -405,6 +426,7 @@ def decode(self: JigsawMixer, x, z, inp):
     r = matmul_reduce_scatter_out(FEATURES, self._gathered("res.w"), r, self.tensor, vs, wd=1, od=3, overlap=ov) + p["res.b"]
     return r.permute(0, 3, 1, 2)
 
+
 # %% [markdown]
 # **The forward pass**: encode, run the processor `k` times with tied weights, decode. `key` and `sample0`
 # fix the dropout masks (`mixer.dropout_key(seed, step)`, and the position of this rank's first sample in the
@@ -419,6 +441,7 @@ def forward(self: JigsawMixer, x, k: int = 1, key: int = 0, sample0: int = 0):
     for r in range(k):
         for b in range(self.cfg.blocks): h = self.block(h, b, key, sample0, r)
     return self.decode(h, z, x)
+
 
 # %% [markdown]
 # **Replicated parameters.** LayerNorm weights and the small encoder/decoder biases are replicated over the
@@ -435,6 +458,7 @@ def replica_groups(self: JigsawMixer) -> dict[str, list[str]]:
         if rep: out[rep].append(n)
     return out
 
+
 # %%
 #| export
 @patch
@@ -448,6 +472,7 @@ def sync_replicated_grads(self: JigsawMixer):
         if g.size == 1 or not ps: continue
         flat = g.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps]))
         for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
 
 # %%
 show_doc(JigsawMixer.forward)
@@ -466,6 +491,7 @@ _x = torch.randn(2, _cfg.n_in, _cfg.n_lat, _cfg.n_lon, dtype=torch.float64)
 test_close(_pm(_x, k=2), _sm(_x, k=2), eps=1e-12)
 test_eq(sum(t.numel() for t in _pm.parameters()), param_count(_cfg))
 
+
 # %% [markdown]
 # ## Moving whole models in and out of a layout
 #
@@ -480,6 +506,7 @@ def scatter_state(model: JigsawMixer, full: dict):
     "Copy this rank's blocks of the full state dict `full` into `model`."
     for n, t in model.state().items():
         t.copy_(take(full[n].to(t.dtype), model.spec[n][0]))
+
 
 # %%
 #| export
@@ -500,6 +527,7 @@ def gather_state(model: JigsawMixer, model_group: Group, tensors: dict | None = 
         full[n] = out
     return full
 
+
 # %% [markdown]
 # ## The whole model on thread ranks
 #
@@ -513,6 +541,7 @@ def block_of(cfg: MixerConfig, t, p: int, q: int, i: int, j: int):
     a, e = shard_range(cfg.n_lon_patches, p, i)
     c0, c1 = shard_range(t.shape[1], q, j)
     return t[:, c0:c1, :, a * cfg.patch: e * cfg.patch]
+
 
 # %% [markdown]
 # The model on 1x2, 2x2 and 3x2 grids of thread ranks, on a configuration with uneven splits everywhere,
@@ -547,6 +576,7 @@ for _p, _q, _sched in [(p, q, s) for p, q in ((1, 2), (2, 2), (3, 2)) for s in (
         test_close(_gx, block_of(_cfg, _xr.grad, _p, _q, _i, _j), eps=1e-11)
         for _n, _t in _ref.state().items(): test_close(_grads[_n], _t.grad, eps=1e-10 * max(1, float(_t.grad.abs().max())))
 
+
 # %% [markdown]
 # **Recomputation.** With `recompute=True` a block keeps only its input; its activations are recomputed in the
 # backward (exchanges and dropout masks included). The gradients are the same to rounding, and the saved
@@ -566,6 +596,7 @@ def _saved(comm, recompute):
 test_close(_g1, _g0, eps=1e-12)
 print(f"saved for the backward on rank 0: {_b0:,} B without recomputation, {_b1:,} B with")
 assert _b1 < _b0 / 2
+
 
 # %% [markdown]
 # ## Loss shares, gradient sums, clipping
@@ -588,6 +619,7 @@ def loss_share(pred, target, lat_w, var_w, global_count: int):
     w = var_w.to(pred)[:, None, None] * lat_w.to(pred)[None, :, None]
     return ((pred - target) * w).square().sum() / global_count
 
+
 # %%
 #| export
 def sync_grads(model: JigsawMixer, dp: Group):
@@ -597,6 +629,7 @@ def sync_grads(model: JigsawMixer, dp: Group):
     if dp.size > 1 and ps:
         flat = dp.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps]))
         for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
 
 # %%
 #| export
@@ -612,6 +645,7 @@ def grad_norm(model: JigsawMixer, model_group: Group) -> torch.Tensor:
     if model.mode == "exact": sq = model_group.all_reduce(sq)
     return sq.sqrt()[0]
 
+
 # %%
 #| export
 def clip_grads(model: JigsawMixer, model_group: Group, max_norm: float) -> float:
@@ -621,6 +655,7 @@ def clip_grads(model: JigsawMixer, model_group: Group, max_norm: float) -> float
     for t in model.parameters():
         if t.grad is not None: t.grad.mul_(scale.to(t.grad.dtype))
     return float(norm)
+
 
 # %% [markdown]
 # In one process, clipping equals torch's own `clip_grad_norm_`:
@@ -634,6 +669,7 @@ _n1 = clip_grads(_a, Group(), 0.5)
 _n2 = torch.nn.utils.clip_grad_norm_(_b.parameters(), 0.5)
 test_close(_n1, float(_n2), eps=1e-9)
 test_close(_a.state()["res.w"].grad, _b.state()["res.w"].grad, eps=1e-12)
+
 
 # %% [markdown]
 # **Faithful training** also reproduces what the released 4-way training script does to the LayerNorm gradients
@@ -651,6 +687,7 @@ def average_layernorm_grads(model: JigsawMixer):
     if g.size == 1 or not ps: return
     flat = g.all_reduce(torch.cat([t.grad.reshape(-1) for t in ps])) / g.size
     for t, v in zip(ps, flat.split([t.numel() for t in ps])): t.grad.copy_(v.view_as(t.grad))
+
 
 # %% [markdown]
 # ## Everything between the backward and the step
@@ -672,14 +709,16 @@ def complete_grads(model: JigsawMixer, groups: dict, clip: float = 0.0) -> float
     model._complete = True
     return norm
 
+
 # %%
 #| export
 def loss_count(model: JigsawMixer, batch: int, dp: int) -> int:
     "The denominator of this rank's `loss_share` for `batch` samples per model group and `dp` replicas."
     c = model.cfg
     if model.mode == "exact": return batch * dp * c.n_out * c.n_lat * c.n_lon
-    v_j, lon_i = len(model.spec["res.b"][0][0]), model.t_sizes[model.i] // c.n_lat * c.patch  # my block's channels, longitudes
+    v_j, lon_i = len(model.spec["res.b"][0][0]), model.layout.t_sizes[model.i] // c.n_lat * c.patch  # my block's channels, longitudes
     return batch * dp * v_j * c.n_lat * lon_i
+
 
 # %% [markdown]
 # Forgetting to complete the gradients is silent in some layouts and wrong in others (a replicated LayerNorm
@@ -702,6 +741,7 @@ def guard(self: JigsawMixer, optimizer):
     optimizer.register_step_pre_hook(check)
     return optimizer
 
+
 # %%
 _m = JigsawMixer(preset("tiny"), Group(), Group(), dtype=torch.float64)
 _opt = _m.guard(torch.optim.Adam(_m.parameters()))
@@ -715,6 +755,7 @@ def _faithful_count(comm):
 
 _mf = run_ranks(4, _faithful_count)
 test_eq(_mf, [10 * 16 * 16, 9 * 16 * 16, 10 * 16 * 16, 9 * 16 * 16])  # faithful: my block, 10 or 9 channels x 16 x 16 pixels
+
 
 # %% [markdown]
 # ## Precision: TF32, bf16 autocast, bf16 messages, determinism

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from jigsaw_ref.config import preset, shard_range
 from jigsaw_ref.comm import Group
 from jigsaw_ref.loss import lat_weights_cos, variable_weights
-from jigsaw_ref.mixer import WeatherMixer, forward_flops, param_count, train_step_flops
+from jigsaw_ref.mixer import WeatherMixer, dropout_key, forward_flops, param_count, train_step_flops
 from jigsaw_ref.parallel import JigsawMixer, block_of, clip_grads, loss_share, sync_grads
 from jigsaw_ref.pmatmul import EXCHANGES, saved_bytes
 
@@ -22,7 +22,7 @@ from fastcore.test import test_eq, test_close
 # %% [markdown]
 # # Benchmarks
 #
-# > `jigsaw-bench`: step time, achieved GFLOP/s against a GEMM peak measured in the same run, per-rank memory and communication, for 1-, 2- and 4-way Jigsaw and two baselines built with torch's own tools (DDP, and Megatron-style 1D tensor parallelism).
+# > `jigsaw-bench`: step time, achieved GFLOP/s against a GEMM peak measured in the same run, per-rank memory and communication, for 1-, 2- and 4-way Jigsaw and three baselines built with torch's own tools (DDP, FSDP, and Megatron-style 1D tensor parallelism).
 
 # %% [markdown]
 # ## What is measured, and how
@@ -40,10 +40,16 @@ from fastcore.test import test_eq, test_close
 # The baselines share the model, data and optimizer: **DDP** is `torch.nn.parallel.DistributedDataParallel`
 # around the one-process `WeatherMixer` (gloo), one sample per rank; **Megatron-1D** keeps the activations
 # replicated on every rank and splits each MLP Megatron's way (first linear by output rows, second by input
-# columns, one `torch.distributed.nn.functional.all_reduce` after each MLP), the encoder and decoder replicated.
+# columns, one `torch.distributed.nn.functional.all_reduce` after each MLP), the encoder and decoder replicated;
+# **FSDP** is torch's `fully_shard` (FSDP2) around the one-process model on a CPU mesh, one sample per rank.
 #
 # On a 2-core machine 1 and 2 ranks are timed; 4 ranks are oversubscribed, so their times are reported for
 # volume and memory only.
+#
+# Two families of cases watch paths that the plain layouts do not: `... torch` runs the Jigsaw layouts on
+# `comm.TorchGroup` (torch.distributed; gloo here, the code path that becomes NCCL on GPUs) instead of the MPI
+# `Group`, and `... dropout` turns on the layout-independent dropout at the released code's rate, $p = 10^{-3}$
+# (the CPU presets train without it). Their targets are ratios to the matching case of the same run.
 
 # %%
 #| export
@@ -164,6 +170,45 @@ _x = torch.randn(1, _c.n_in, _c.n_lat, _c.n_lon)
 test_close(MegatronMixer(_c, 0, 1)(_x), WeatherMixer(_c)(_x), eps=1e-5)
 
 # %% [markdown]
+# ## The FSDP baseline
+#
+# FSDP is what a user whose model does not fit one device tries first: data parallelism whose parameters,
+# gradients and Adam moments are sharded over the ranks, each parameter all-gathered when it is used and its
+# gradient reduce-scattered. `fsdp_model` applies torch's FSDP2 (`fully_shard`) to the one-process
+# `WeatherMixer` over a CPU mesh of every rank (gloo). The model keeps all its parameters in one
+# `ParameterDict`, so it is one FSDP unit: the whole model is gathered for the forward, freed after it
+# (`reshard_after_forward`), gathered again for the backward, and its gradients reduce-scattered once. Per rank
+# that is $1/n$ of the state, the activations of a whole sample, and $3 (n-1)/n$ of the parameter bytes sent
+# per step (two all-gathers and one reduce-scatter).
+#
+# Its saved activations are counted as every case's are (the storages autograd saves when they are saved, the
+# weights the GEMMs keep included): FSDP frees its gathered weights between the forward and the backward, so its
+# figure overstates what it holds then by the bytes of the parameters.
+#
+# FSDP2 averages the gradients over the mesh like DDP; some torch releases summed them on gloo (pytorch issue
+# 162338; `set_gradient_divide_factor` / `set_force_sum_reduction_for_comms` set it by hand there).
+# `tests/test_fsdp.py` checks, before any timing, that after one step FSDP's gradients and parameters are DDP's
+# in float64.
+
+# %%
+#| export
+def fsdp_model(cfg, n: int, dtype=torch.float32, seed: int = 0):
+    "The one-process WeatherMixer sharded with FSDP2 (`fully_shard`) over a CPU mesh of torch.distributed's `n` ranks."
+    import warnings
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # our loss does no in-place op on the output
+    m = WeatherMixer(cfg, dtype, seed=seed)
+    fully_shard(m, mesh=init_device_mesh("cpu", (n,)))
+    return m
+
+# %%
+#| export
+def _local(t):
+    "A rank's own part of `t`: the local shard of an FSDP (DTensor) parameter or moment, else `t`."
+    return t.to_local() if hasattr(t, "to_local") else t
+
+# %% [markdown]
 # ## One case on one rank
 #
 # `run_case` is what each rank of a benchmark job runs; `main` (the `jigsaw-bench` command) launches one job
@@ -192,7 +237,7 @@ def _build(spec: dict, cfg, comm):
     x, y = torch.randn(1, cfg.n_in, cfg.n_lat, cfg.n_lon), torch.randn(1, cfg.n_out, cfg.n_lat, cfg.n_lon)
     if spec["case"] == "jigsaw":
         from jigsaw_ref.grid import Grid
-        grid = Grid.named(spec["way"], n); groups = make_groups(grid, "mpi", spec.get("algo", "p2p"), comm)
+        grid = Grid.named(spec["way"], n); groups = make_groups(grid, spec.get("backend", "mpi"), spec.get("algo", "p2p"), comm)
         d, i, j = grid.coords(r)
         m = JigsawMixer(cfg, groups["tensor"], groups["domain"], spec.get("mode", "exact"), torch.float32, device=dev,
                         schedule=spec.get("schedule", "overlap"), recompute=spec.get("recompute", False))
@@ -205,6 +250,7 @@ def _build(spec: dict, cfg, comm):
     if spec["case"] == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(WeatherMixer(cfg, torch.float32)), None, x, y, lat_w, var_w, y.numel() * n, 1
+    if spec["case"] == "fsdp": return fsdp_model(cfg, n), None, x, y, lat_w, var_w, y.numel() * n, 1
     return MegatronMixer(cfg, r, n), None, x, y, lat_w, var_w, y.numel(), n
 
 # %% [markdown]
@@ -218,6 +264,7 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
     comm = MPI.COMM_WORLD
     torch.set_num_threads(spec.get("threads", 1)); torch.manual_seed(0)
     cfg, n, r = preset(model, **(overrides or {})), comm.Get_size(), comm.Get_rank()
+    if "dropout" in spec: cfg = cfg.replace(dropout=spec["dropout"])  # the dropout cases: the preset's model with dropout on
     m, groups, x, y, lat_w, vw, count, group_size = _build(spec, cfg, comm)
     opt = torch.optim.Adam(m.parameters(), lr=1e-4, weight_decay=3e-6)
     times, act = [], 0
@@ -226,7 +273,8 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
         with saved_bytes() as sb:
-            loss = loss_share(m(x), y, lat_w, vw, count)
+            kw = {"key": dropout_key(0, s)} if cfg.dropout else {}  # a new mask every step, as in training
+            loss = loss_share(m(x, **kw), y, lat_w, vw, count)
         loss.backward()
         if groups: sync_grads(m, groups["dp"]); clip_grads(m, groups["model"], 1.0)
         else: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -236,8 +284,8 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
             for g in groups.values(): g.sent, g.seconds, g.waited = 0, 0.0, {}
         if s == 0 and spec["case"] == "megatron": m.sent = 0
         act = max(act, sb.bytes)
-    params = sum(t.numel() * t.element_size() for t in m.parameters())
-    moments = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    params = sum(_local(t).numel() * _local(t).element_size() for t in m.parameters())  # this rank's (shards under FSDP)
+    moments = sum(_local(v).numel() * _local(v).element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     if groups:
         sent = sum(g.sent for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
         comm_s = sum(g.seconds for k, g in groups.items() if k in ("tensor", "domain", "dp")) / steps
@@ -245,15 +293,17 @@ def run_case(spec: dict, model: str = "medium", steps: int = 3, overrides: dict 
         for k in ("tensor", "domain", "dp"):
             for kind, sec in groups[k].waited.items(): waited[kind] = waited.get(kind, 0.0) + sec / steps
         recv = sum(g.recv_peak for k, g in groups.items() if k in ("tensor", "domain"))
+        shm = sum(g.shm.slot_bytes for g in groups.values() if getattr(g, "shm", None) is not None)  # gloo's shared-memory slots
     elif spec["case"] == "megatron": sent, comm_s = m.sent / steps, float("nan")
     elif spec["case"] == "ddp": sent, comm_s = 2 * (n - 1) * params // n, float("nan")  # DDP all-reduces every gradient once
+    elif spec["case"] == "fsdp": sent, comm_s = 3 * (n - 1) * params, float("nan")  # 2 all-gathers + 1 reduce-scatter of n shards
     else: sent, comm_s = 0, 0.0
     if not groups: waited = {}
-    if not groups: recv = float("nan")
+    if not groups: recv, shm = float("nan"), 0
     times.sort()
     return dict(spec=spec, ranks=n, rank=r, model=model, step_s=times[len(times) // 2], group_size=group_size,
                 samples_per_step=n // group_size, params_bytes=params, grads_bytes=params, adam_bytes=moments,
-                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv, waited=waited)
+                activation_bytes=act, sent_bytes=sent, comm_s=comm_s, recv_peak=recv, waited=waited, shm_bytes=shm)
 
 # %% [markdown]
 # ## Roofline of each layer
@@ -359,10 +409,14 @@ CASES = {  # name -> what to run: Jigsaw layouts and variants, and the baselines
     "2-way test chunks": _case("jigsaw", 2, "2", env={"JIGSAW_PROGRESS_CHUNKS": "4"}),  # MPI_Test between GEMM chunks
     "2-way faithful": _case("jigsaw", 2, "2", mode="faithful"), "2-way recompute": _case("jigsaw", 2, "2", recompute=True),
     "ddp": _case("ddp", 2), "megatron": _case("megatron", 2),
-    "4-way": _case("jigsaw", 4, "4"), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
+    "1-way dropout": _case("jigsaw", 1, dropout=1e-3), "2-way dropout": _case("jigsaw", 2, "2", dropout=1e-3),
+    "4-way": _case("jigsaw", 4, "4"), "4-way dropout": _case("jigsaw", 4, "4", dropout=1e-3), "4-way plain": _case("jigsaw", 4, "4", schedule="plain"),
     "4-way faithful": _case("jigsaw", 4, "4", mode="faithful"), "4-way recompute": _case("jigsaw", 4, "4", recompute=True),
     "4-way summa": _case("jigsaw", 4, "4", schedule="summa"), "4-way faithful summa": _case("jigsaw", 4, "4", mode="faithful", schedule="summa"),
-    "megatron 4": _case("megatron", 4),
+    "megatron 4": _case("megatron", 4), "fsdp": _case("fsdp", 2), "fsdp 4": _case("fsdp", 4),
+    # the same layouts on TorchGroup (torch.distributed: gloo here, NCCL on GPUs) instead of the MPI Group
+    "2-way torch": _case("jigsaw", 2, "2", backend="torch"), "2-way torch faithful": _case("jigsaw", 2, "2", backend="torch", mode="faithful"),
+    "4-way torch": _case("jigsaw", 4, "4", backend="torch"), "4-way torch faithful": _case("jigsaw", 4, "4", backend="torch", mode="faithful"),
 }
 
 # %%
@@ -421,7 +475,8 @@ def summarize(name: str, rows: list[dict], cfg, peak1: float, cores: int) -> dic
                 state_bytes=max(r["params_bytes"] + r["grads_bytes"] + r["adam_bytes"] for r in rows),
                 act_bytes=max(r["activation_bytes"] for r in rows), sent_bytes=max(r["sent_bytes"] for r in rows),
                 comm_s=max(r["comm_s"] for r in rows), recv_bytes=max(r["recv_peak"] for r in rows), group_size=rows[0]["group_size"],
-                waited=max((r["waited"] for r in rows), key=lambda w: sum(w.values())))  # the rank that waited most
+                waited=max((r["waited"] for r in rows), key=lambda w: sum(w.values())),  # the rank that waited most
+                shm_bytes=max(r.get("shm_bytes", 0) for r in rows))
 
 # %%
 #| export
@@ -487,6 +542,19 @@ def targets(res: list[dict]) -> list[str]:
             out.append(f"{name} parameters+gradients+Adam per rank / (1-way / {j['group_size']}): {j['state_bytes'] / (one['state_bytes'] / j['group_size']):.4f}")
         if (j := get(name)) and (rc := get(name + " recompute")):
             out.append(f"{name} with recomputation: {rc['act_bytes'] / j['act_bytes']:.2f} of the activations, {rc['step_s'] / j['step_s']:.2f} of the step time")
+    for j, f in ((get("2-way"), get("fsdp")), (get("4-way"), get("fsdp 4"))):
+        if j and f:
+            out.append(f"{j['case']} vs FSDP on {f['ranks']} ranks: {j['samples_s'] / f['samples_s']:.2f} of its samples/s (target > 1), "
+                       f"{j['state_bytes'] / f['state_bytes']:.2f} of its state and {j['act_bytes'] / f['act_bytes']:.2f} of its saved "
+                       f"activations per rank (targets <= 1)")
+    for name in ("1-way", "2-way", "4-way"):
+        if (b := get(name)) and (d := get(name + " dropout")):
+            out.append(f"{name} with dropout p = 1e-3 / without: {d['step_s'] / b['step_s']:.3f} of the step time (target <= 1.05)")
+    for name in ("2-way", "2-way faithful", "4-way", "4-way faithful"):
+        tname = name.replace("-way", "-way torch")
+        if (m := get(name)) and (t := get(tname)):
+            out.append(f"{tname} / {name} (TorchGroup over gloo / MPI Group) step time: {t['step_s'] / m['step_s']:.2f} (target <= 1.10); "
+                       f"gloo shared-memory slots {t['shm_bytes'] / 2**20:.0f} MB per rank")
     if (o := get("4-way")) and (sm := get("4-way summa")):
         out.append(f"4-way SUMMA / activation-moving: {sm['step_s'] / o['step_s']:.2f} of the step time, {sm['sent_bytes'] / o['sent_bytes']:.2f} "
                    f"of the bytes, {sm['comm_s'] / max(o['comm_s'], 1e-9):.2f} of the exchange wait, {sm['act_bytes'] / o['act_bytes']:.2f} "

@@ -75,7 +75,7 @@ import jigsaw_ref
 @dataclass(frozen=True)
 class Machine:
     "Hardware numbers of one node type (defaults: HoreKa-like, 4 x A100 40 GB SXM4)."
-    peak: tuple = (("fp32", 19.5e12), ("tf32", 156e12))  # dense GEMM FLOP/s per GPU and precision
+    peak: tuple = (("fp32", 19.5e12), ("tf32", 156e12), ("bf16", 312e12))  # dense GEMM FLOP/s per GPU and precision
     hbm: float = 1555e9  # device memory bandwidth, bytes/s
     nvlink_pair: float = 100e9  # bytes/s per direction between two GPUs of a node
     net_node: float = 50e9  # bytes/s per direction from one node into the network (2 x HDR-200)
@@ -83,10 +83,12 @@ class Machine:
     itemsize: int = 4  # bytes per tensor element (float32; TF32 changes the GEMM, not the storage)
     pcie: float = 25e9  # host-to-device bytes/s per GPU
     sms: int = 108  # streaming multiprocessors (0: no tile/wave quantization, e.g. a CPU)
-    tiles: tuple = (("fp32", (128, 128)), ("tf32", (256, 128)))  # GEMM output tile per precision
+    tiles: tuple = (("fp32", (128, 128)), ("tf32", (256, 128)), ("bf16", (256, 128)))  # GEMM output tile per precision
     lat: tuple = (8.4e-6, 9.6e-6, 3.4e-6)  # NCCL ring latency: base, per network step, per NVLink step (s)
     msg_lat: float = 3.4e-6  # latency of one point-to-point message inside a node (s)
     bucket: int = 25 * 2**20  # DDP gradient bucket, bytes
+    memory: float = 39.59 * 2**30  # device memory per GPU that torch reports (`torch.cuda.get_device_properties(0).total_memory`)
+    name: str = "A100 40GB SXM4"
 
     def peak_of(self, precision: str) -> float: return dict(self.peak)[precision]
     def tile_of(self, precision: str) -> tuple: return dict(self.tiles).get(precision, (1, 1))
@@ -97,6 +99,34 @@ A100_NODE = Machine()
 # %%
 test_eq(A100_NODE.peak_of("tf32") / A100_NODE.peak_of("fp32"), 8.0)
 test_eq(A100_NODE.tile_of("tf32"), (256, 128))
+
+# %% [markdown]
+# Other nodes a run may be planned for (`plan`). The compute and bandwidth figures are the vendors' dense
+# datasheet numbers; the memory is what torch reports as a device's total (a little under the nominal size);
+# these nodes have not been calibrated against measured runs of this project, so their predicted times carry
+# the A100 calibration's efficiencies:
+#
+# | node | FP32 / TF32 / BF16 TFLOP/s | HBM | memory (torch total) | link per direction | GPUs per node, network |
+# |---|---|---|---|---|---|
+# | A100 40GB SXM4 | 19.5 / 156 / 312 | 1555 GB/s | 39.6 GiB | NVLink3 100 GB/s per pair | 4, 2 x HDR-200 |
+# | A100 80GB SXM4 | 19.5 / 156 / 312 | 2039 GB/s | 79.2 GiB | as above | 4, 2 x HDR-200 |
+# | H100 80GB SXM5 (HGX) | 67 / 495 / 989 | 3350 GB/s | 79.1 GiB | NVLink4 via NVSwitch, 450 GB/s | 8, 8 x NDR-400 |
+# | H200 141GB SXM (HGX) | 67 / 495 / 989 | 4800 GB/s | 139.8 GiB | as H100 | 8, 8 x NDR-400 |
+
+# %%
+#| export
+_H100 = dict(peak=(("fp32", 67e12), ("tf32", 494.7e12), ("bf16", 989.4e12)), hbm=3.35e12, nvlink_pair=450e9, net_node=400e9,
+             gpus_per_node=8, sms=132)
+MACHINES = {  # name -> node (see the table above)
+    "a100-40": A100_NODE,
+    "a100-80": replace(A100_NODE, hbm=2039e9, memory=79.15 * 2**30, name="A100 80GB SXM4"),
+    "h100": Machine(**_H100, memory=79.1 * 2**30, name="H100 80GB SXM5"),
+    "h200": Machine(**_H100 | dict(hbm=4.8e12), memory=139.8 * 2**30, name="H200 141GB SXM"),
+}
+
+# %%
+test_eq(MACHINES["h200"].peak_of("bf16"), MACHINES["h100"].peak_of("bf16"))
+assert MACHINES["a100-40"].memory < MACHINES["h100"].memory < MACHINES["h200"].memory
 
 
 # %% [markdown]
@@ -634,14 +664,15 @@ test_close(io_time(_c3, 1, 1, 64, Calib()), 4 * io_time(_c3, 2, 2, 64, Calib()),
 # %%
 #| export
 def step_time(c: MixerConfig, p: int, q: int, n_gpus: int, precision: str = "tf32", loading: bool = True,
-              calib: Calib = Calib(), hw: Machine = A100_NODE, schedule: str = "released", overlap: float = 1.0) -> dict:
-    "Predicted seconds per training step (batch 1 per model instance) and its parts."
-    t = dict(gemm=gemm_time(c, p, q, precision, calib, hw, schedule), mem=mem_time(c, p, q, hw, schedule),
-             mp=mp_time(c, p, q, precision, calib, hw, schedule, overlap))
+              calib: Calib = Calib(), hw: Machine = A100_NODE, schedule: str = "released", overlap: float = 1.0,
+              batch: int = 1) -> dict:  # samples per model instance and step
+    "Predicted seconds per training step (`batch` samples per model instance) and its parts."
+    t = dict(gemm=gemm_time(c, p, q, precision, calib, hw, schedule, batch), mem=mem_time(c, p, q, hw, schedule, batch),
+             mp=mp_time(c, p, q, precision, calib, hw, schedule, overlap, batch))
     comp = sum(t.values())
     t["dp"] = max(0.0, dp_time(c, p, q, n_gpus, hw) - calib.window * comp) if n_gpus > p * q else 0.0
-    t["io_wait"] = max(0.0, io_time(c, p, q, n_gpus, calib, hw) - comp - t["dp"]) if loading else 0.0
-    t["h2d"] = h2d_time(c, p, q, hw) if loading else 0.0
+    t["io_wait"] = max(0.0, batch * io_time(c, p, q, n_gpus, calib, hw) - comp - t["dp"]) if loading else 0.0
+    t["h2d"] = batch * h2d_time(c, p, q, hw) if loading else 0.0
     t["step"] = sum(t.values())
     return t
 
@@ -947,6 +978,69 @@ for H in (10352, 1600):
             v = schedule_verdict(preset("c4_4way", hidden=H, f_s=fs), A100_NODE, CAL, batch=B)
             cells.append("/".join(f"{v[f'winner_overlap_{o}'][0][:3]} {v[f'winner_overlap_{o}'][1]:4.1%}" for o in (0, 1)))
         print(f"H={H:>5} f_s={fs:<5}  B=1: {cells[0]:<22} B=4: {cells[1]:<22} B=16: {cells[2]}")
+
+
+# %% [markdown]
+# ## The baselines on the same GPUs: DDP, FSDP and Megatron-1D
+#
+# `plan` compares every Jigsaw layout with three ways of using the same GPUs, each with the model above where it
+# applies and one stated addition each:
+#
+# - **DDP**: the 1-way step on every GPU, `step_time(c, 1, 1, n)` (its all-reduce is the model's `dp`);
+# - **FSDP** (fully sharded): the 1-way compute, and per step an all-gather of the parameters in the forward, another
+#   in the backward and a reduce-scatter of the gradients, 1.5 times an all-reduce's bytes, which its prefetching
+#   hides behind the whole compute (only the excess is exposed; an optimistic bound);
+# - **Megatron-1D** on $n$ GPUs: the mixer blocks' GEMMs split $n$ ways, the encoder, decoder and residual
+#   replicated, the residual stream $X$ ($T \times H$) streamed whole on every rank, and four all-reduces of
+#   $B\,T H$ elements per block (two forward, two backward) on the critical path, none overlapped.
+
+# %%
+#| export
+def megatron_time(c: MixerConfig, n: int, n_gpus: int, precision: str = "tf32", calib: Calib = Calib(),
+                  hw: Machine = A100_NODE, batch: int = 1) -> dict:
+    "Predicted seconds per step of Megatron-style 1D tensor parallelism over `n` GPUs (`n_gpus` in all), and its parts."
+    from jigsaw_ref.mixer import forward_flops
+    T, H, S, G = c.tokens, c.hidden, c.token_hidden, c.channel_hidden
+    blk = 3 * batch * c.blocks * (4 * T * S * H + 4 * T * H * G)  # the split part of the step's FLOPs
+    rest = train_step_flops(c, batch) - blk
+    rate = calib.eta_of(precision) * hw.peak_of(precision)
+    t = dict(gemm=(blk / n + rest) * wave_factor(c, 1, 1, precision, hw, batch=batch) / rate)
+    params = (c.blocks * 2 * (S * T + H * G)) // n + (rank_params(c, 1, 1) - c.blocks * 2 * (S * T + H * G))
+    stream = PASSES["stream"] * T * H + PASSES["hidden"] * (S * H + T * G) / n
+    pix = PASSES["pixels"] * T * c.patch * (c.n_out + c.n_in)
+    t["mem"] = (PASSES["bwd_factor"] * hw.itemsize * batch * (c.blocks * stream + pix) + PASSES["adam_bytes"] * params) / hw.hbm
+    t["mp"] = 0.0 if n == 1 else 4 * c.blocks * (expected_bytes("all_reduce", n, batch * T * H, hw.itemsize) / link_bw(1, n, hw)
+                                                 + 2 * (n - 1) * hw.msg_lat)
+    comp = sum(t.values())
+    t["dp"] = max(0.0, dp_time(c, 1, n, n_gpus, hw) - calib.window * comp) if n_gpus > n else 0.0
+    t["step"] = sum(t.values())
+    return t
+
+
+# %%
+#| export
+def fsdp_time(c: MixerConfig, n_gpus: int, precision: str = "tf32", calib: Calib = Calib(), hw: Machine = A100_NODE,
+              batch: int = 1) -> dict:
+    "Predicted seconds per step of fully sharded data parallelism over `n_gpus` GPUs (`batch` samples each), and its parts."
+    t = step_time(c, 1, 1, 1, precision, False, calib, hw, "activations", batch=batch)
+    comp = t["gemm"] + t["mem"]
+    t["dp"] = max(0.0, 1.5 * dp_time(c, 1, 1, n_gpus, hw) - comp)
+    t["step"] = comp + t["dp"]
+    return t
+
+
+# %% [markdown]
+# Against the paper's own Megatron reference (strong scaling of the C3 model; the paper gives 1.64x on 2 GPUs and
+# 2.34x on 4, without saying the precision):
+
+# %%
+for _pr in ("fp32", "tf32"):
+    _t1 = step_time(c3_model(1), 1, 1, 1, _pr, False, CAL)["step"]
+    print(f"Megatron-1D C3 {_pr}: " + ", ".join(f"{_n} GPUs {_t1 / megatron_time(c3_model(1), _n, _n, _pr, CAL)['step']:.2f}x"
+                                               for _n in (2, 4)))
+assert 1 < _t1 / megatron_time(c3_model(1), 2, 2, "tf32", CAL)["step"] < _t1 / megatron_time(c3_model(1), 4, 4, "tf32", CAL)["step"] < 4
+test_close(megatron_time(c3_model(1), 1, 1, "tf32", CAL)["gemm"], step_time(c3_model(1), 1, 1, 1, "tf32", False, CAL)["gemm"], eps=1e-9)
+assert fsdp_time(c3_model(1), 8, "tf32", CAL)["step"] >= step_time(c3_model(1), 1, 1, 1, "tf32", False, CAL, schedule="activations")["step"] - 1e-12
 
 
 # %% [markdown]

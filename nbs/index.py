@@ -52,7 +52,8 @@
 # | `03_grid` | `grid` | the dp x domain x tensor grid and its communicators |
 # | `04_comm` | `comm` | point-to-point exchanges and collectives over mpi4py, thread ranks or torch.distributed (NCCL, gloo), as autograd functions; byte counts; staging of device tensors; launchers, devices, the groups of a run; a watchdog |
 # | `04a_ranks` | `ranks` | in-process thread ranks: the same `Group` code as MPI, so notebooks run 2 and 4 ranks |
-# | `05_partitioned_matmul` | `pmatmul` | token and channel mixing and LayerNorm on a p x q grid, derived and run: the 2-way sums, the 2x2 table and figure, the backward, the overlapped, faithful and SUMMA schedules |
+# | `04b_probe` | `probe` | what a run does, recorded: every message of a group (sender, receiver, shape, bytes, tag) as a table and a figure; the bytes autograd saves |
+# | `05_partitioned_matmul` | `pmatmul` | token and channel mixing and LayerNorm on a p x q grid, derived and run: the 2-way sums, the general form, the 2x2 exchanges traced, the backward, one ring primitive under the overlapped, faithful and SUMMA schedules |
 # | `06_parallel` | `parallel` | the whole model on any layout, exact and faithful modes; completing gradients; precision |
 # | `06a_api` | `jigsaw_ref` | the public names a training loop of your own needs |
 # | `07_generator` | `generator` | the embedded default data: a forced two-layer atmosphere on the sphere |
@@ -63,17 +64,22 @@
 # | `09a_checkpoint` | `checkpoint` | sharded, layout-independent checkpoints (zarr), atomic and checksummed; `jigsaw-ckpt` |
 # | `09b_cli` | `cli` | `jigsaw-train` and `jigsaw-demo`: the command line, the launcher, exit statuses |
 # | `10_evaluate` | `evaluate` | `jigsaw-eval`: WeatherBench2-style RMSE, ACC and bias; persistence and climatology |
+# | `10a_forecast` | `forecast` | `jigsaw-forecast`: a checkpoint's forecasts in the WeatherBench2 layout (xarray, zarr written by ranks) |
 # | `11_reliability` | | what happens on failures, and every bad input with its message |
 # | `12_bench` | `bench` | `jigsaw-bench`: Jigsaw against DDP and Megatron-style tensor parallelism, roofline |
 # | `13_perf_model` | `perfmodel` | a performance model of the paper's strong and weak scaling tables |
+# | `13a_plan` | `plan` | `jigsaw-plan`: per-rank memory and step time of every layout, DDP, FSDP and Megatron-1D on given devices, checked against measured peaks; the trainer's memory check |
 # | `14_mpi_notebook` | | 2-way and 4-way on four ipyparallel MPI engines, checked against one process |
 # | `20`-`24` | | tutorials: a laptop, your own ERA5, a GPU cluster (and SLURM), the large-batch experiment, your own training loop |
 #
 # The layering, which `tests/test_layering.py` checks by reading every module's imports: the one-process model
-# (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`)
-# knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model composes
-# the two; `settings` and `runfolder` sit below the trainer and know no model; `train`, `evaluate` and `bench`
-# compose everything, and only the command line (`cli`) imports `train`; there is no import cycle.
+# (`config`, `mixer`, `loss`) imports no communication code; the communication layer (`grid`, `comm`, `ranks`,
+# `probe`) knows grids and tensors, never models or data; `data` knows layouts, never models; the parallel model
+# composes the two; `plan` (memory and time of a run) uses the model, its layout and `perfmodel`, never the trainer
+# or the data, so that `train` can call it before it builds anything; `settings` and `runfolder` sit below the
+# trainer and know no model; `train`, `evaluate`, `forecast` and `bench` compose everything (`forecast` reuses
+# `evaluate`'s model loading and rollout), and only the command line (`cli`) imports `train`; there is no import
+# cycle.
 
 # %% [markdown]
 # ## The presets

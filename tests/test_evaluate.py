@@ -11,8 +11,11 @@ import torch
 from jigsaw_ref.comm import Group
 from jigsaw_ref.config import preset
 from jigsaw_ref.data import Era5Dataset, denormalize, open_store
-from jigsaw_ref.evaluate import (EvalError, Scores, acc, bias, cached_climatology, climatology, evaluate, lat_weights, load_model, main,
-                                 rmse, rollout, score_forecasts, spatial_acc)
+from jigsaw_ref.evaluate import (EvalError, FieldWindow, Scores, acc, bias, cached_climatology, channel_attrs, climatology, evaluate,
+                                 initial_times, lat_weights, lead_counts, load_model, main, plot_lead, plot_map, read_fields,
+                                 reference_scores, rmse, rollout, score_forecasts, spatial_acc, units_label)
+import jigsaw_ref.evaluate as ev
+from jigsaw_ref.ranks import run_ranks
 from jigsaw_ref.generator import default_dataset
 from jigsaw_ref.checkpoint import save_checkpoint
 from jigsaw_ref.mixer import WeatherMixer
@@ -288,7 +291,7 @@ def test_every_jigsaw_eval_flag_has_a_help_line(capsys):
         main(["--help"])
     lines = capsys.readouterr().out.splitlines()
     flags = ["--out", "--leads", "--samples", "--lat-weights", "--data", "--split", "--batch", "--latent", "--map-lead",
-             "--scorecard-leads", "--device"]
+             "--scorecard-leads", "--device", "--common-starts", "--float64"]
     for f in flags:
         i = next(i for i, l in enumerate(lines) if re.match(rf"\s+{f}\b", l))
         same_line = re.match(rf"\s+{f}( \S+)?\s{{2,}}\S", lines[i])
@@ -296,3 +299,124 @@ def test_every_jigsaw_eval_flag_has_a_help_line(capsys):
         assert same_line or next_line, f"{f} has no help line"
     text = "\n".join(lines)
     assert "dt_hours" in text and "6-h steps" not in text  # --leads says what a step is, whatever dt_hours is
+    flat = " ".join(text.split())
+    assert "default (WeatherBench2's) each lead is scored on every initial time" in flat  # both lead conventions
+    assert "(--common-starts) scores every lead on the same initial times, those with room for the longest lead" in flat
+
+
+# ---------------------------------------------------------------- lead conventions, batching, ranks, units
+
+def _rows(res):
+    return {(r["model"], r["metric"], r["lead_h"], r["variable"]): r["value"] for r in res["rows"]}
+
+
+def _close(a: dict, b: dict, rel=1e-6, keys=None):
+    "Every key of `a` (or `keys`) equal in `b` to `rel` (ACC and bias near 0: to rel of the largest value of that metric)."
+    for k in keys or a:
+        scale = max(abs(v) for kk, v in a.items() if kk[1] == k[1] and kk[3] == k[3])
+        assert math.isclose(a[k], b[k], rel_tol=rel, abs_tol=rel * scale * 1e-3), (k, a[k], b[k])
+
+
+def test_wb2_convention_a_multi_lead_call_equals_one_call_per_lead(store, tmp_path):
+    "Default (WeatherBench2): lead k is scored on every initial time whose truth is in the split, whatever the longest lead."
+    ck = _ckpt(tmp_path, store)
+    full = evaluate(ck, tmp_path / "e4", leads=4, verbose=False)
+    assert full["meta"]["starts"] == "all" and full["meta"]["initial_times_per_lead"] == {"6": 11, "12": 10, "18": 9, "24": 8}
+    allk = _rows(full)
+    for k in (1, 2, 3):
+        one = _rows(evaluate(ck, tmp_path / f"e{k}", leads=k, verbose=False))
+        _close(one, allk, keys=[key for key in one if key[2] == 6 * k])
+    # the common convention's short leads do depend on the longest lead: that is what the default removes
+    c4, c1 = _rows(evaluate(ck, tmp_path / "c4", leads=4, starts="common", verbose=False)), _rows(evaluate(ck, tmp_path / "c1", leads=1, starts="common", verbose=False))
+    assert c4["model", "rmse", 6, "z500"] != pytest.approx(c1["model", "rmse", 6, "z500"], rel=1e-6)
+    assert c4["model", "rmse", 24, "z500"] == pytest.approx(allk["model", "rmse", 24, "z500"], rel=1e-6)  # same 8 times
+
+
+def test_common_starts_score_every_lead_on_the_old_samples(store, tmp_path, capsys):
+    "--common-starts is the old behaviour: the samples of Era5Dataset(max_lead=L), every lead on all of them (float64 brute force)."
+    ck = _ckpt(tmp_path, store)
+    got = _rows(evaluate(ck, tmp_path / "ev", leads=3, starts="common", dtype=torch.float64, verbose=False))
+    assert main([str(ck), "--out", str(tmp_path / "cli"), "--leads", "3", "--common-starts", "--float64"]) == 0
+    res = json.loads((tmp_path / "cli" / "scores.json").read_text())
+    assert res["meta"]["starts"] == "common" and res["meta"]["initial_times_per_lead"] == {"6": 9, "12": 9, "18": 9}
+    cfg, V = preset("tiny"), preset("tiny").n_vars
+    ds = Era5Dataset(store, cfg, "test", max_lead=3)  # 12 test times: 9 samples with room for 3 leads
+    m, _ = load_model(ck, dtype=torch.float64)
+    src = open_store(store)
+    clim, w = cached_climatology(src, cfg, store), ds.area_weights
+    x = torch.stack([torch.cat([ev.normalize(read_fields(src, cfg, ds.i0 + i, ds.i0 + i + 1)[0], cfg.variables, ds.stats),
+                                ds.get(i, 1)[0][V:].double()]) for i in range(len(ds))])
+    x0 = read_fields(src, cfg, ds.i0, ds.i0 + len(ds))
+    ref = {}
+    for k, y in enumerate(rollout(m, x, 3), 1):
+        o = read_fields(src, cfg, ds.i0 + k, ds.i0 + k + len(ds))
+        f = denormalize(y, cfg.variables, ds.stats)
+        for model, fc in (("model", f), ("persistence", x0), ("climatology", clim.expand_as(o))):
+            for name, val in (("rmse", rmse(fc, o, w)), ("acc", acc(fc, o, clim, w)), ("bias", bias(fc, o, w))):
+                for c, v in enumerate(cfg.variables): ref[model, name, 6 * k, v] = val[c].item()
+    _close(ref, got)
+    _close(ref, {(m_, me, int(l), v): x for me, d in res["scores"].items() for m_, dd in d.items() for v, ls in dd.items() for l, x in ls.items()})
+
+
+@pytest.mark.parametrize("samples, batch", [(0, 4), (5, 2), (0, 64)])
+def test_batched_scores_equal_the_per_initial_time_reference(store, samples, batch):
+    "score_forecasts (batches, shrinking rollouts, the field window, climatology reuse) against reference_scores, in float64."
+    cfg = preset("tiny")
+    ds = Era5Dataset(store, cfg, "test", max_lead=1)
+    m = WeatherMixer(cfg, torch.float64, seed=2).eval()
+    src = open_store(store)
+    clim, w = climatology(src, cfg, "train", store), lat_weights(ds.lat)
+    idx = initial_times(ds.i1 - ds.i0, ds.stride, 5, samples)
+    got, kept = score_forecasts(m, ds, src, clim, idx, 5, w, batch=batch, latent=True)
+    ref = reference_scores(m, ds, src, clim, idx, 5, w, latent=True)
+    assert got.counts() == ref.counts() == dict(zip((6, 12, 18, 24, 30), lead_counts(idx, 12, 1, 5)))
+    a, b = ([r["value"] for r in s.rows()] for s in (got, ref))
+    assert np.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert sorted(kept) == [6, 12, 18, 24, 30]
+
+
+def test_the_field_window_reads_each_time_once_and_returns_what_the_reader_returns(store):
+    cfg, src = preset("tiny"), open_store(store)
+    win = FieldWindow(src, cfg)
+    rng = np.random.default_rng(0)
+    lo, asked = 0, set()
+    n = src.sizes["time"]  # 32
+    for _ in range(12):  # increasing requests, overlapping, nested or with gaps
+        lo += int(rng.integers(0, 4)); hi = min(n, lo + int(rng.integers(1, 8)))
+        if lo >= n: break
+        assert torch.equal(win.get(lo, hi), read_fields(src, cfg, lo, hi))
+        asked |= set(range(lo, hi))
+    assert win.read == len(asked)  # every time asked for was read exactly once
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_sharing_the_initial_times_give_the_scores_of_one_process(store, tmp_path, ranks):
+    ck = _ckpt(tmp_path, store)
+    one = _rows(evaluate(ck, tmp_path / "one", leads=4, samples=7, dtype=torch.float64, verbose=False))
+    many = run_ranks(ranks, lambda comm: evaluate(ck, tmp_path / "many", leads=4, samples=7, dtype=torch.float64, verbose=False,
+                                                  group=ev.Group(comm)))
+    assert all(r["rows"] == many[0]["rows"] for r in many)
+    _close(one, _rows(many[0]), rel=1e-9)
+    assert json.loads((tmp_path / "many" / "scores.json").read_text())["meta"]["ranks"] == ranks
+
+
+def test_plots_carry_the_units_of_each_variable(store, tmp_path, monkeypatch):
+    "The RMSE axes and the map colour bars that evaluate draws name the units (from the store, else WB2's)."
+    figs = {}
+    for name in ("plot_lead", "plot_map"):
+        orig = getattr(ev, name)
+        monkeypatch.setattr(ev, name, lambda *a, _o=orig, _n=name, **kw: figs.setdefault(_n, []).append(_o(*a, **kw)) or figs[_n][-1])
+    evaluate(_ckpt(tmp_path, store), tmp_path / "ev", leads=2, samples=2, verbose=False)
+    rmse_fig, acc_fig = figs["plot_lead"]
+    labels = [a.get_ylabel() for a in rmse_fig.axes]
+    assert labels[:3] == ["RMSE ($\\mathrm{m^{2}\\,s^{-2}}$)", "RMSE ($\\mathrm{K}$)", "RMSE ($\\mathrm{K}$)"], labels  # z500, t850, t2m
+    assert labels[3:] == ["RMSE ($\\mathrm{m\\,s^{-1}}$)"] * 2 + ["RMSE ($\\mathrm{Pa}$)"]  # u10, v10, msl
+    assert [a.get_ylabel() for a in acc_fig.axes] == ["ACC"] * 6
+    (mp,) = figs["plot_map"]
+    assert [a.get_ylabel() for a in mp.axes[3:]] == [units_label("m**2 s**-2")] * 3
+    # a store's own units attribute wins over the table
+    import xarray as xr
+    ds = xr.open_zarr(store, consolidated=False)
+    ds["temperature"].attrs["units"] = "degC"
+    assert channel_attrs(ds, ["t850", "z500"])["t850"]["units"] == "degC"
+    assert channel_attrs(ds, ["t850", "z500"])["z500"] == {"units": "m**2 s**-2", "long_name": "Geopotential"}

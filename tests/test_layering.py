@@ -55,11 +55,11 @@ def test_the_trainer_rooms():
 @pytest.mark.parametrize("mod", ["config", "mixer", "loss"])
 def test_one_process_model_imports_no_communication(mod):
     "The one-process model (config, mixer, loss) is the reference: it reads on its own."
-    assert not (_closure(mod) & {"comm", "grid", "ranks", "pmatmul", "parallel"}), sorted(_closure(mod))
+    assert not (_closure(mod) & {"comm", "grid", "ranks", "probe", "pmatmul", "parallel"}), sorted(_closure(mod))
 
 
 def test_communication_knows_grids_and_tensors_never_models_or_data():
-    for mod in ("comm", "grid", "ranks"):
+    for mod in ("comm", "grid", "ranks", "probe"):
         assert not (_closure(mod) & {"mixer", "parallel", "pmatmul", "data", "generator", "train", "evaluate"}), (mod, sorted(_closure(mod)))
 
 
@@ -68,11 +68,16 @@ def test_data_knows_layouts_never_models():
 
 
 def test_nothing_imports_the_composers():
-    "train, evaluate and bench compose everything; nothing below them imports them (evaluate only from the command line's demo)."
-    for top in ("bench", "evaluate"):
-        users = [m for m in MODULES if top in GRAPH[m] and m not in ("cli",)]
+    "train, evaluate, forecast and bench compose everything; nothing below them imports them (evaluate only from the command line's demo and forecast)."
+    for top, allowed in (("bench", ()), ("evaluate", ("cli", "forecast")), ("forecast", ())):
+        users = [m for m in MODULES if top in GRAPH[m] and m not in allowed]
         assert not users, (top, users)
 
 
+def test_plan_knows_models_and_the_performance_model_never_trainers_or_data():
+    "plan is imported by train (its memory check): it may use the model, the layout and perfmodel, nothing above them."
+    assert not (_closure("plan") & {"train", "bench", "evaluate", "data", "checkpoint", "generator"}), sorted(_closure("plan"))
+
+
 def test_every_module_is_covered():
-    assert {"config", "mixer", "loss", "grid", "comm", "ranks", "pmatmul", "parallel"} <= set(MODULES)
+    assert {"config", "mixer", "loss", "grid", "comm", "ranks", "probe", "pmatmul", "parallel"} <= set(MODULES)

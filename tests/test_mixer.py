@@ -1,4 +1,6 @@
 """The one-process WeatherMixer: shapes, exact gradients, determinism, and that it can learn."""
+import math
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -116,3 +118,75 @@ def test_flops_scale_with_batch_and_rollout():
 def test_bad_configs_name_the_field(kw, msg):
     with pytest.raises(ConfigError, match=__import__("re").escape(msg)):
         MixerConfig(**kw)
+
+
+# ---------------------------------------------------------------- the layout-independent dropout mask
+
+from jigsaw_ref import mixer  # noqa: E402
+from jigsaw_ref.mixer import dropout, drop_index, keep_mask  # noqa: E402
+
+
+@pytest.mark.parametrize("p", [1e-3, 0.05, 0.5])
+def test_dropout_rate_over_keys_is_p(p):
+    "Over 20 keys and 4M elements the drop rate is p within 4 standard deviations (the thresholds are floor((1-p)^k 2^32))."
+    n = 0
+    for key in range(20):
+        n += int((~keep_mask((2, 200, 1000), p, key, (0, 0, 0), (2, 200, 1000))).sum())
+    N = 20 * 2 * 200 * 1000
+    assert abs(n / N - p) < 4 * math.sqrt(p * (1 - p) / N), (n / N, p)
+
+
+def test_dropout_gaps_are_geometric_and_rows_independent():
+    "Runs of kept elements along a row follow P(g >= k) = (1-p)^k; drop counts of neighbouring rows are uncorrelated."
+    p = 0.1
+    long = ~keep_mask((1, 20, 20000), p, 3, (0, 0, 0), (1, 20, 20000))[0]  # long rows: gaps cut by a row's end are rare
+    cols = [torch.nonzero(row).flatten() for row in long]
+    gaps = torch.cat([torch.diff(torch.cat([torch.tensor([-1]), c])) - 1 for c in cols]).double()
+    for k in (1, 2, 5, 10, 20):
+        want = (1 - p) ** k
+        assert abs((gaps >= k).double().mean() - want) < 4 * math.sqrt(want * (1 - want) / gaps.numel()), k
+    counts = (~keep_mask((1, 2000, 500), p, 3, (0, 0, 0), (1, 2000, 500))[0]).sum(1).double()
+    r = torch.corrcoef(torch.stack([counts[:-1], counts[1:]]))[0, 1]
+    assert abs(r) < 4 / math.sqrt(counts.numel()), r
+
+
+def test_dropout_block_is_the_full_masks_block_for_random_blocks():
+    "Any block (random offsets and sizes, 1 to 4 dims) has exactly the full tensor's drops there."
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        nd = 1 + trial % 4
+        full = [int(torch.randint(1, 9, (), generator=g)) for _ in range(nd)]
+        p = [0.001, 0.2, 0.6][trial % 3]
+        whole = keep_mask(full, p, trial, (0,) * nd, full)
+        a = [int(torch.randint(0, f, (), generator=g)) for f in full]
+        b = [int(torch.randint(lo + 1, f + 1, (), generator=g)) for lo, f in zip(a, full)]
+        part = keep_mask([hi - lo for lo, hi in zip(a, b)], p, trial, a, full)
+        assert torch.equal(part, whole[tuple(slice(lo, hi) for lo, hi in zip(a, b))]), (full, a, b, p)
+
+
+def test_dropout_more_draws_give_the_same_drops(monkeypatch):
+    "Rows that need more gaps than one draw gives (forced with one gap per draw) get the same drops."
+    want = drop_index((3, 7, 300), 0.2, 5, (0, 2, 100), (0, 9, 400))
+    monkeypatch.setattr(mixer, "_gaps_per_draw", lambda end, p: 1)
+    assert torch.equal(drop_index((3, 7, 300), 0.2, 5, (0, 2, 100), (0, 9, 400)), want) and want.numel() > 100
+
+
+def test_dropout_rows_past_2_32_differ_and_keys_differ():
+    "Row numbers beyond 2^32 have their own streams (the row's high word enters the hash); other keys, other drops."
+    lo = keep_mask((1, 3, 64), 0.3, 1, (0, 5, 0), (1, 2**33, 64))
+    hi = keep_mask((1, 3, 64), 0.3, 1, (0, 2**32 + 5, 0), (1, 2**33, 64))
+    assert not torch.equal(lo, hi)
+    assert not torch.equal(lo, keep_mask((1, 3, 64), 0.3, 2, (0, 5, 0), (1, 2**33, 64)))
+
+
+def test_dropout_saves_only_the_dropped_positions():
+    "The backward uses the saved dropped positions (about p of the elements), not a mask or the input."
+    x = torch.randn(4, 256, 512, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x, 1e-3, True, key=3)
+    assert sum(t.numel() * t.element_size() for t in saved) < 0.02 * x.numel() * x.element_size()
+    g = torch.randn_like(y)
+    y.backward(g)
+    m = keep_mask(x.shape, 1e-3, 3, (0, 0, 0), x.shape)
+    assert torch.equal(x.grad, g * m / (1 - 1e-3)) and torch.equal(y.detach(), x.detach() * m / (1 - 1e-3))

@@ -1,9 +1,12 @@
 """Every MLP schedule of the parallel model (plain, overlap, SUMMA) against the one-process model in float64:
 the output, every gradient, and every parameter after 5 Adam steps with clipping, on layouts with uneven
-sizes; the bytes each schedule sends per block against `pmatmul.block_bytes`; saved activations per rank.
+sizes; the bytes each schedule sends per block against `pmatmul.block_bytes`; saved activations per rank; the ring
+primitive under every overlapped exchange against the collectives, and the shape of pmatmul's autograd functions.
 
 Runs on in-process thread ranks (`jigsaw_ref.ranks.run_ranks`: the same `Group` code as MPI, messages between
 threads) and, for the 2x2 grid, once more under `mpiexec -n 4`."""
+import ast
+import inspect
 import os
 import subprocess
 import sys
@@ -12,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from jigsaw_ref.comm import make_groups
-from jigsaw_ref.config import preset, shard_range
+from jigsaw_ref import parallel, pmatmul
+from jigsaw_ref.comm import Group, make_groups
+from jigsaw_ref.config import preset, shard_range, split_sizes
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.loss import lat_weights_cos, variable_weights
 from jigsaw_ref.mixer import WeatherMixer
 from jigsaw_ref.parallel import JigsawMixer, block_of, complete_grads, gather_state, loss_count, loss_share
-from jigsaw_ref.pmatmul import saved_bytes
+from jigsaw_ref.pmatmul import Ring
+from jigsaw_ref.probe import saved_bytes
 from jigsaw_ref.ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +101,40 @@ def test_schedule_equals_one_process_after_adam_steps(serial, cfg_name, p, q, wo
         scale = lambda n, t: top if n.endswith("tok2.b") else max(float(t.abs().max()), 1e-3 * top)
         bad = {n: float((got[n] - t).abs().max() / scale(n, t)) for n, t in want.items()}
         assert max(bad.values()) < TOL, {n: e for n, e in bad.items() if e >= TOL}
+
+
+def _ring(comm):
+    "A gather ring and a scatter ring on thread ranks, beside the group's own collectives on the same blocks."
+    g = Group(comm)
+    n, r, sizes = g.size, g.rank, split_sizes(7, g.size)
+    x = torch.arange(21.0, dtype=torch.float64).view(7, 3) * (r + 1)  # rank r's summand
+    ring = Ring.gather(g, x.split(sizes)[r], 0, sizes, tag=1)
+    order = [fr for fr, _ in ring]
+    gathered = torch.cat([x.split(sizes)[r] if k == r else ring.got[k] for k in range(n)])
+    summed = Ring.scatter(g, lambda to: x.split(sizes)[to], 0, sizes[r], tag=2).fold(x.split(sizes)[r])
+    sent = g.sent
+    return order, gathered, summed, sent, g.all_gather(x.split(sizes)[r], 0, sizes), g.reduce_scatter(x, 0, sizes), g.sent - sent
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_ring_is_the_collectives_in_a_fixed_order(n):
+    "`pmatmul.Ring`: gathered blocks = all_gather, folded partial blocks = reduce_scatter, the rounds' order, the same bytes."
+    for r, (order, gathered, summed, sent, ag, rs, coll_sent) in enumerate(run_ranks(n, _ring)):
+        assert order == [(r - d) % n for d in range(1, n)]
+        assert torch.equal(gathered, ag) and torch.equal(summed, rs) and sent == coll_sent
+
+
+def test_autograd_functions_are_their_algebra_and_no_function_takes_the_clump():
+    "Every autograd function of pmatmul is at most 25 lines (the exchanges are `Ring`s); the MLPs take a `Layout`."
+    src = inspect.getsource(pmatmul)
+    tree = ast.parse(src)
+    fns = [n for n in tree.body if isinstance(n, ast.ClassDef) and any("Function" in ast.unparse(b) for b in n.bases)]
+    assert len(fns) >= 7 and all(f.end_lineno - f.lineno + 1 <= 25 for f in fns), {f.name: f.end_lineno - f.lineno + 1 for f in fns}
+    for mod in (pmatmul, parallel):
+        for name, f in inspect.getmembers(mod, inspect.isfunction):
+            params = set(inspect.signature(f).parameters)
+            assert not {"tensor", "domain", "t_sizes"} <= params, (mod.__name__, name)
+    assert set(inspect.signature(pmatmul.token_mlp).parameters) == {"x", "w1", "b1", "w2", "b2", "lay", "drop"}
 
 
 def test_summa_needs_a_square_group():

@@ -9,6 +9,8 @@ token and channel MLPs and the exact LayerNorm (jigsaw_ref.pmatmul), and one tra
 `JigsawMixer`, on every layout of 2, 4 and 8 ranks. The p2p algorithm sums each partner's block in a fixed order
 on both transports, so equality is exact, not a tolerance. As one process, this file launches itself under
 `mpiexec -n 2/4/8` (tests/test_mpi.py's launcher)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,17 +18,34 @@ import torch.nn.functional as F
 from jigsaw_ref.comm import TorchGroup, all_gather, all_reduce, reduce_scatter
 from jigsaw_ref.config import preset, shard_range, split_sizes
 from jigsaw_ref.pmatmul import layer_norm
-from mpi_util import COMM, RANK, WORLD, agree, block, comms_for, layouts, lid, make_group, mlp_variants, rel_err
+from mpi_util import COMM, RANK, WORLD, agree, block, comms_for, layouts, lid, make_group, rel_err
 from test_mpi import run_mpi
 
 under_mpi = pytest.mark.skipif(WORLD == 1, reason="runs under mpiexec (launched by test_gloo_bit_equal_to_mpi)")
+
+
+def mlp_variants(kind, schedules=("", "_overlap")):
+    "name -> `call(x, w1, b1, w2, b2, tensor, domain, T, H, K)` of pmatmul's `kind` MLP per schedule (K: its hidden width)."
+    from jigsaw_ref import pmatmul
+    def sized(fn):
+        def call(x, w1, b1, w2, b2, tensor, domain, T, H, K):  # K is S (cut over q) or G (cut over p)
+            return fn(x, w1, b1, w2, b2, pmatmul.Layout.split(tensor, domain, T, H, K, K))
+        return call
+    return {f"{kind}_mlp{s}": sized(getattr(pmatmul, f"{kind}_mlp{s}")) for s in schedules}
+
+
 TOKEN, CHANNEL = mlp_variants("token"), mlp_variants("channel")
 
 
+SHM_ALL = os.environ.get("JIGSAW_GLOO_SHM_MIN") == "1"  # every non-empty gloo message through shared memory
+
+
 @pytest.mark.skipif(WORLD > 1, reason="the launcher runs as one process")
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_gloo_bit_equal_to_mpi(n):
-    out = run_mpi(n, "tests/test_torch_group.py")
+@pytest.mark.parametrize("n,shm", [(2, "gloo-default"), (4, "gloo-default"), (8, "gloo-default"), (2, "gloo-shm-all"),
+                                   pytest.param(4, "gloo-shm-all", marks=pytest.mark.slow)])
+def test_gloo_bit_equal_to_mpi(n, shm):
+    "Default: these small messages go through gloo itself; shm-all: every one through `comm.ShmLink`'s shared memory."
+    out = run_mpi(n, "tests/test_torch_group.py", env={"JIGSAW_GLOO_SHM_MIN": "1"} if shm == "gloo-shm-all" else None)
     assert " passed" in out and " failed" not in out, out[-2000:]
 
 
@@ -164,6 +183,9 @@ def test_partitioned_layers(layout, wire):
         got_m, got_t = _layers(layout, c.coords, mt, md), _layers(layout, c.coords, tt, td)
         _assert_same(got_m, got_t, f"layers on {layout}")
         assert (mt.sent, md.sent) == (tt.sent, td.sent), ((mt.sent, md.sent), (tt.sent, td.sent))
+        for g in (tt, td):  # which transport carried them: shared memory exactly when asked for
+            used = g.shm is not None and len(g.shm.slots) > 0
+            assert used == (SHM_ALL and g.size > 1), (g.size, SHM_ALL, g.shm and len(g.shm.slots))
         if layout[1] * layout[2] > 1:
             assert mt.sent + md.sent > 0
     agree(check)
@@ -213,4 +235,42 @@ def test_model_step(layout):
             got_m, got_t = _model_step(layout, c, mpi_groups, **kw), _model_step(layout, c, torch_groups, **kw)
             _assert_same(got_m, got_t, f"JigsawMixer step on {layout} {kw}")
         assert [m.sent for m, _ in pairs] == [t.sent for _, t in pairs], ([m.sent for m, _ in pairs], [t.sent for _, t in pairs])
+    agree(check)
+
+
+@under_mpi
+def test_shm_link_agrees_cleans_up_and_moves_every_dtype():
+    "The probe finds every rank of this host on both sides; messages of every dtype arrive intact; no file is left."
+    from jigsaw_ref.comm import ShmLink
+    def check():
+        g = make_group(COMM, "p2p", "torch")
+        link = ShmLink(g, 1)
+        assert link.peers == [k != RANK for k in range(WORLD)], link.peers  # one host: every other rank
+        g.shm = link
+        peer_to, peer_from = (RANK + 1) % WORLD, (RANK - 1) % WORLD
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.int64):
+            for rep in range(3):  # the same size again: the acknowledged slot is reused
+                x = (torch.arange(1000, dtype=torch.float64) * (RANK + 1) + rep).to(dtype)
+                got = torch.empty_like(x)
+                g.wait(g.start(sends=[(x, peer_to)], recvs=[(got, peer_from)], tag=7))
+                want = (torch.arange(1000, dtype=torch.float64) * (peer_from + 1) + rep).to(dtype)
+                assert torch.equal(got, want), (dtype, rep)
+        assert 0 < len(link.slots) <= 4 * 2, len(link.slots)  # a new slot only while an acknowledgement is on its way
+        g.barrier()
+        link.close()
+        left = [p for p in link.paths if os.path.exists(p)]
+        assert not left, left
+    agree(check)
+
+
+@under_mpi
+def test_shm_can_be_turned_off():
+    "`shm_min=-1`: no shared memory; gloo carries every message (and the results are the same)."
+    from jigsaw_ref.comm import TorchGroup
+    def check():
+        tg = make_group(COMM, "p2p", "torch")
+        off = TorchGroup(tg.pg, "p2p", shm_min=-1)
+        assert off.shm is None and off.gloo
+        x = torch.randn(4096, generator=torch.Generator().manual_seed(RANK), dtype=torch.float64)
+        assert torch.equal(off.all_reduce(x), tg.all_reduce(x))
     agree(check)
