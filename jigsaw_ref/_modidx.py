@@ -820,6 +820,7 @@ d = { 'settings': { 'branch': 'main',
                                   'jigsaw_ref.train.job_groups': ('train.html#job_groups', 'jigsaw_ref/train.py'),
                                   'jigsaw_ref.train.make_optimizer': ('train.html#make_optimizer', 'jigsaw_ref/train.py'),
                                   'jigsaw_ref.train.make_schedule': ('train.html#make_schedule', 'jigsaw_ref/train.py'),
+                                  'jigsaw_ref.train.memory_check': ('train.html#memory_check', 'jigsaw_ref/train.py'),
                                   'jigsaw_ref.train.rollout_k': ('train.html#rollout_k', 'jigsaw_ref/train.py'),
                                   'jigsaw_ref.train.run_of': ('train.html#run_of', 'jigsaw_ref/train.py'),
                                   'jigsaw_ref.train.schedule_plan': ('train.html#schedule_plan', 'jigsaw_ref/train.py')}}}

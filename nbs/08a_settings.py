@@ -81,6 +81,7 @@ class TrainConfig:
     nonfinite: str = "stop"  # on a non-finite loss or gradient: 'stop' (keep the last good checkpoint) or 'skip' the step
     max_skip_fraction: float = 0.1  # with nonfinite='skip': stop once more than this fraction of the run's steps was skipped
     progress: bool = True  # progress bars (rank 0) for training and for the checkpoint writes of large models
+    memory_check: bool = True  # before building anything, refuse a run whose planned peak per rank (jigsaw-plan) exceeds the memory the rank has
     metrics_every: float = 10.0  # seconds between rewrites of metrics.csv and summary.json (0: every step); always at validations, checkpoints and the end
 
 

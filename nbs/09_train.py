@@ -143,6 +143,19 @@ class ResumeError(CheckpointError):
 
 # %%
 #| export
+def memory_check(tc: TrainConfig, cfg: MixerConfig, grid, rank: int):
+    "Refuse (`ConfigError`, one line) a run whose planned peak per rank (`plan.preflight`) exceeds what the rank has; no collective."
+    if not tc.memory_check: return
+    from jigsaw_ref.plan import preflight, tame_allocator
+    from jigsaw_ref.comm import local_rank
+    if tc.device == "cpu": tame_allocator()  # freed tensors go back to the system, as the plan assumes
+    gpu = torch.device("cuda", local_rank() % torch.cuda.device_count()) if tc.device == "cuda" else None
+    preflight(cfg, grid, batch=tc.batch, k=cfg.rollout[1], recompute=tc.recompute, schedule=tc.schedule, mode=tc.mode,
+              dtype=tc.dtype, precision=tc.precision, device=tc.device, rank=rank, gpu=gpu)
+
+
+# %%
+#| export
 def job_groups(tc: TrainConfig, comm=None) -> dict[str, Group]:
     "The groups of this rank of a job launched by mpiexec/srun (`backend='mpi'`) or torchrun, after the settings are checked."
     if tc.backend == "mpi":
@@ -155,7 +168,9 @@ def job_groups(tc: TrainConfig, comm=None) -> dict[str, Group]:
             from mpi4py import MPI
             world = MPI.COMM_WORLD.Get_size()
     check_launch(world, tc.backend)  # before the first collective
-    _, grid = check_settings(tc, world)
+    cfg, grid = check_settings(tc, world)
+    rank = comm.Get_rank() if comm is not None else int(os.environ.get("RANK") or os.environ.get("PMI_RANK") or 0)
+    memory_check(tc, cfg, grid, rank)  # before make_groups: no collective has run, nothing is allocated
     wire = {"same": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[tc.comm_dtype]
     return make_groups(grid, tc.backend, tc.algo, comm, wire=wire)
 
@@ -169,8 +184,10 @@ class Trainer:
                  comm=None,  # the job's communicator, when `groups` is not given (default: MPI's world)
                  stopper: Stopper | None = None):  # catches the stop signals (default: one for `tc.stop_signals`)
         self.tc = tc
-        groups = groups if groups is not None else job_groups(tc, comm)
+        given = groups is not None
+        groups = groups if given else job_groups(tc, comm)
         self.cfg, self.grid = check_settings(tc, groups["world"].size)
+        if given: memory_check(tc, self.cfg, self.grid, groups["world"].rank)  # job_groups checked a launched job's
         self.g, self.rank = groups, groups["world"].rank
         self.d, self.i, self.j = self.grid.coords(self.rank)
         self.device = local_device(tc.device, getattr(groups["world"], "comm", None))

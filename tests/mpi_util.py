@@ -112,8 +112,8 @@ def block(t, dims_parts_index):
 def _sized(fn, kind):
     "`fn` (a token or channel MLP of jigsaw_ref.pmatmul) as `call(x, w1, b1, w2, b2, tensor, domain, T, H, K)`, K its hidden width (S or G)."
     def call(x, w1, b1, w2, b2, tensor, domain, T, H, K):
-        k_sizes = split_sizes(K, tensor.size if kind == "token" else domain.size)  # S over q, G over p
-        return fn(x, w1, b1, w2, b2, tensor, domain, split_sizes(T, domain.size), split_sizes(H, tensor.size), k_sizes)
+        from jigsaw_ref.pmatmul import Layout
+        return fn(x, w1, b1, w2, b2, Layout.split(tensor, domain, T, H, K, K))  # K: S over q (token) or G over p (channel)
     return call
 
 

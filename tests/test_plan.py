@@ -123,3 +123,17 @@ def test_planned_peak_within_10_percent_of_measured_tiny():
 @pytest.mark.slow
 def test_planned_peak_within_10_percent_of_measured_small_and_medium():
     _within_10_percent(check(("small", "medium"), (1, 2, 4)))
+
+
+def test_the_trainer_refuses_a_run_that_cannot_fit_before_allocating_it():
+    "jigsaw-train --model tiny --set hidden=60000 under a 6 GB address-space limit: one line naming the shortfall, in < 10 s."
+    import resource, subprocess, sys, time
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (6_000_000_000, 6_000_000_000))  # noqa: E731
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "jigsaw_ref.cli", "--model", "tiny", "--set", "hidden=60000", "--progress", "false",
+                        "--out", "/nonexistent/never-written"], capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    wall = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "ConfigError: memory: rank 0 would need" in r.stderr and "available" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-2000:]
+    assert wall < 10 + 10, wall  # the check itself takes a few seconds; imports under load take the rest
