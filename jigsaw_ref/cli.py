@@ -11,7 +11,7 @@ from .config import ConfigError
 from .comm import launcher
 from .data import DataError
 from .checkpoint import CheckpointError
-from .settings import TrainConfig
+from .settings import TrainConfig, settings_from
 from .runfolder import RunFolderError, Stopper
 from .train import NonFiniteError, Trainer
 
@@ -20,8 +20,9 @@ __all__ = ['KNOWN_ERRORS', 'DEMO_STEPS', 'field_help', 'arg_parser', 'parse_args
 
 # %% ../nbs/09b_cli.ipynb #98709811
 def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"): return True
-    if v.lower() in ("0", "false", "no", "off"): return False
+    "A flag's boolean: only `true` or `false` (any case), as in TOML and JSON."
+    if v.lower() == "true": return True
+    if v.lower() == "false": return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 # %% ../nbs/09b_cli.ipynb #60812eb5
@@ -70,13 +71,15 @@ def parse_args(argv=None) -> TrainConfig:
     "A `TrainConfig` from a config file (`--config`, TOML or JSON) and command-line flags (flags win; `--set` adds)."
     ap = arg_parser()
     a = ap.parse_args(argv)
-    kw = _read_config(ap, a.config) if a.config else {}
-    kw["model_overrides"] = tuple(kw.get("model_overrides", ())) + tuple(a.model_overrides or ())
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(a, f.name)
-        if v is not None and f.name != "model_overrides": kw[f.name] = v
-    try: return TrainConfig(**kw)
-    except TypeError as e: ap.error(str(e))
+    file = _read_config(ap, a.config) if a.config else {}
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "model_overrides" and getattr(a, f.name) is not None}
+    try:
+        tc = settings_from((f"config file {a.config}", file), ("the command line", flags),
+                           ("--set", {"model_overrides": tuple(a.model_overrides or ())}))
+        tc.model_config()  # every --set typed like its model field
+    except ConfigError as e: ap.error(str(e))
+    return tc
 
 # %% ../nbs/09b_cli.ipynb #dbcff0a2
 def _mpi_env():

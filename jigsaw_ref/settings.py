@@ -8,12 +8,13 @@ import dataclasses, json, math, os, signal
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from .config import ConfigError, MixerConfig, preset
 from .grid import Grid
 from .comm import Group
 
 # %% auto #0
-__all__ = ['TrainConfig', 'parse_signals', 'check_settings', 'agree', 'check_launch']
+__all__ = ['TrainConfig', 'typed', 'check_types', 'settings_from', 'parse_signals', 'check_settings', 'agree', 'check_launch']
 
 # %% ../nbs/08a_settings.ipynb #ffa40460
 @dataclass(frozen=True)
@@ -64,21 +65,43 @@ class TrainConfig:
     metrics_every: float = 10.0  # seconds between rewrites of metrics.csv and summary.json (0: every step); always at validations, checkpoints and the end
 
 # %% ../nbs/08a_settings.ipynb #b1e74b4a
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}
+_ADAPTERS: dict = {}
+
+
+def typed(name: str,  # the setting, for the message
+          value,  # the value as given
+          kind: str,  # its field's type: 'str', 'int', 'float', 'bool' or 'tuple'
+          origin: str = "TrainConfig"):  # where it came from: 'flag --x', 'config file F', '--set', ...
+    "`value` if it has the type `kind` (ints count as floats; a list as a tuple); else a `ConfigError` naming all four."
+    t = _TYPES.get(kind, object)
+    if t is tuple and isinstance(value, list): value = tuple(value)
+    if t not in _ADAPTERS: _ADAPTERS[t] = TypeAdapter(t, config=ConfigDict(strict=True))
+    try: return _ADAPTERS[t].validate_python(value)
+    except ValidationError:
+        hint = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string", "tuple": "a list"}[kind]
+        raise ConfigError(f"{name} = {value!r} (from {origin}): expected {kind} ({hint}), got {type(value).__name__}") from None
+
+
+def _kind(cls, name: str) -> str:
+    "The type name of field `name` of dataclass `cls` ('int', 'float', ...)."
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+# %% ../nbs/08a_settings.ipynb #4253841b
 def _override(base: MixerConfig, item: str) -> tuple[str, object]:
-    "`(field, value)` of one `FIELD=VALUE` override of `base`, parsed as JSON where it can be, typed like the field."
+    "`(field, value)` of one `FIELD=VALUE` override of `base`, parsed as JSON where it can be, of the field's type exactly."
     if "=" not in item: raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set hidden=128")
     k, v = item.split("=", 1)
     fields = {f.name for f in dataclasses.fields(MixerConfig)}
     if k not in fields: raise ConfigError(f"--set {k}=...: MixerConfig has no field {k!r}; fields: {sorted(fields)}")
+    kind = _kind(MixerConfig, k)
+    if kind == "str": return k, v  # a string is taken as written
     try: val = json.loads(v)
     except json.JSONDecodeError: val = v
-    cur = getattr(base, k)
-    try:
-        if isinstance(cur, tuple): val = tuple(val) if isinstance(val, list) else tuple(x.strip() for x in str(val).split(","))
-        elif isinstance(cur, float): val = float(val)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--set {k}={v}: {k} needs a {type(cur).__name__}, e.g. --set {k}={cur!r}") from None
-    return k, val
+    if kind == "tuple" and isinstance(val, str): val = tuple(x.strip() for x in val.split(","))
+    if kind == "tuple" and isinstance(val, dict): val = tuple(f"{a}={b}" for a, b in val.items())
+    return k, typed(k, val, kind, f"--set {item}")
 
 # %% ../nbs/08a_settings.ipynb #8adcb11a
 @patch
@@ -87,6 +110,24 @@ def model_config(self: TrainConfig) -> MixerConfig:
     base = preset(self.model)
     kw = dict(_override(base, item) for item in self.model_overrides)
     return base.replace(**kw) if kw else base
+
+# %% ../nbs/08a_settings.ipynb #02637462
+def check_types(tc: TrainConfig, origin: str = "TrainConfig"):
+    "A `ConfigError` for the first field of `tc` whose value does not have the field's type (no coercion)."
+    for f in dataclasses.fields(TrainConfig): typed(f.name, getattr(tc, f.name), _kind(TrainConfig, f.name), origin)
+
+
+def settings_from(*sources: tuple[str, dict]) -> TrainConfig:
+    "A `TrainConfig` from `(origin, {setting: value})` sources in order (later wins; `model_overrides` add up), every value typed."
+    kw, over = {}, ()
+    for origin, d in sources:
+        for k, v in d.items():
+            if k not in {f.name for f in dataclasses.fields(TrainConfig)}:
+                raise ConfigError(f"{k} (from {origin}): no such setting; see `jigsaw-train --help`")
+            v = typed(k, v, _kind(TrainConfig, k), origin)
+            if k == "model_overrides": over += tuple(typed(k + " item", x, "str", origin) for x in v)
+            else: kw[k] = v
+    return TrainConfig(**kw, model_overrides=over)
 
 # %% ../nbs/08a_settings.ipynb #40878c94
 def _check_layout(cfg: MixerConfig, tc: TrainConfig, world: int) -> Grid:
@@ -138,6 +179,7 @@ def _check_values(tc: TrainConfig):
 # %% ../nbs/08a_settings.ipynb #ee105963
 def check_settings(tc: TrainConfig, world: int) -> tuple[MixerConfig, Grid]:
     "The model config and grid of `tc` on `world` ranks, or a `ConfigError` naming the problem."
+    check_types(tc)
     cfg = tc.model_config()
     grid = _check_layout(cfg, tc, world)
     _check_values(tc)

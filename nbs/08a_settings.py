@@ -8,6 +8,7 @@ import dataclasses, json, math, os, signal
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from jigsaw_ref.config import ConfigError, MixerConfig, preset
 from jigsaw_ref.grid import Grid
 from jigsaw_ref.comm import Group
@@ -85,23 +86,66 @@ class TrainConfig:
     metrics_every: float = 10.0  # seconds between rewrites of metrics.csv and summary.json (0: every step); always at validations, checkpoints and the end
 
 
+# %% [markdown]
+# ### Every value typed, from every source
+#
+# A setting arrives from a flag (`--max-steps 3`), a config file (`max_steps = 3` in TOML, or JSON) or, for the
+# model, `--set hidden=128`; or from Python (`TrainConfig(max_steps=3)`). Whatever the route, a value is taken only
+# if it already has the field's type: no coercion, so `overwrite = "false"` (a non-empty string, true to Python) or
+# `max_steps = 2.5` or `--set hidden=true` is a one-line `ConfigError` naming the setting, the value, the type it
+# needs and where it came from, never a silent conversion or a traceback. The type check is pydantic's strict mode
+# (`TypeAdapter(type, config=ConfigDict(strict=True))`), a well-kept validator, rather than hand-written `isinstance`
+# rules: it refuses `True` for an int and `"3"` for a float, and accepts an int where a float is asked (3 for 3.0).
+# Ranges and choices (`lr > 0`, `mode` in exact/faithful) are checked after the types, below.
+
+# %%
+#| export
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}
+_ADAPTERS: dict = {}
+
+
+def typed(name: str,  # the setting, for the message
+          value,  # the value as given
+          kind: str,  # its field's type: 'str', 'int', 'float', 'bool' or 'tuple'
+          origin: str = "TrainConfig"):  # where it came from: 'flag --x', 'config file F', '--set', ...
+    "`value` if it has the type `kind` (ints count as floats; a list as a tuple); else a `ConfigError` naming all four."
+    t = _TYPES.get(kind, object)
+    if t is tuple and isinstance(value, list): value = tuple(value)
+    if t not in _ADAPTERS: _ADAPTERS[t] = TypeAdapter(t, config=ConfigDict(strict=True))
+    try: return _ADAPTERS[t].validate_python(value)
+    except ValidationError:
+        hint = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string", "tuple": "a list"}[kind]
+        raise ConfigError(f"{name} = {value!r} (from {origin}): expected {kind} ({hint}), got {type(value).__name__}") from None
+
+
+def _kind(cls, name: str) -> str:
+    "The type name of field `name` of dataclass `cls` ('int', 'float', ...)."
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.type if isinstance(f.type, str) else f.type.__name__
+
+
+# %%
+typed("lr", 3, "float"); typed("model_overrides", ["hidden=8"], "tuple")
+test_fail(lambda: typed("overwrite", "false", "bool", "config file run.toml"), contains="overwrite = 'false' (from config file run.toml): expected bool (true or false), got str")
+test_fail(lambda: typed("max_steps", 2.5, "int", "config file run.toml"), contains="expected int (a whole number), got float")
+test_fail(lambda: typed("hidden", True, "int", "--set"), contains="hidden = True (from --set): expected int")
+
+
 # %%
 #| export
 def _override(base: MixerConfig, item: str) -> tuple[str, object]:
-    "`(field, value)` of one `FIELD=VALUE` override of `base`, parsed as JSON where it can be, typed like the field."
+    "`(field, value)` of one `FIELD=VALUE` override of `base`, parsed as JSON where it can be, of the field's type exactly."
     if "=" not in item: raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set hidden=128")
     k, v = item.split("=", 1)
     fields = {f.name for f in dataclasses.fields(MixerConfig)}
     if k not in fields: raise ConfigError(f"--set {k}=...: MixerConfig has no field {k!r}; fields: {sorted(fields)}")
+    kind = _kind(MixerConfig, k)
+    if kind == "str": return k, v  # a string is taken as written
     try: val = json.loads(v)
     except json.JSONDecodeError: val = v
-    cur = getattr(base, k)
-    try:
-        if isinstance(cur, tuple): val = tuple(val) if isinstance(val, list) else tuple(x.strip() for x in str(val).split(","))
-        elif isinstance(cur, float): val = float(val)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--set {k}={v}: {k} needs a {type(cur).__name__}, e.g. --set {k}={cur!r}") from None
-    return k, val
+    if kind == "tuple" and isinstance(val, str): val = tuple(x.strip() for x in val.split(","))
+    if kind == "tuple" and isinstance(val, dict): val = tuple(f"{a}={b}" for a, b in val.items())
+    return k, typed(k, val, kind, f"--set {item}")
 
 
 # %%
@@ -117,6 +161,36 @@ def model_config(self: TrainConfig) -> MixerConfig:
 # %%
 test_eq(TrainConfig(model="tiny", model_overrides=("hidden=16", "hidden=24")).model_config().hidden, 24)
 test_fail(lambda: TrainConfig(model_overrides=("widht=3",)).model_config(), contains="no field 'widht'")
+test_fail(lambda: TrainConfig(model="tiny", model_overrides=("hidden=true",)).model_config(), contains="hidden = True (from --set hidden=true): expected int")
+test_eq(TrainConfig(model="tiny", model_overrides=("f_s=1",)).model_config().f_s, 1)
+
+
+# %%
+#| export
+def check_types(tc: TrainConfig, origin: str = "TrainConfig"):
+    "A `ConfigError` for the first field of `tc` whose value does not have the field's type (no coercion)."
+    for f in dataclasses.fields(TrainConfig): typed(f.name, getattr(tc, f.name), _kind(TrainConfig, f.name), origin)
+
+
+def settings_from(*sources: tuple[str, dict]) -> TrainConfig:
+    "A `TrainConfig` from `(origin, {setting: value})` sources in order (later wins; `model_overrides` add up), every value typed."
+    kw, over = {}, ()
+    for origin, d in sources:
+        for k, v in d.items():
+            if k not in {f.name for f in dataclasses.fields(TrainConfig)}:
+                raise ConfigError(f"{k} (from {origin}): no such setting; see `jigsaw-train --help`")
+            v = typed(k, v, _kind(TrainConfig, k), origin)
+            if k == "model_overrides": over += tuple(typed(k + " item", x, "str", origin) for x in v)
+            else: kw[k] = v
+    return TrainConfig(**kw, model_overrides=over)
+
+
+# %%
+test_eq(settings_from(("config file a.toml", {"max_steps": 3, "lr": 1, "model_overrides": ["hidden=8"]}),
+                      ("flag", {"max_steps": 4, "model_overrides": ("blocks=1",)})),
+        TrainConfig(max_steps=4, lr=1, model_overrides=("hidden=8", "blocks=1")))
+test_fail(lambda: settings_from(("config file a.toml", {"lr": "3e-4"})), contains="lr = '3e-4' (from config file a.toml): expected float")
+test_fail(lambda: check_types(TrainConfig(reschedule="no")), contains="reschedule = 'no' (from TrainConfig): expected bool")
 
 
 # %% [markdown]
@@ -184,6 +258,7 @@ def _check_values(tc: TrainConfig):
 #| export
 def check_settings(tc: TrainConfig, world: int) -> tuple[MixerConfig, Grid]:
     "The model config and grid of `tc` on `world` ranks, or a `ConfigError` naming the problem."
+    check_types(tc)
     cfg = tc.model_config()
     grid = _check_layout(cfg, tc, world)
     _check_values(tc)
