@@ -501,11 +501,11 @@ class ReadStore(WrapperStore):
 
 # %%
 #| export
-def read_manifest(path) -> dict:
-    "The verified manifest of the store at `path`, or a `CheckpointError` saying why it cannot be used."
+def read_manifest(path, root=None) -> dict:
+    "The verified manifest of the store at `path` (read through `root`, a pinned name of it, if given), or a `CheckpointError`."
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"{path}: no such checkpoint file or folder")
-    f = path / "manifest.json"
+    f = Path(root or path) / "manifest.json"
     if not f.is_file():
         raise CheckpointError(f"{path}: not a committed checkpoint (no manifest.json): a write that was interrupted, "
                               f"or not a jigsaw_ref checkpoint folder; resume from another checkpoint")
@@ -513,25 +513,62 @@ def read_manifest(path) -> dict:
     except (ValueError, UnicodeDecodeError): doc = None
     if not isinstance(doc, dict) or not isinstance(doc.get("manifest"), dict) or \
             hashlib.sha256(_canon(doc["manifest"]).encode()).hexdigest() != doc.get("sha256"):
-        raise CheckpointError(f"{f}: checksum mismatch: the manifest is corrupted or truncated; resume from an earlier checkpoint")
+        raise CheckpointError(f"{path / 'manifest.json'}: checksum mismatch: the manifest is corrupted or truncated; resume from an earlier checkpoint")
     body = doc["manifest"]
     if body.get("format") != FORMAT: raise CheckpointError(f"{path}: format {body.get('format')!r} is not {FORMAT!r}")
     return body
 
+# %% [markdown]
+# A reader must never mix two checkpoints. A run that resumes replaces `final.ckpt` while `jigsaw-eval` may be
+# reading it; every chunk passes its own checksum, so a reader that keeps opening files *by path* after the swap
+# would read some tensors of the old checkpoint and some of the new one and never know. So a `Reader` pins the
+# folder it opened: it holds a descriptor of the directory and reads everything, manifest and chunks, through it
+# (`/proc/self/fd/N` on Linux), so after a commit it still reads the checkpoint it started on. If that one is
+# removed under it (the writer deletes the replaced folder), the read fails with a clear "read it again" error,
+# never a mix. `tests/test_checkpoint.py` races readers against 30 commits by 2 ranks.
+
 # %%
 #| export
+def pin(path: Path) -> tuple[Path, int | None]:
+    "A name for the folder `path` names now that keeps naming it after `path` is replaced (Linux: `/proc/self/fd/N`), and N."
+    try: fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError: return path, None
+    pinned = Path(f"/proc/self/fd/{fd}")
+    if (pinned / ".").is_dir(): return pinned, fd
+    os.close(fd); return path, None  # no /proc: read by path
+
+
 class Reader:
-    "An open checkpoint store: its manifest, and counted reads of any slice of any tensor."
+    "An open checkpoint store: its manifest, and counted reads of any slice of any tensor, all from the folder as it was opened."
     def __init__(self, path):
-        self.path, self.man = Path(path), read_manifest(path)
-        self.store = ReadStore(LocalStore(str(self.path), read_only=True))
+        self.path = Path(path)
+        self.root, self._fd = pin(self.path) if self.path.is_dir() else (self.path, None)
+        self.man = read_manifest(self.path, self.root)
+        self.store = ReadStore(LocalStore(str(self.root), read_only=True))
         self.blocks, self._arrays, self.notes = {}, {}, []
         for b in self.man["blocks"]: self.blocks.setdefault((b["kind"], b["name"]), []).append(b)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None: os.close(self._fd); self._fd = None
+
+    def replaced(self) -> bool:
+        "Whether `path` names another folder now than the one this reader opened (a newer checkpoint was committed)."
+        if self._fd is None: return False
+        try: return os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+        except OSError: return True
+
+    def gone(self, where: str) -> CheckpointError:
+        "The error for a block or chunk that is not there: replaced while being read (retry), or a damaged checkpoint."
+        if self.replaced():
+            return CheckpointError(f"{where}: {self.path} was replaced by a newer checkpoint while being read and the one "
+                                   f"opened was removed; read it again (nothing of the two was mixed)")
+        return CheckpointError(f"{where}: missing; the checkpoint is damaged, resume from an earlier one")
 
     def _open(self, b):
         if b["path"] not in self._arrays:
             try: self._arrays[b["path"]] = zarr.open_array(self.store, path=b["path"], mode="r", zarr_format=3)
             except Exception as e:
+                if self.replaced(): raise self.gone(f"{self.path}: {b['kind']} of {b['name']!r}, block {b['writer']}") from None
                 raise CheckpointError(f"{self.path}: {b['kind']} of {b['name']!r}, block {b['writer']}: its array cannot be "
                                       f"opened ({type(e).__name__}: {e}); the checkpoint is damaged") from None
         return self._arrays[b["path"]]
@@ -567,7 +604,7 @@ def _copy(self: Reader, b: dict, src: list, dst: list, out: np.ndarray):
     for cell in itertools.product(*per_dim):
         where = f"{self.path}: {b['kind']} of {b['name']!r}, block {b['writer']}, chunk {tuple(k for _, _, k in cell)}"
         try: piece = arr.oindex[tuple(_sel(s) for s, _, _ in cell)]
-        except MissingChunk: raise CheckpointError(f"{where}: missing; the checkpoint is damaged, resume from an earlier one") from None
+        except MissingChunk: raise self.gone(where) from None
         except ValueError as e:
             if "checksum" not in str(e): raise
             raise CheckpointError(f"{where}: checksum mismatch: the chunk is corrupted or truncated; "

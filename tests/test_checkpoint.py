@@ -282,3 +282,46 @@ def test_the_command_line_refuses_a_bad_checkpoint_with_exit_2(tmp_path, capsys)
     assert main(["convert", str(tmp_path / "nope.ckpt"), str(tmp_path / "x.ckpt")]) == 2
     err = capsys.readouterr().err
     assert "jigsaw-ckpt: error:" in err and "bad header" in err and "no such checkpoint file" in err
+
+
+# --------------------------------------------------------------- a reader racing a replacement (issue 22 item 1)
+
+def _commit_loop(comm, path, commits):
+    "Rank r of 2 writes rows 2r, 2r+1 of a (4, 8) tensor filled with the commit number, `commits` times over one path."
+    from jigsaw_ref.comm import Group
+    world = Group(comm)
+    rows = [2 * world.rank, 2 * world.rank + 1]
+    for n in range(1, commits + 1):
+        b = ckpt.block_record("params", "w", [rows, list(range(8))], None, f"i{world.rank}j0", torch.float64, chunk_bytes=64)
+        ckpt.write_store(path, [(b, torch.full((2, 8), float(n), dtype=torch.float64))], {"shapes": {"w": [4, 8]}, "n": n}, world)
+
+
+def test_a_reader_racing_repeated_commits_reads_one_checkpoint_or_a_clear_retryable_error(tmp_path, monkeypatch):
+    "Readers in a loop against 30 commits by 2 ranks: every read is all one commit (its manifest's), or says to read again."
+    monkeypatch.setattr(ckpt, "FSYNC", False)
+    path = tmp_path / "final.ckpt"
+    run_ranks(2, _commit_loop, path, 1)
+    import threading
+    done, seen, retry = threading.Event(), [], []
+
+    def read_loop():
+        while not done.is_set():
+            try:
+                r = Reader(path)
+                out = np.zeros((4, 8))
+                r.read("params", "w", [np.arange(4), np.arange(8)], out)
+                seen.append((r.man["n"], set(np.unique(out).tolist())))
+            except CheckpointError as e:
+                assert "was replaced by a newer checkpoint while being read" in str(e) or "no such checkpoint" in str(e) \
+                    or "not a committed checkpoint" in str(e), str(e)
+                retry.append(str(e))
+    th = [threading.Thread(target=read_loop) for _ in range(2)]
+    for t in th: t.start()
+    try: run_ranks(2, _commit_loop, path, 30)
+    finally:
+        done.set()
+        for t in th: t.join()
+    assert len(seen) > 10, (len(seen), len(retry))
+    mixed = [(n, vals) for n, vals in seen if vals != {float(n)}]
+    assert not mixed, mixed[:5]  # every value read belongs to the commit whose manifest was read
+    assert len({n for n, _ in seen}) > 1  # the readers did race the commits
