@@ -22,8 +22,8 @@ __all__ = ['FAULT_SIGNALS', 'MAGIC', 'FORMAT', 'KINDS', 'CHUNK_BYTES', 'PROGRESS
            'fault_point', 'save_checkpoint', 'read_file', 'nbytes', 'stored_bytes', 'to_runs', 'from_runs',
            'chunk_shape', 'written_by', 'block_record', 'chunk_slices', 'write_block', 'write_manifest', 'commit',
            'write_store', 'MissingChunk', 'ReadStore', 'read_manifest', 'pin', 'Reader', 'save_sharded', 'own_writer',
-           'load_sharded', 'load_full', 'load_checkpoint', 'convert', 'checkpoint_step', 'find_checkpoints', 'prune',
-           'info', 'verify', 'main']
+           'load_sharded', 'load_full', 'load_checkpoint', 'convert', 'recover', 'checkpoint_step', 'find_checkpoints',
+           'prune', 'info', 'verify', 'main']
 
 # %% ../nbs/09a_checkpoint.ipynb #95e137e7
 class CheckpointError(ValueError):
@@ -253,12 +253,14 @@ def _remove(p: Path):
 
 # %% ../nbs/09a_checkpoint.ipynb #2cba9c96
 def commit(tmp: Path, path: Path):
-    "Make the finished folder `tmp` the checkpoint `path` in one atomic step, replacing any old one."
+    "Make the finished folder `tmp` (its manifest written) the checkpoint `path`, replacing any old one; `recover` completes a killed one."
     if not os.path.lexists(path): os.rename(tmp, path)
-    elif _exchange(tmp, path): _remove(tmp)  # tmp now holds the old checkpoint
-    else:
+    elif not os.environ.get("JIGSAW_NO_EXCHANGE") and _exchange(tmp, path): _remove(tmp)  # tmp now holds the old checkpoint
+    else:  # no atomic exchange (NFS, ...): two renames; a kill between them is completed by `recover`
         old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(path, old); os.rename(tmp, path); _remove(old)
+        os.rename(path, old)
+        fault_point("commit", 0, -1)  # between the two renames: only .old-* and the committed .tmp-* exist
+        os.rename(tmp, path); _remove(old)
     _fsync_dir(path.parent)
     for stale in path.parent.glob(f".{path.name}.tmp-*"): _remove(stale)  # left by a writer killed earlier
 
@@ -535,6 +537,26 @@ def convert(old, new, chunk_bytes: int = CHUNK_BYTES) -> Path:
     write_store(new, parts, meta, Group())
     return Path(new)
 
+# %% ../nbs/09a_checkpoint.ipynb #a6850ffc
+def recover(folder) -> list[str]:
+    "Complete the commits a kill interrupted between two renames: the newest committed `.NAME.tmp-*` (else `.NAME.old-*`) becomes NAME."
+    folder, done = Path(folder), []
+    if not folder.is_dir(): return done
+    names = {p.name.split(".tmp-")[0][1:] for p in folder.glob(".*.ckpt.tmp-*")} | {p.name.split(".old-")[0][1:] for p in folder.glob(".*.ckpt.old-*")}
+    for name in sorted(n for n in names if not os.path.lexists(folder / n)):
+        def step(p):
+            try: return int(read_manifest(p).get("step", -1))
+            except CheckpointError: return None
+        tmps = [(step(p), p) for p in folder.glob(f".{name}.tmp-*")]
+        olds = [(step(p), p) for p in folder.glob(f".{name}.old-*")]
+        best = max((sp for sp in tmps if sp[0] is not None), default=None, key=lambda sp: sp[0]) or \
+            max((sp for sp in olds if sp[0] is not None), default=None, key=lambda sp: sp[0])
+        if best is None: continue
+        os.rename(best[1], folder / name); _fsync_dir(folder)
+        done.append(f"{name}: completed an interrupted commit from {best[1].name}")
+        for _, p in olds: _remove(p) if p.exists() else None
+    return done
+
 # %% ../nbs/09a_checkpoint.ipynb #b9510971
 def checkpoint_step(path) -> int:
     "The step of the committed checkpoint at `path` (its verified manifest, or the verified single file)."
@@ -548,6 +570,7 @@ def checkpoint_step(path) -> int:
 def find_checkpoints(folder) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
     "The committed `*.ckpt` in `folder` as [(step, path)], newest first; and [(path, why)] of those that do not verify."
     good, bad = [], []
+    recover(folder)  # a commit a kill interrupted between two renames
     for p in sorted(Path(folder).glob("*.ckpt")) if Path(folder).is_dir() else []:
         try: good.append((checkpoint_step(p), p))
         except CheckpointError as e: bad.append((p, str(e)))

@@ -11,7 +11,7 @@ from .config import ConfigError
 from .comm import launcher
 from .data import DataError
 from .checkpoint import CheckpointError
-from .settings import TrainConfig, settings_from
+from .settings import TrainConfig, _override, settings_from
 from .runfolder import RunFolderError, Stopper
 from .train import NonFiniteError, Trainer
 
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> TrainConfig:
     try:
         tc = settings_from((f"config file {a.config}", file), ("the command line", flags),
                            ("--set", {"model_overrides": tuple(a.model_overrides or ())}))
-        tc.model_config()  # every --set typed like its model field
+        for item in tc.model_overrides: _override(None, item)  # every --set typed like its model field (values: at start-up)
     except ConfigError as e: ap.error(str(e))
     return tc
 

@@ -413,20 +413,24 @@ def _remove(p: Path):
 # %%
 #| export
 def commit(tmp: Path, path: Path):
-    "Make the finished folder `tmp` the checkpoint `path` in one atomic step, replacing any old one."
+    "Make the finished folder `tmp` (its manifest written) the checkpoint `path`, replacing any old one; `recover` completes a killed one."
     if not os.path.lexists(path): os.rename(tmp, path)
-    elif _exchange(tmp, path): _remove(tmp)  # tmp now holds the old checkpoint
-    else:
+    elif not os.environ.get("JIGSAW_NO_EXCHANGE") and _exchange(tmp, path): _remove(tmp)  # tmp now holds the old checkpoint
+    else:  # no atomic exchange (NFS, ...): two renames; a kill between them is completed by `recover`
         old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(path, old); os.rename(tmp, path); _remove(old)
+        os.rename(path, old)
+        fault_point("commit", 0, -1)  # between the two renames: only .old-* and the committed .tmp-* exist
+        os.rename(tmp, path); _remove(old)
     _fsync_dir(path.parent)
     for stale in path.parent.glob(f".{path.name}.tmp-*"): _remove(stale)  # left by a writer killed earlier
+
 
 # %%
 _a, _b = _d / "new", _d / "x.ckpt"
 _a.mkdir(); (_a / "m").write_text("new"); _b.mkdir(); (_b / "m").write_text("old")
 commit(_a, _b)
 test_eq(((_b / "m").read_text(), _a.exists()), ("new", False))
+
 
 # %%
 #| export
@@ -866,6 +870,50 @@ except CheckpointError as e: print(e)
 
 # %%
 #| export
+def recover(folder) -> list[str]:
+    "Complete the commits a kill interrupted between two renames: the newest committed `.NAME.tmp-*` (else `.NAME.old-*`) becomes NAME."
+    folder, done = Path(folder), []
+    if not folder.is_dir(): return done
+    names = {p.name.split(".tmp-")[0][1:] for p in folder.glob(".*.ckpt.tmp-*")} | {p.name.split(".old-")[0][1:] for p in folder.glob(".*.ckpt.old-*")}
+    for name in sorted(n for n in names if not os.path.lexists(folder / n)):
+        def step(p):
+            try: return int(read_manifest(p).get("step", -1))
+            except CheckpointError: return None
+        tmps = [(step(p), p) for p in folder.glob(f".{name}.tmp-*")]
+        olds = [(step(p), p) for p in folder.glob(f".{name}.old-*")]
+        best = max((sp for sp in tmps if sp[0] is not None), default=None, key=lambda sp: sp[0]) or \
+            max((sp for sp in olds if sp[0] is not None), default=None, key=lambda sp: sp[0])
+        if best is None: continue
+        os.rename(best[1], folder / name); _fsync_dir(folder)
+        done.append(f"{name}: completed an interrupted commit from {best[1].name}")
+        for _, p in olds: _remove(p) if p.exists() else None
+    return done
+
+
+# %% [markdown]
+# Where a folder cannot be exchanged atomically (NFS and other network file systems), `commit` renames the old
+# checkpoint away and the new one in: a kill between the two leaves no `NAME`, only `.NAME.old-*` and the
+# new, complete `.NAME.tmp-*` (its manifest is written before the commit starts). `recover`, which
+# `find_checkpoints` (and so `--resume auto`) runs first, completes such a commit: the newest tmp folder whose
+# manifest verifies becomes `NAME` (else the old one goes back). Here the kill is forced between the renames:
+
+# %%
+import subprocess, sys
+_k = _d / "nfs"; _k.mkdir()
+for _n, _txt in (("old", "old"), ("new", "new")):
+    (_k / _n).mkdir(); write_manifest(_k / _n, {"format": FORMAT, "step": len(_txt) + (_n == "new"), "blocks": []})
+os.rename(_k / "old", _k / "final.ckpt"); os.rename(_k / "new", _k / ".final.ckpt.tmp-abcd1234")
+_r = subprocess.run([sys.executable, "-c", f"from jigsaw_ref.checkpoint import commit; from pathlib import Path; "
+                     f"commit(Path({str(_k / '.final.ckpt.tmp-abcd1234')!r}), Path({str(_k / 'final.ckpt')!r}))"],
+                    env=dict(os.environ, JIGSAW_NO_EXCHANGE="1", JIGSAW_FAULT="kill-commit@0"))
+test_eq(_r.returncode, -9)
+test_eq(sorted(p.name[:16] for p in _k.iterdir()), [".final.ckpt.old-", ".final.ckpt.tmp-"])  # no final.ckpt
+print(recover(_k))
+test_eq((read_manifest(_k / "final.ckpt")["step"], sorted(p.name for p in _k.iterdir())), (4, ["final.ckpt"]))
+
+
+# %%
+#| export
 def checkpoint_step(path) -> int:
     "The step of the committed checkpoint at `path` (its verified manifest, or the verified single file)."
     p = Path(path)
@@ -878,6 +926,7 @@ def checkpoint_step(path) -> int:
 def find_checkpoints(folder) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
     "The committed `*.ckpt` in `folder` as [(step, path)], newest first; and [(path, why)] of those that do not verify."
     good, bad = [], []
+    recover(folder)  # a commit a kill interrupted between two renames
     for p in sorted(Path(folder).glob("*.ckpt")) if Path(folder).is_dir() else []:
         try: good.append((checkpoint_step(p), p))
         except CheckpointError as e: bad.append((p, str(e)))

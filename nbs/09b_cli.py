@@ -11,7 +11,7 @@ from jigsaw_ref.config import ConfigError
 from jigsaw_ref.comm import launcher
 from jigsaw_ref.data import DataError
 from jigsaw_ref.checkpoint import CheckpointError
-from jigsaw_ref.settings import TrainConfig, settings_from
+from jigsaw_ref.settings import TrainConfig, _override, settings_from
 from jigsaw_ref.runfolder import RunFolderError, Stopper
 from jigsaw_ref.train import NonFiniteError, Trainer
 
@@ -101,7 +101,7 @@ def parse_args(argv=None) -> TrainConfig:
     try:
         tc = settings_from((f"config file {a.config}", file), ("the command line", flags),
                            ("--set", {"model_overrides": tuple(a.model_overrides or ())}))
-        tc.model_config()  # every --set typed like its model field
+        for item in tc.model_overrides: _override(None, item)  # every --set typed like its model field (values: at start-up)
     except ConfigError as e: ap.error(str(e))
     return tc
 

@@ -750,3 +750,20 @@ def test_a_bad_sample_stops_the_run_when_asked_or_past_the_bound(bitrot, tmp_pat
         t.fit()
     assert type(e.value).__name__ == err and "\n" not in str(e.value)
     assert sorted(checkpoints(tmp_path)) == step_names(range(1, step + 1))
+
+
+def test_a_kill_between_the_two_renames_of_a_commit_keeps_the_newest_checkpoint_for_resume_auto(tmp_path, no_fsync):
+    "Issue 22 item 4: no atomic folder exchange (forced); a kill between renaming final.ckpt away and the new one in."
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 2, "--out", tmp_path])
+    assert r.rc == 0, r.text[-3000:]
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 4, "--out", tmp_path, "--resume", "auto", "--reschedule"],
+               fault="kill-commit@0", env={"JIGSAW_NO_EXCHANGE": "1"})
+    assert r.rc != 0
+    names = sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name)
+    assert "final.ckpt" not in names and any(".final.ckpt.old-" in n for n in names) and any(".final.ckpt.tmp-" in n for n in names), names
+    r = launch(2, [*TINY, "--way", 2, "--max-steps", 5, "--out", tmp_path, "--resume", "auto", "--reschedule"],
+               env={"JIGSAW_NO_EXCHANGE": "1"})
+    assert r.rc == 0 and "starting fresh" not in r.text, r.text[-3000:]
+    ck = load_checkpoint(tmp_path / "final.ckpt")
+    assert ck["step"] == 5 and [h["step"] for h in ck["history"]] == [1, 2, 3, 4, 5], ck["history"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["final.ckpt"]
