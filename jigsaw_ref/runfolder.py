@@ -106,7 +106,7 @@ def describe(info: dict | None) -> str:
             + (f", {info['job']}" if info.get("job") else "") + f", settings {info.get('settings')})")
 
 # %% ../nbs/08b_runfolder.ipynb #4e8b4a1e
-LOCK_GRACE_S = 10.0  # a lock holder of this host that is still being torn down gets this long to go
+LOCK_GRACE_S = 1.0  # a lock holder of this host that may be in the first moments of being killed gets this long to go
 
 
 def _proc_stat(pid) -> list[str] | None:
@@ -116,7 +116,7 @@ def _proc_stat(pid) -> list[str] | None:
 
 
 def _alive(pid, start: str | None = None, grace: float = LOCK_GRACE_S) -> bool:
-    "Whether process `pid` (started at `start`, clock ticks since boot) runs: a zombie, a reused pid or one that exits within `grace` s does not."
+    "Whether process `pid` (started at `start`, clock ticks since boot) runs: a zombie, a reused pid, one that is exiting or exits within `grace` s does not."
     t_end = time.monotonic() + grace
     while True:
         try: os.kill(int(pid), 0)
@@ -127,8 +127,11 @@ def _alive(pid, start: str | None = None, grace: float = LOCK_GRACE_S) -> bool:
         if st is None: return True  # no /proc: kill 0 is all we know
         if st[0] in "ZXx": return False  # exited, not yet reaped (a crashed job's rank outlives mpiexec's return)
         if start is not None and st[19] != str(start): return False  # the pid now belongs to another process
+        try:
+            if not Path(f"/proc/{int(pid)}/cmdline").read_bytes(): return False  # its memory is released: it is exiting
+        except OSError: return False
         if time.monotonic() >= t_end: return True
-        time.sleep(0.1)  # a rank killed by its job's abort may still be tearing down: wait for it
+        time.sleep(0.05)  # a rank killed by its job's abort may not have started tearing down yet: look again
 
 
 def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S, grace: float = LOCK_GRACE_S) -> str | None:

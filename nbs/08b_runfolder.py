@@ -12,7 +12,7 @@ from jigsaw_ref.settings import TrainConfig, parse_signals
 
 # %%
 #| hide
-import tempfile
+import subprocess, tempfile
 from fastcore.test import test_eq, test_fail, test_close
 from nbdev.showdoc import show_doc
 work = Path(tempfile.mkdtemp(prefix="jigsaw-runfolder-"))
@@ -178,7 +178,7 @@ def describe(info: dict | None) -> str:
 
 # %%
 #| export
-LOCK_GRACE_S = 10.0  # a lock holder of this host that is still being torn down gets this long to go
+LOCK_GRACE_S = 1.0  # a lock holder of this host that may be in the first moments of being killed gets this long to go
 
 
 def _proc_stat(pid) -> list[str] | None:
@@ -188,7 +188,7 @@ def _proc_stat(pid) -> list[str] | None:
 
 
 def _alive(pid, start: str | None = None, grace: float = LOCK_GRACE_S) -> bool:
-    "Whether process `pid` (started at `start`, clock ticks since boot) runs: a zombie, a reused pid or one that exits within `grace` s does not."
+    "Whether process `pid` (started at `start`, clock ticks since boot) runs: a zombie, a reused pid, one that is exiting or exits within `grace` s does not."
     t_end = time.monotonic() + grace
     while True:
         try: os.kill(int(pid), 0)
@@ -199,8 +199,11 @@ def _alive(pid, start: str | None = None, grace: float = LOCK_GRACE_S) -> bool:
         if st is None: return True  # no /proc: kill 0 is all we know
         if st[0] in "ZXx": return False  # exited, not yet reaped (a crashed job's rank outlives mpiexec's return)
         if start is not None and st[19] != str(start): return False  # the pid now belongs to another process
+        try:
+            if not Path(f"/proc/{int(pid)}/cmdline").read_bytes(): return False  # its memory is released: it is exiting
+        except OSError: return False
         if time.monotonic() >= t_end: return True
-        time.sleep(0.1)  # a rank killed by its job's abort may still be tearing down: wait for it
+        time.sleep(0.05)  # a rank killed by its job's abort may not have started tearing down yet: look again
 
 
 def stale_reason(other: dict, age: float, me: dict, stale_s: float = STALE_S, grace: float = LOCK_GRACE_S) -> str | None:
@@ -287,7 +290,6 @@ release_folder(work / "claimed", _b); test_eq(read_lock(work / "claimed")[0], No
 # job returns takes the folder over. An exited child that nobody reaped yet stands in for the crashed rank:
 
 # %%
-import subprocess
 _z = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not waited for: a zombie
 for _ in range(300):
     if _proc_stat(_z.pid)[0] == "Z": break

@@ -19,7 +19,7 @@ from jigsaw_ref.comm import Group
 
 # %%
 #| hide
-import dataclasses, tempfile
+import dataclasses, subprocess, tempfile
 from fastcore.test import test_eq, test_fail, test_close
 from nbdev.showdoc import show_doc
 from jigsaw_ref.config import preset
@@ -898,7 +898,6 @@ def recover(folder) -> list[str]:
 # manifest verifies becomes `NAME` (else the old one goes back). Here the kill is forced between the renames:
 
 # %%
-import subprocess, sys
 _k = _d / "nfs"; _k.mkdir()
 for _n, _txt in (("old", "old"), ("new", "new")):
     (_k / _n).mkdir(); write_manifest(_k / _n, {"format": FORMAT, "step": len(_txt) + (_n == "new"), "blocks": []})

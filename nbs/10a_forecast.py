@@ -22,6 +22,7 @@ from jigsaw_ref.evaluate import (EvalError, channel_attrs, data_path, default_gr
 #| hide
 from fastcore.test import test_eq, test_close, test_fail
 import tempfile
+import jigsaw_ref, jigsaw_ref.forecast
 from dataclasses import asdict
 from jigsaw_ref.config import preset
 from jigsaw_ref.generator import default_dataset
@@ -439,7 +440,6 @@ test_eq(_f3.sizes["time"], 4); test_eq(_f3.sizes["prediction_timedelta"], 2)
 test_eq(main([str(_d / "m.ckpt"), "--out", str(_d / "f4.zarr"), "--init", "2000-01-06T01"]), 2)
 
 # %%
-import jigsaw_ref, jigsaw_ref.forecast
 test_eq(jigsaw_ref.forecast(_d / "m.ckpt", init_times=["2000-01-06T00"], leads=1).sizes["time"], 1)  # the package's name works
 
 # %%

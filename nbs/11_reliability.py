@@ -264,7 +264,7 @@ def tried(category, what, fn, want=None):
 def settings(world=1, **kw): return lambda: check_settings(TrainConfig(**{"model": "tiny", **kw}), world)
 
 for s, want in [("patch=7", "not divisible by patch=7"), ("rollout=[2,1]", "rollout=(2, 1)"), ("dropout=1.5", "dropout=1.5"),
-                ("hidden=0", "hidden=0"), ("hidden=abc", "hidden='abc'"), ("widht=3", "no field 'widht'"),
+                ("hidden=0", "hidden=0"), ("hidden=abc", "hidden = 'abc' (from --set hidden=abc): expected int"), ("widht=3", "no field 'widht'"),
                 ("hidden", "expected FIELD=VALUE"), ("variables=msl,msl", "listed twice"), ("res_inputs=foo", "res_inputs='foo'"),
                 ("f_c=0", "f_c=0.0"), ("out_pad=-1", "out_pad=-1"), ("f_s=abc", None), ("dt_hours=0", None)]:
     tried("settings", f"--set {s}", settings(model_overrides=(s,)), want)

@@ -373,7 +373,7 @@ BAD_SETTINGS = [  # (TrainConfig fields, world size, expected message): settings
     (dict(model_overrides=("rollout=[2,1]",)), 1, "rollout=(2, 1): must be (k_min, k_max)"),
     (dict(model_overrides=("dropout=1.5",)), 1, "dropout=1.5: must be in [0, 1)"),
     (dict(model_overrides=("hidden=0",)), 1, "hidden=0: must be a positive integer"),
-    (dict(model_overrides=("hidden=abc",)), 1, "hidden='abc': must be a positive integer"),
+    (dict(model_overrides=("hidden=abc",)), 1, "hidden = 'abc' (from --set hidden=abc): expected int"),
     (dict(model_overrides=("widht=3",)), 1, "MixerConfig has no field 'widht'"),
     (dict(model_overrides=("hidden",)), 1, "expected FIELD=VALUE"),
     (dict(model_overrides=("variables=msl,msl",)), 1, "a channel is listed twice"),
