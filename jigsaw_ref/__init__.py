@@ -16,7 +16,8 @@ _API = {"MixerConfig": "config", "preset": "config", "PRESETS": "config", "Grid"
         "local_device": "comm", "init_torch_distributed": "comm", "run_ranks": "ranks", "WeatherMixer": "mixer",
         "JigsawMixer": "parallel", "block_of": "parallel", "scatter_state": "parallel", "gather_state": "parallel",
         "loss_share": "parallel", "loss_count": "parallel", "complete_grads": "parallel", "lat_weights_cos": "loss",
-        "lat_weights_area": "loss", "variable_weights": "loss", "Era5Dataset": "data"}
+        "lat_weights_area": "loss", "variable_weights": "loss", "Era5Dataset": "data",
+        "forecast": "forecast"}
 __all__ = list(_API)
 
 

@@ -29,6 +29,7 @@ from fastcore.test import test_eq, test_fail
 # | the loss share and its denominator | `loss_share`, `loss_count`, `lat_weights_cos`, `lat_weights_area`, `variable_weights` | `parallel`, `loss` |
 # | what to do between `backward()` and `step()` | `complete_grads` (replicas, data parallelism, clipping), `JigsawMixer.guard` | `parallel` |
 # | data, each rank reading only its block | `Era5Dataset` | `data` |
+# | forecasts of a checkpoint in the WeatherBench2 layout (xarray) | `forecast` | `forecast` |
 #
 # The tutorial `24_tutorial_own_loop` trains 2-way and 4-way with `torch.optim.Adam` using only these.
 
@@ -41,7 +42,8 @@ _API = {"MixerConfig": "config", "preset": "config", "PRESETS": "config", "Grid"
         "local_device": "comm", "init_torch_distributed": "comm", "run_ranks": "ranks", "WeatherMixer": "mixer",
         "JigsawMixer": "parallel", "block_of": "parallel", "scatter_state": "parallel", "gather_state": "parallel",
         "loss_share": "parallel", "loss_count": "parallel", "complete_grads": "parallel", "lat_weights_cos": "loss",
-        "lat_weights_area": "loss", "variable_weights": "loss", "Era5Dataset": "data"}
+        "lat_weights_area": "loss", "variable_weights": "loss", "Era5Dataset": "data",
+        "forecast": "forecast"}
 __all__ = list(_API)
 
 

@@ -234,7 +234,8 @@ def test_classes_are_rendered_as_classes_with_their_public_methods(pages):
             assert m and "def " in html.unescape(re.sub(r"<[^>]+>", "", m[0])), f"{href}: {n} has no signature"
 
 
-FIGURE_PAGES = {"perf_model.html": "13_perf_model", "evaluate.html": "10_evaluate", "partitioned_matmul.html": "05_partitioned_matmul"}
+FIGURE_PAGES = {"perf_model.html": "13_perf_model", "evaluate.html": "10_evaluate", "partitioned_matmul.html": "05_partitioned_matmul",
+                "plan.html": "13a_plan"}
 
 
 @pytest.mark.parametrize("page", list(FIGURE_PAGES))
