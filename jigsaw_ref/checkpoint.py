@@ -554,7 +554,8 @@ def recover(folder) -> list[str]:
         if best is None: continue
         os.rename(best[1], folder / name); _fsync_dir(folder)
         done.append(f"{name}: completed an interrupted commit from {best[1].name}")
-        for _, p in olds: _remove(p) if p.exists() else None
+        for _, p in olds:
+            if p.exists(): _remove(p)  # the replaced checkpoint, now that NAME is whole again
     return done
 
 # %% ../nbs/09a_checkpoint.ipynb #b9510971

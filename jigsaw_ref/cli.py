@@ -77,7 +77,7 @@ def parse_args(argv=None) -> TrainConfig:
     try:
         tc = settings_from((f"config file {a.config}", file), ("the command line", flags),
                            ("--set", {"model_overrides": tuple(a.model_overrides or ())}))
-        for item in tc.model_overrides: _override(None, item)  # every --set typed like its model field (values: at start-up)
+        for item in tc.model_overrides: _override(item)  # every --set typed like its model field (values: at start-up)
     except ConfigError as e: ap.error(str(e))
     return tc
 

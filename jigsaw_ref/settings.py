@@ -89,7 +89,7 @@ def _kind(cls, name: str) -> str:
     return f.type if isinstance(f.type, str) else f.type.__name__
 
 # %% ../nbs/08a_settings.ipynb #4253841b
-def _override(base: MixerConfig, item: str) -> tuple[str, object]:
+def _override(item: str) -> tuple[str, object]:
     "`(field, value)` of one `FIELD=VALUE` override of `base`, parsed as JSON where it can be, of the field's type exactly."
     if "=" not in item: raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set hidden=128")
     k, v = item.split("=", 1)
@@ -108,7 +108,7 @@ def _override(base: MixerConfig, item: str) -> tuple[str, object]:
 def model_config(self: TrainConfig) -> MixerConfig:
     "The preset with its overrides applied (later overrides of a field win)."
     base = preset(self.model)
-    kw = dict(_override(base, item) for item in self.model_overrides)
+    kw = dict(_override(item) for item in self.model_overrides)
     return base.replace(**kw) if kw else base
 
 # %% ../nbs/08a_settings.ipynb #02637462

@@ -12,7 +12,7 @@ import torch
 from fastcore.basics import patch
 import jigsaw_ref.mixer as mixer
 from .config import ConfigError, MixerConfig, shard_range
-from .comm import Group, Watchdog, local_device, make_groups
+from .comm import Group, Watchdog, local_device, local_rank, make_groups
 from .loss import lat_weights_cos, variable_weights
 from .parallel import JigsawMixer, complete_grads, loss_count, loss_share, scatter_state, take
 from .data import BadSampleError, DataError
@@ -75,7 +75,6 @@ def memory_check(tc: TrainConfig, cfg: MixerConfig, grid, rank: int):
     "Refuse (`ConfigError`, one line) a run whose planned peak per rank (`plan.preflight`) exceeds what the rank has; no collective."
     if not tc.memory_check: return
     from jigsaw_ref.plan import preflight, tame_allocator
-    from jigsaw_ref.comm import local_rank
     if tc.device == "cpu": tame_allocator()  # freed tensors go back to the system, as the plan assumes
     gpu = torch.device("cuda", local_rank() % torch.cuda.device_count()) if tc.device == "cuda" else None
     preflight(cfg, grid, batch=tc.batch, k=cfg.rollout[1], recompute=tc.recompute, schedule=tc.schedule, mode=tc.mode,

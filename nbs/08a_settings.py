@@ -133,7 +133,7 @@ test_fail(lambda: typed("hidden", True, "int", "--set"), contains="hidden = True
 
 # %%
 #| export
-def _override(base: MixerConfig, item: str) -> tuple[str, object]:
+def _override(item: str) -> tuple[str, object]:
     "`(field, value)` of one `FIELD=VALUE` override of `base`, parsed as JSON where it can be, of the field's type exactly."
     if "=" not in item: raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set hidden=128")
     k, v = item.split("=", 1)
@@ -154,7 +154,7 @@ def _override(base: MixerConfig, item: str) -> tuple[str, object]:
 def model_config(self: TrainConfig) -> MixerConfig:
     "The preset with its overrides applied (later overrides of a field win)."
     base = preset(self.model)
-    kw = dict(_override(base, item) for item in self.model_overrides)
+    kw = dict(_override(item) for item in self.model_overrides)
     return base.replace(**kw) if kw else base
 
 
